@@ -1,0 +1,249 @@
+//! The write-side rules: `decide` checks a command against the registry and yields the
+//! events to append, or the reason it may not happen. Pure: the clock is a parameter.
+
+use crate::command::{Command, Limits};
+use crate::error::DomainError;
+use crate::event::{AgentEventKind, Event};
+use crate::ids::{Actor, ClientId, Role, RunId, ThreadId, UserId};
+use crate::state::{is_idle, Registry, RunStatus};
+
+/// Role checks come first (403), then existence (404), then everything else, so a caller
+/// without the right never learns whether a thread or run exists.
+pub fn decide(
+    state: &Registry,
+    actor: &Actor,
+    command: Command,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    match actor.role {
+        Role::Auditor => return Err(forbidden("auditors are read-only")),
+        Role::System if !matches!(command, Command::ExpireRun { .. }) => {
+            return Err(forbidden("the system actor may only expire runs"))
+        }
+        _ => {}
+    }
+    match command {
+        Command::CreateThread {
+            thread_id,
+            owner,
+            title,
+            metadata,
+        } => create_thread(state, actor, thread_id, owner, title, metadata, limits),
+        Command::RegisterRun {
+            thread_id,
+            run_id,
+            agent_name,
+        } => register_run(state, actor, thread_id, run_id, agent_name, limits),
+        Command::RecordAgentEvent {
+            run_id,
+            kind,
+            data,
+            tool_call_id,
+        } => record_agent_event(
+            state,
+            actor,
+            run_id,
+            kind,
+            data,
+            tool_call_id,
+            now_ms,
+            limits,
+        ),
+        Command::ExpireRun { run_id } => expire_run(state, actor, run_id, now_ms, limits),
+        Command::AcknowledgeDelivery {
+            user_id,
+            client_id,
+            user_seq,
+        } => acknowledge(actor, user_id, client_id, user_seq),
+    }
+}
+
+fn forbidden(reason: &str) -> DomainError {
+    DomainError::Forbidden(reason.to_owned())
+}
+
+fn create_thread(
+    state: &Registry,
+    actor: &Actor,
+    thread_id: ThreadId,
+    owner: UserId,
+    title: Option<String>,
+    metadata: Option<String>,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    if actor.role == Role::User && owner != actor.user {
+        return Err(forbidden("users may only create threads for themselves"));
+    }
+    if state.thread(&thread_id).is_some() {
+        return Err(DomainError::ThreadExists(thread_id));
+    }
+    if title
+        .as_deref()
+        .is_some_and(|t| t.chars().count() > limits.max_title_chars)
+    {
+        return Err(DomainError::TooLarge {
+            what: "title",
+            limit: limits.max_title_chars,
+        });
+    }
+    if metadata
+        .as_deref()
+        .is_some_and(|m| m.len() > limits.max_metadata_bytes)
+    {
+        return Err(DomainError::TooLarge {
+            what: "metadata",
+            limit: limits.max_metadata_bytes,
+        });
+    }
+    Ok(vec![Event::ThreadCreated {
+        thread_id,
+        owner,
+        title,
+        metadata,
+    }])
+}
+
+fn register_run(
+    state: &Registry,
+    actor: &Actor,
+    thread_id: ThreadId,
+    run_id: RunId,
+    agent_name: String,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let visible = match state.thread(&thread_id) {
+        // Another user's thread answers exactly like a missing one.
+        Some(thread) => actor.role != Role::User || thread.owner == actor.user,
+        None => false,
+    };
+    if !visible {
+        return Err(DomainError::ThreadNotFound(thread_id));
+    }
+    if agent_name.trim().is_empty() {
+        return Err(DomainError::InvalidInput(
+            "agent_name must not be empty".to_owned(),
+        ));
+    }
+    if agent_name.chars().count() > limits.max_agent_name_chars {
+        return Err(DomainError::TooLarge {
+            what: "agent_name",
+            limit: limits.max_agent_name_chars,
+        });
+    }
+    // Checked globally: a run id belongs to exactly one thread forever.
+    if state.run(&run_id).is_some() {
+        return Err(DomainError::RunExists(run_id));
+    }
+    Ok(vec![Event::RunRegistered {
+        thread_id,
+        run_id,
+        agent_name,
+    }])
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record_agent_event(
+    state: &Registry,
+    actor: &Actor,
+    run_id: RunId,
+    kind: AgentEventKind,
+    data: String,
+    tool_call_id: Option<String>,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    if actor.role != Role::Agent {
+        return Err(forbidden("only agents may append agent events"));
+    }
+    let Some(run) = state.run(&run_id) else {
+        return Err(DomainError::RunNotFound(run_id));
+    };
+    if data.len() > limits.max_data_bytes {
+        return Err(DomainError::TooLarge {
+            what: "data",
+            limit: limits.max_data_bytes,
+        });
+    }
+    match run.status {
+        RunStatus::Completed | RunStatus::Failed => return Err(DomainError::RunClosed(run_id)),
+        RunStatus::Expired => return Err(DomainError::RunExpired(run_id)),
+        // Expiry is appended by a sweeper; until it lands, an idle run is already dead.
+        RunStatus::Registered | RunStatus::Running if is_idle(run, now_ms, limits.run_ttl_ms) => {
+            return Err(DomainError::RunExpired(run_id))
+        }
+        RunStatus::Registered | RunStatus::Running => {}
+    }
+    let lifecycle = |msg: String| Err(DomainError::InvalidLifecycle(msg));
+    match (run.status, kind, tool_call_id.as_deref()) {
+        (RunStatus::Registered, AgentEventKind::Started, _) => {}
+        (RunStatus::Registered, _, _) => {
+            return lifecycle("agent_started must come first".to_owned())
+        }
+        (_, AgentEventKind::Started, _) => {
+            return lifecycle(format!("run {run_id} has already started"))
+        }
+        (_, AgentEventKind::ToolExecuting, Some(id)) if run.open_tool_calls.contains(id) => {
+            return lifecycle(format!("tool call {id} is already executing"))
+        }
+        (_, AgentEventKind::ToolCompleted, Some(id)) if !run.open_tool_calls.contains(id) => {
+            return lifecycle(format!(
+                "tool_completed for {id} has no open tool_executing with that id"
+            ))
+        }
+        _ => {}
+    }
+    Ok(vec![Event::AgentEventRecorded {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        kind,
+        data,
+        tool_call_id,
+    }])
+}
+
+fn expire_run(
+    state: &Registry,
+    actor: &Actor,
+    run_id: RunId,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    if !matches!(actor.role, Role::System | Role::Agent) {
+        return Err(forbidden("only the system or an agent may expire runs"));
+    }
+    let Some(run) = state.run(&run_id) else {
+        return Err(DomainError::RunNotFound(run_id));
+    };
+    // Idempotent so a sweeper racing with another one, or with a late agent event, is harmless.
+    if !run.status.is_open() || !is_idle(run, now_ms, limits.run_ttl_ms) {
+        return Ok(vec![]);
+    }
+    Ok(vec![Event::RunExpired {
+        thread_id: run.thread_id.clone(),
+        run_id,
+    }])
+}
+
+fn acknowledge(
+    actor: &Actor,
+    user_id: UserId,
+    client_id: ClientId,
+    user_seq: u64,
+) -> Result<Vec<Event>, DomainError> {
+    if actor.role != Role::User || actor.user != user_id {
+        return Err(forbidden(
+            "only the user itself may acknowledge its delivery",
+        ));
+    }
+    if user_seq == 0 {
+        return Err(DomainError::InvalidInput(
+            "user_seq must be at least 1".to_owned(),
+        ));
+    }
+    Ok(vec![Event::CursorAdvanced {
+        user_id,
+        client_id,
+        user_seq,
+    }])
+}

@@ -1,0 +1,48 @@
+//! Why `decide` rejected a command, with a stable code per reason for the edge to map.
+
+use crate::ids::{IdError, RunId, ThreadId};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum DomainError {
+    #[error(transparent)]
+    InvalidId(#[from] IdError),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("thread {0} not found")]
+    ThreadNotFound(ThreadId),
+    #[error("run {0} not found")]
+    RunNotFound(RunId),
+    #[error("thread {0} already exists")]
+    ThreadExists(ThreadId),
+    #[error("run {0} already exists")]
+    RunExists(RunId),
+    #[error("run {0} is closed: it already ended with agent_completed or agent_error")]
+    RunClosed(RunId),
+    #[error("run {0} has expired after being idle too long")]
+    RunExpired(RunId),
+    #[error("invalid lifecycle: {0}")]
+    InvalidLifecycle(String),
+    #[error("{what} is too large (limit {limit})")]
+    TooLarge { what: &'static str, limit: usize },
+    #[error("invalid request: {0}")]
+    InvalidInput(String),
+}
+
+impl DomainError {
+    /// The stable snake_case code clients see in `{"error":{"code":…}}`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidId(_) => "invalid_id",
+            Self::Forbidden(_) => "forbidden",
+            Self::ThreadNotFound(_) => "thread_not_found",
+            Self::RunNotFound(_) => "run_not_found",
+            Self::ThreadExists(_) => "thread_exists",
+            Self::RunExists(_) => "run_exists",
+            Self::RunClosed(_) => "run_closed",
+            Self::RunExpired(_) => "run_expired",
+            Self::InvalidLifecycle(_) => "invalid_lifecycle",
+            Self::TooLarge { .. } => "payload_too_large",
+            Self::InvalidInput(_) => "invalid_request",
+        }
+    }
+}

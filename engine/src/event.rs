@@ -1,0 +1,135 @@
+//! Stored event payloads (past tense). Encoded with a non-self-describing format, so only
+//! externally tagged enums and no `skip`/`flatten`/`untagged` tricks.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClientId, RunId, ThreadId, UserId};
+
+/// The agent event types of the wire contract.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AgentEventKind {
+    Started,
+    Thinking,
+    ToolExecuting,
+    ToolCompleted,
+    Completed,
+    Error,
+}
+
+impl AgentEventKind {
+    pub const ALL: [AgentEventKind; 6] = [
+        Self::Started,
+        Self::Thinking,
+        Self::ToolExecuting,
+        Self::ToolCompleted,
+        Self::Completed,
+        Self::Error,
+    ];
+
+    /// Wire name to kind; `None` for anything else (the edge answers `invalid_event_type`).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Started => "agent_started",
+            Self::Thinking => "agent_thinking",
+            Self::ToolExecuting => "tool_executing",
+            Self::ToolCompleted => "tool_completed",
+            Self::Completed => "agent_completed",
+            Self::Error => "agent_error",
+        }
+    }
+
+    /// After a terminal event nothing more may be appended to the run.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Completed | Self::Error)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    ThreadCreated {
+        thread_id: ThreadId,
+        owner: UserId,
+        title: Option<String>,
+        /// JSON object text; the engine never looks inside.
+        metadata: Option<String>,
+    },
+    RunRegistered {
+        thread_id: ThreadId,
+        run_id: RunId,
+        agent_name: String,
+    },
+    AgentEventRecorded {
+        thread_id: ThreadId,
+        run_id: RunId,
+        kind: AgentEventKind,
+        /// JSON object text; opaque to the engine.
+        data: String,
+        tool_call_id: Option<String>,
+    },
+    RunExpired {
+        thread_id: ThreadId,
+        run_id: RunId,
+    },
+    CursorAdvanced {
+        user_id: UserId,
+        client_id: ClientId,
+        user_seq: u64,
+    },
+}
+
+impl Event {
+    /// The `event` name a frame carries.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::ThreadCreated { .. } => "thread_created",
+            Self::RunRegistered { .. } => "run_registered",
+            Self::AgentEventRecorded { kind, .. } => kind.as_str(),
+            Self::RunExpired { .. } => "run_expired",
+            Self::CursorAdvanced { .. } => "cursor_advanced",
+        }
+    }
+
+    /// The stream the event belongs to; per-stream versions are counted on it.
+    pub fn stream(&self) -> String {
+        match self {
+            Self::CursorAdvanced {
+                user_id, client_id, ..
+            } => format!("cursor:{user_id}:{client_id}"),
+            _ => match self.thread_id() {
+                Some(t) => format!("thread:{t}"),
+                None => String::new(),
+            },
+        }
+    }
+
+    pub fn thread_id(&self) -> Option<&ThreadId> {
+        match self {
+            Self::ThreadCreated { thread_id, .. }
+            | Self::RunRegistered { thread_id, .. }
+            | Self::AgentEventRecorded { thread_id, .. }
+            | Self::RunExpired { thread_id, .. } => Some(thread_id),
+            Self::CursorAdvanced { .. } => None,
+        }
+    }
+
+    pub fn run_id(&self) -> Option<&RunId> {
+        match self {
+            Self::RunRegistered { run_id, .. }
+            | Self::AgentEventRecorded { run_id, .. }
+            | Self::RunExpired { run_id, .. } => Some(run_id),
+            Self::ThreadCreated { .. } | Self::CursorAdvanced { .. } => None,
+        }
+    }
+}
+
+/// What the log assigned when the event was appended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMeta {
+    /// Global log position, dense from 1.
+    pub position: u64,
+    pub recorded_at_ms: u64,
+}

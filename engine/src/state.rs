@@ -1,0 +1,212 @@
+//! The registry of threads and runs that `decide` reads, built by folding events with `apply`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{AgentEventKind, Event, EventMeta};
+use crate::ids::{RunId, ThreadId, UserId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RunStatus {
+    Registered,
+    Running,
+    Completed,
+    Failed,
+    Expired,
+}
+
+impl RunStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Registered => "registered",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+        }
+    }
+
+    /// Open runs still accept agent events and can idle out.
+    pub fn is_open(&self) -> bool {
+        matches!(self, Self::Registered | Self::Running)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Thread {
+    pub thread_id: ThreadId,
+    pub owner: UserId,
+    pub title: Option<String>,
+    pub metadata: Option<String>,
+    pub created_at_ms: u64,
+    /// Dense per-thread version: the number of events on the thread so far.
+    pub version: u64,
+    /// In registration order.
+    pub runs: Vec<RunId>,
+    pub last_position: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Run {
+    pub run_id: RunId,
+    pub thread_id: ThreadId,
+    pub agent_name: String,
+    pub status: RunStatus,
+    pub registered_at_ms: u64,
+    /// Type name of the last event on the run.
+    pub last_event: Option<String>,
+    pub last_activity_ms: u64,
+    pub open_tool_calls: BTreeSet<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Registry {
+    threads: BTreeMap<ThreadId, Thread>,
+    runs: BTreeMap<RunId, Run>,
+    /// Each user's threads in creation order, for listing without a scan.
+    by_user: BTreeMap<UserId, Vec<ThreadId>>,
+}
+
+impl Registry {
+    /// Folds one event in. Infallible: an event that does not fit the current state (which
+    /// `decide` never produces) changes only what it can, so replay never stops on old data.
+    pub fn apply(&mut self, event: &Event, meta: &EventMeta) {
+        match event {
+            Event::ThreadCreated {
+                thread_id,
+                owner,
+                title,
+                metadata,
+            } => {
+                if !self.threads.contains_key(thread_id) {
+                    self.threads.insert(
+                        thread_id.clone(),
+                        Thread {
+                            thread_id: thread_id.clone(),
+                            owner: owner.clone(),
+                            title: title.clone(),
+                            metadata: metadata.clone(),
+                            created_at_ms: meta.recorded_at_ms,
+                            version: 0,
+                            runs: Vec::new(),
+                            last_position: 0,
+                        },
+                    );
+                    self.by_user
+                        .entry(owner.clone())
+                        .or_default()
+                        .push(thread_id.clone());
+                }
+            }
+            Event::RunRegistered {
+                thread_id,
+                run_id,
+                agent_name,
+            } => {
+                if !self.runs.contains_key(run_id) {
+                    self.runs.insert(
+                        run_id.clone(),
+                        Run {
+                            run_id: run_id.clone(),
+                            thread_id: thread_id.clone(),
+                            agent_name: agent_name.clone(),
+                            status: RunStatus::Registered,
+                            registered_at_ms: meta.recorded_at_ms,
+                            last_event: None,
+                            last_activity_ms: meta.recorded_at_ms,
+                            open_tool_calls: BTreeSet::new(),
+                        },
+                    );
+                    if let Some(thread) = self.threads.get_mut(thread_id) {
+                        thread.runs.push(run_id.clone());
+                    }
+                }
+            }
+            Event::AgentEventRecorded {
+                run_id,
+                kind,
+                tool_call_id,
+                ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    match kind {
+                        AgentEventKind::Started => run.status = RunStatus::Running,
+                        AgentEventKind::Completed => run.status = RunStatus::Completed,
+                        AgentEventKind::Error => run.status = RunStatus::Failed,
+                        AgentEventKind::ToolExecuting => {
+                            if let Some(id) = tool_call_id {
+                                run.open_tool_calls.insert(id.clone());
+                            }
+                        }
+                        AgentEventKind::ToolCompleted => {
+                            if let Some(id) = tool_call_id {
+                                run.open_tool_calls.remove(id);
+                            }
+                        }
+                        AgentEventKind::Thinking => {}
+                    }
+                }
+            }
+            Event::RunExpired { run_id, .. } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    run.status = RunStatus::Expired;
+                }
+            }
+            Event::CursorAdvanced { .. } => return,
+        }
+
+        if let Some(run) = event.run_id().and_then(|id| self.runs.get_mut(id)) {
+            run.last_event = Some(event.type_name().to_owned());
+            run.last_activity_ms = meta.recorded_at_ms;
+        }
+        // Mirrors the log's per-stream version, so it counts every event on the thread.
+        if let Some(thread) = event.thread_id().and_then(|id| self.threads.get_mut(id)) {
+            thread.version += 1;
+            thread.last_position = meta.position;
+        }
+    }
+
+    pub fn thread(&self, id: &ThreadId) -> Option<&Thread> {
+        self.threads.get(id)
+    }
+
+    pub fn run(&self, id: &RunId) -> Option<&Run> {
+        self.runs.get(id)
+    }
+
+    /// The user's threads in creation order.
+    pub fn threads_of(&self, user: &UserId) -> impl Iterator<Item = &Thread> {
+        self.by_user
+            .get(user)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.threads.get(id))
+    }
+
+    pub fn threads(&self) -> impl Iterator<Item = &Thread> {
+        self.threads.values()
+    }
+
+    pub fn users(&self) -> impl Iterator<Item = &UserId> {
+        self.by_user.keys()
+    }
+
+    pub fn owner_of(&self, thread: &ThreadId) -> Option<&UserId> {
+        self.threads.get(thread).map(|t| &t.owner)
+    }
+
+    /// Open runs idle for longer than `ttl_ms` at `now_ms`, in run id order.
+    pub fn expirable_runs(&self, now_ms: u64, ttl_ms: u64) -> Vec<RunId> {
+        self.runs
+            .values()
+            .filter(|run| run.status.is_open() && is_idle(run, now_ms, ttl_ms))
+            .map(|run| run.run_id.clone())
+            .collect()
+    }
+}
+
+/// Saturating so a clock that steps backwards never makes a run look idle.
+pub(crate) fn is_idle(run: &Run, now_ms: u64, ttl_ms: u64) -> bool {
+    now_ms.saturating_sub(run.last_activity_ms) > ttl_ms
+}

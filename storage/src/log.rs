@@ -1,0 +1,137 @@
+//! The [`EventLog`] trait: the one contract every log backend keeps.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::{Record, StorageError};
+
+/// A global log position: dense, gap-free, starting at 1. `Position(0)` means
+/// "before the first record".
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Position(pub u64);
+
+impl Position {
+    pub const ZERO: Position = Position(0);
+    pub fn get(self) -> u64 {
+        self.0
+    }
+    pub fn next(self) -> Position {
+        Position(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One event to append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// Idempotency key: the log stores each id at most once, for its whole life.
+    pub event_id: Uuid,
+    /// The stream this event extends (no NUL byte, at most 512 bytes).
+    pub stream: String,
+    /// When set, the stream must be at exactly this version right before this
+    /// event (0 = the stream must not exist yet).
+    pub expected_version: Option<u64>,
+    /// Who appended it (kept for audit).
+    pub actor: String,
+    /// The event's type name (kept outside the payload so audits can filter cheaply).
+    pub event_type: String,
+    /// Opaque payload bytes.
+    pub payload: Vec<u8>,
+}
+
+/// Where an event landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub position: Position,
+    pub stream_version: u64,
+    /// True when the event id was already stored: nothing was appended and this
+    /// is the original position and version.
+    pub duplicate: bool,
+}
+
+/// The durable, append-only event log.
+///
+/// Batch semantics: the new events of a batch are appended all or none, in
+/// order, at consecutive positions. An event whose id is already stored (or
+/// appears earlier in the same batch) is not appended again: it is answered
+/// with its original position and version, marked `duplicate`, and its
+/// `expected_version` is not checked. A batch of only stored ids appends nothing.
+pub trait EventLog: Send + Sync + 'static {
+    /// Queues `events` for the next group commit; the result resolves only once they are on disk.
+    fn append(&self, events: Vec<NewEvent>) -> PendingAppend;
+    /// The highest durable position (`Position::ZERO` for an empty log).
+    fn head(&self) -> Position;
+    /// A receiver that sees the durable head move; sending to it never blocks the writer.
+    fn watch_head(&self) -> watch::Receiver<Position>;
+    /// Up to `limit` durable records from position `from` on, in order, checksums verified.
+    fn read_from(&self, from: Position, limit: usize) -> Result<Vec<Record>, StorageError>;
+    /// The durable record at `position`, if any, checksum verified.
+    fn read_at(&self, position: Position) -> Result<Option<Record>, StorageError>;
+    /// Up to `limit` durable records of `stream` from version `from_version` on, in order.
+    fn read_stream(
+        &self,
+        stream: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError>;
+    /// The durable version of `stream` (0 when it has no event).
+    fn stream_version(&self, stream: &str) -> Result<u64, StorageError>;
+    /// Where the event with this id was durably stored, if it was.
+    fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError>;
+}
+
+/// Named, durable blobs beside the log (projection checkpoints).
+pub trait Checkpoints: Send + Sync + 'static {
+    /// The blob stored under `name`, if any.
+    fn load_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Replaces the blob under `name` atomically and durably.
+    fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError>;
+}
+
+type AppendResult = Result<Vec<Appended>, StorageError>;
+
+/// An append on its way to disk: `.await` it, or `wait()` for it from a
+/// thread that is not running an async runtime.
+#[derive(Debug)]
+pub struct PendingAppend {
+    rx: oneshot::Receiver<AppendResult>,
+}
+
+impl PendingAppend {
+    pub(crate) fn channel() -> (oneshot::Sender<AppendResult>, PendingAppend) {
+        let (tx, rx) = oneshot::channel();
+        (tx, PendingAppend { rx })
+    }
+
+    pub(crate) fn ready(result: AppendResult) -> PendingAppend {
+        let (tx, pending) = Self::channel();
+        let _ = tx.send(result);
+        pending
+    }
+
+    /// Blocks the current thread until the append is durable (or failed).
+    pub fn wait(self) -> AppendResult {
+        self.rx.blocking_recv().unwrap_or(Err(StorageError::Closed))
+    }
+}
+
+impl Future for PendingAppend {
+    type Output = AppendResult;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<AppendResult> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StorageError::Closed)))
+    }
+}
