@@ -196,6 +196,32 @@ impl Registry {
         self.threads.get(thread).map(|t| &t.owner)
     }
 
+    /// A registry holding only the named threads and runs (and the threads of
+    /// those runs): enough for `decide` to judge a batch of commands on a scratch
+    /// copy without cloning everything.
+    pub fn subset<'a>(
+        &self,
+        threads: impl IntoIterator<Item = &'a ThreadId>,
+        runs: impl IntoIterator<Item = &'a RunId>,
+    ) -> Registry {
+        let mut out = Registry::default();
+        let add_thread = |out: &mut Registry, id: &ThreadId| {
+            if let Some(t) = self.threads.get(id) {
+                out.threads.insert(id.clone(), t.clone());
+            }
+        };
+        for id in threads {
+            add_thread(&mut out, id);
+        }
+        for id in runs {
+            if let Some(run) = self.runs.get(id) {
+                out.runs.insert(id.clone(), run.clone());
+                add_thread(&mut out, &run.thread_id);
+            }
+        }
+        out
+    }
+
     /// Open runs idle for longer than `ttl_ms` at `now_ms`, in run id order.
     pub fn expirable_runs(&self, now_ms: u64, ttl_ms: u64) -> Vec<RunId> {
         self.runs

@@ -1,1 +1,20 @@
-//! placeholder
+//! Read models folded from the log: the thread-run registry and the per-user
+//! delivery queues, checkpointed together, rebuildable from position 1 and
+//! verifiable by digest.
+//!
+//! Architecture invariant: the live path ([`Projector::catch_up`]) and the
+//! tools (`rebuild`, `verify`) run the same fold, [`ReadModel::apply`].
+
+mod codec;
+mod commands;
+mod delivery;
+mod error;
+mod model;
+mod projector;
+
+pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
+pub use commands::{Outcome, Submission, SubmitError};
+pub use delivery::Delivery;
+pub use error::ProjectionError;
+pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
+pub use projector::{load_checkpoint, rebuild, store_checkpoint, Projector};

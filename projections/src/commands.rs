@@ -1,0 +1,296 @@
+//! The write side: commands judged by `decide` against the live registry,
+//! appended with the thread's expected version, then folded in before the
+//! caller hears back (so a caller always reads its own writes).
+
+use std::collections::HashSet;
+
+use threadline_engine::{
+    decide, Actor, Command, DomainError, Event, EventId, EventMeta, Limits, RunId, ThreadId,
+};
+use threadline_storage::{Appended, Checkpoints, EventLog, NewEvent, Position, StorageError};
+use uuid::Uuid;
+
+use crate::{decode_event, encode_event, ProjectionError, Projector};
+
+/// How often a batch is re-judged after losing a race for a thread's version.
+const MAX_ATTEMPTS: usize = 64;
+
+/// One command as a client submitted it.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub command: Command,
+    /// Idempotency key for the (first) event the command produces.
+    pub event_id: Option<EventId>,
+    /// `If-Match`: the version the command's thread must be at.
+    pub expected_thread_version: Option<u64>,
+}
+
+impl Submission {
+    pub fn new(command: Command) -> Submission {
+        Submission {
+            command,
+            event_id: None,
+            expected_thread_version: None,
+        }
+    }
+}
+
+/// Where a submission's event landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub position: Position,
+    pub event_id: Uuid,
+    pub thread_id: Option<ThreadId>,
+    pub run_id: Option<RunId>,
+    pub thread_version: u64,
+    /// The event's `user_seq` in its thread owner's queue.
+    pub user_seq: Option<u64>,
+    /// True when the event id was already stored and nothing was appended.
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum SubmitError {
+    /// `decide` rejected submission `index`.
+    #[error("event {index}: {error}")]
+    Domain { index: usize, error: DomainError },
+    /// The thread is not at the version the client expected (or kept moving).
+    #[error("event {index}: thread is at version {current}, not {expected}")]
+    VersionConflict {
+        index: usize,
+        expected: u64,
+        current: u64,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+}
+
+struct Planned {
+    index: usize,
+    event: Event,
+    new: NewEvent,
+}
+
+fn thread_of(registry: &threadline_engine::Registry, command: &Command) -> Option<ThreadId> {
+    match command {
+        Command::CreateThread { thread_id, .. } | Command::RegisterRun { thread_id, .. } => {
+            Some(thread_id.clone())
+        }
+        Command::RecordAgentEvent { run_id, .. } | Command::ExpireRun { run_id } => {
+            registry.run(run_id).map(|r| r.thread_id.clone())
+        }
+        Command::AcknowledgeDelivery { .. } => None,
+    }
+}
+
+fn run_of(command: &Command) -> Option<&RunId> {
+    match command {
+        Command::RegisterRun { run_id, .. }
+        | Command::RecordAgentEvent { run_id, .. }
+        | Command::ExpireRun { run_id } => Some(run_id),
+        _ => None,
+    }
+}
+
+impl<L: EventLog + Checkpoints> Projector<L> {
+    /// Judges and appends `submissions` as one atomic batch: all of their new
+    /// events are appended, or none. Submissions whose `event_id` is already
+    /// stored are answered with their original outcome (`duplicate`).
+    pub async fn submit(
+        &self,
+        actor: &Actor,
+        submissions: &[Submission],
+        now_ms: u64,
+        limits: &Limits,
+    ) -> Result<Vec<Option<Outcome>>, SubmitError> {
+        if self.position() < self.log().head() {
+            self.catch_up()?;
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            let mut known: Vec<Option<Appended>> = Vec::with_capacity(submissions.len());
+            for s in submissions {
+                known.push(match s.event_id {
+                    Some(id) => self.log().find_event(id.as_uuid())?,
+                    None => None,
+                });
+            }
+            let planned = match self.plan(actor, submissions, &known, now_ms, limits) {
+                Ok(p) => p,
+                Err(SubmitError::Domain {
+                    index,
+                    error: DomainError::RunExpired(run_id),
+                }) => {
+                    self.record_expiry(&run_id, now_ms, limits).await?;
+                    return Err(SubmitError::Domain {
+                        index,
+                        error: DomainError::RunExpired(run_id),
+                    });
+                }
+                Err(e) => return Err(e),
+            };
+            let appended = if planned.is_empty() {
+                Vec::new()
+            } else {
+                let batch = planned.iter().map(|p| p.new.clone()).collect();
+                match self.log().append(batch).await {
+                    Ok(a) => a,
+                    Err(StorageError::Conflict { .. }) => {
+                        // Lost a race for the thread's version: re-judge on fresh state.
+                        self.catch_up()?;
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            if let Some(last) = appended.iter().map(|a| a.position).max() {
+                self.settle(last)?;
+            }
+            return self.outcomes(submissions, &known, &planned, &appended);
+        }
+        Err(SubmitError::VersionConflict {
+            index: 0,
+            expected: 0,
+            current: 0,
+        })
+    }
+
+    /// Appends `run_expired` for a run that idled out (a no-op if it is already closed).
+    async fn record_expiry(
+        &self,
+        run_id: &RunId,
+        now_ms: u64,
+        limits: &Limits,
+    ) -> Result<(), SubmitError> {
+        let expire = Submission::new(Command::ExpireRun {
+            run_id: run_id.clone(),
+        });
+        Box::pin(self.submit(&Actor::system(), &[expire], now_ms, limits))
+            .await
+            .map(|_| ())
+    }
+
+    fn plan(
+        &self,
+        actor: &Actor,
+        submissions: &[Submission],
+        known: &[Option<Appended>],
+        now_ms: u64,
+        limits: &Limits,
+    ) -> Result<Vec<Planned>, SubmitError> {
+        self.read(|model| {
+            let registry = model.registry();
+            let threads: Vec<ThreadId> = submissions
+                .iter()
+                .filter_map(|s| thread_of(registry, &s.command))
+                .collect();
+            let mut scratch = registry.subset(
+                threads.iter(),
+                submissions.iter().filter_map(|s| run_of(&s.command)),
+            );
+            let mut first_on_stream = HashSet::new();
+            let mut planned = Vec::new();
+            for (index, s) in submissions.iter().enumerate() {
+                if known[index].is_some() {
+                    continue;
+                }
+                let thread = thread_of(&scratch, &s.command);
+                if let (Some(expected), Some(t)) = (s.expected_thread_version, &thread) {
+                    let current = scratch.thread(t).map_or(0, |t| t.version);
+                    if expected != current {
+                        return Err(SubmitError::VersionConflict {
+                            index,
+                            expected,
+                            current,
+                        });
+                    }
+                }
+                let events = decide(&scratch, actor, s.command.clone(), now_ms, limits)
+                    .map_err(|error| SubmitError::Domain { index, error })?;
+                for (k, event) in events.into_iter().enumerate() {
+                    let stream = event.stream();
+                    let expected_version = match event.thread_id() {
+                        Some(t) if first_on_stream.insert(stream.clone()) => {
+                            Some(scratch.thread(t).map_or(0, |t| t.version))
+                        }
+                        _ => None,
+                    };
+                    let event_id = match (k, s.event_id) {
+                        (0, Some(id)) => id.as_uuid(),
+                        _ => Uuid::now_v7(),
+                    };
+                    scratch.apply(
+                        &event,
+                        &EventMeta {
+                            position: 0,
+                            recorded_at_ms: now_ms,
+                        },
+                    );
+                    planned.push(Planned {
+                        index,
+                        new: NewEvent {
+                            event_id,
+                            stream,
+                            expected_version,
+                            actor: format!("{}:{}", actor.role.as_str(), actor.user),
+                            event_type: event.type_name().to_owned(),
+                            payload: encode_event(&event),
+                        },
+                        event,
+                    });
+                }
+            }
+            Ok(planned)
+        })
+    }
+
+    fn outcomes(
+        &self,
+        submissions: &[Submission],
+        known: &[Option<Appended>],
+        planned: &[Planned],
+        appended: &[Appended],
+    ) -> Result<Vec<Option<Outcome>>, SubmitError> {
+        let mut out: Vec<Option<Outcome>> = vec![None; submissions.len()];
+        for (index, original) in known.iter().enumerate() {
+            let Some(original) = original else { continue };
+            let record = self
+                .log()
+                .read_at(original.position)?
+                .ok_or(StorageError::Corrupt {
+                    position: original.position,
+                    reason: "duplicate points at a missing record".into(),
+                })?;
+            let event =
+                decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
+                    position: record.position,
+                    reason,
+                })?;
+            out[index] = Some(self.outcome(&event, record.event_id, original, true));
+        }
+        for (p, a) in planned.iter().zip(appended) {
+            // A duplicate inside the batch (same id twice) still reports the original.
+            out[p.index] = Some(self.outcome(&p.event, p.new.event_id, a, a.duplicate));
+        }
+        Ok(out)
+    }
+
+    fn outcome(&self, event: &Event, event_id: Uuid, at: &Appended, duplicate: bool) -> Outcome {
+        let user_seq = self.read(|m| {
+            event
+                .thread_id()
+                .and_then(|t| m.registry().owner_of(t))
+                .and_then(|owner| m.delivery().seq_of(owner, at.position))
+        });
+        Outcome {
+            position: at.position,
+            event_id,
+            thread_id: event.thread_id().cloned(),
+            run_id: event.run_id().cloned(),
+            thread_version: at.stream_version,
+            user_seq,
+            duplicate,
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! [`ReadModel`]: every projection plus the position it reflects, folded by
+//! one function and stored as one checkpoint so state and position move together.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use threadline_engine::{Event, EventMeta, Registry};
+use threadline_storage::{Position, Record};
+
+use crate::{decode_event, Delivery, ProjectionError};
+
+/// The checkpoint key of the read model.
+pub const CHECKPOINT_NAME: &str = "read-model";
+const CHECKPOINT_FORMAT: u8 = 1;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadModel {
+    position: Position,
+    registry: Registry,
+    delivery: Delivery,
+}
+
+/// A deterministic digest of each projection's state (SHA-256 of its encoding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Digests {
+    pub position: Position,
+    pub registry: [u8; 32],
+    pub delivery: [u8; 32],
+}
+
+impl Digests {
+    /// Names of the projections whose digests differ.
+    pub fn differing(&self, other: &Digests) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.registry != other.registry {
+            out.push("registry");
+        }
+        if self.delivery != other.delivery {
+            out.push("delivery");
+        }
+        out
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl std::fmt::Display for Digests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "position {} registry {} delivery {}",
+            self.position,
+            hex(&self.registry),
+            hex(&self.delivery)
+        )
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("encoding into a Vec is infallible")
+}
+
+impl ReadModel {
+    /// The last position folded in.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn delivery(&self) -> &Delivery {
+        &self.delivery
+    }
+
+    /// Folds the next record in. Records must come in order, each once:
+    /// anything else is refused, so replay can never apply an event twice.
+    pub fn apply(&mut self, record: &Record) -> Result<(), ProjectionError> {
+        if record.position != self.position.next() {
+            return Err(ProjectionError::OutOfOrder {
+                at: self.position,
+                got: record.position,
+            });
+        }
+        let event = decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
+            position: record.position,
+            reason,
+        })?;
+        self.apply_event(&event, record.position, record.recorded_at_ms);
+        Ok(())
+    }
+
+    fn apply_event(&mut self, event: &Event, position: Position, recorded_at_ms: u64) {
+        let meta = EventMeta {
+            position: position.0,
+            recorded_at_ms,
+        };
+        self.registry.apply(event, &meta);
+        match event {
+            Event::CursorAdvanced {
+                user_id,
+                client_id,
+                user_seq,
+            } => self.delivery.advance(user_id, client_id, *user_seq),
+            other => {
+                let owner = other
+                    .thread_id()
+                    .and_then(|t| self.registry.owner_of(t))
+                    .cloned();
+                if let Some(owner) = owner {
+                    self.delivery.enqueue(&owner, position);
+                }
+            }
+        }
+        self.position = position;
+    }
+
+    pub fn digests(&self) -> Digests {
+        Digests {
+            position: self.position,
+            registry: Sha256::digest(encode(&self.registry)).into(),
+            delivery: Sha256::digest(encode(&self.delivery)).into(),
+        }
+    }
+
+    /// The checkpoint bytes: `[format][bincode(model)]`.
+    pub fn to_checkpoint(&self) -> Vec<u8> {
+        let mut out = vec![CHECKPOINT_FORMAT];
+        out.extend(encode(self));
+        out
+    }
+
+    pub fn from_checkpoint(bytes: &[u8]) -> Result<ReadModel, ProjectionError> {
+        match bytes.split_first() {
+            Some((&CHECKPOINT_FORMAT, body)) => {
+                bincode::serde::decode_from_slice(body, bincode::config::standard())
+                    .map(|(m, _)| m)
+                    .map_err(|e| ProjectionError::Checkpoint(e.to_string()))
+            }
+            _ => Err(ProjectionError::Checkpoint(
+                "unknown checkpoint format".into(),
+            )),
+        }
+    }
+}

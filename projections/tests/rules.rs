@@ -1,0 +1,339 @@
+//! Given/when/then tests of the projection and submission rules.
+
+use std::sync::Arc;
+
+use threadline_engine::{
+    Actor, AgentEventKind, ClientId, Command, DomainError, EventId, Limits, Role, RunId, ThreadId,
+    UserId,
+};
+use threadline_projections::{
+    encode_event, load_checkpoint, rebuild, Outcome, ProjectionError, Projector, ReadModel,
+    Submission, SubmitError,
+};
+use threadline_storage::{EventLog, MemoryLog, NewEvent, Position, Record};
+
+/// Records are stamped with the log's clock, so commands are judged on the same one.
+fn now() -> u64 {
+    threadline_storage::now_ms()
+}
+
+fn user(name: &str) -> Actor {
+    Actor::new(UserId::parse(name).unwrap(), Role::User)
+}
+fn agent() -> Actor {
+    Actor::new(UserId::parse("agent-1").unwrap(), Role::Agent)
+}
+
+struct Given {
+    log: Arc<MemoryLog>,
+    projector: Projector<MemoryLog>,
+    limits: Limits,
+}
+
+fn given() -> Given {
+    let log = Arc::new(MemoryLog::new());
+    Given {
+        projector: Projector::open(log.clone()).unwrap(),
+        log,
+        limits: Limits::default(),
+    }
+}
+
+impl Given {
+    fn when(
+        &self,
+        actor: &Actor,
+        subs: &[Submission],
+        now: u64,
+    ) -> Result<Vec<Option<Outcome>>, SubmitError> {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(self.projector.submit(actor, subs, now, &self.limits))
+    }
+    fn ok(&self, actor: &Actor, command: Command) -> Outcome {
+        self.when(actor, &[Submission::new(command)], now())
+            .unwrap()
+            .remove(0)
+            .unwrap()
+    }
+    fn thread(&self, owner: &str) -> ThreadId {
+        let thread_id = ThreadId::generate();
+        self.ok(
+            &user(owner),
+            Command::CreateThread {
+                thread_id: thread_id.clone(),
+                owner: UserId::parse(owner).unwrap(),
+                title: None,
+                metadata: None,
+            },
+        );
+        thread_id
+    }
+    fn started_run(&self, thread_id: &ThreadId) -> RunId {
+        let run_id = RunId::generate();
+        self.ok(
+            &agent(),
+            Command::RegisterRun {
+                thread_id: thread_id.clone(),
+                run_id: run_id.clone(),
+                agent_name: "a".into(),
+            },
+        );
+        self.ok(&agent(), event(&run_id, AgentEventKind::Started));
+        run_id
+    }
+}
+
+fn event(run_id: &RunId, kind: AgentEventKind) -> Command {
+    Command::RecordAgentEvent {
+        run_id: run_id.clone(),
+        kind,
+        data: "{}".into(),
+        tool_call_id: None,
+    }
+}
+
+#[test]
+fn outcomes_carry_dense_thread_versions_and_user_seqs() {
+    let g = given();
+    let t = g.thread("alice");
+    let run = g.started_run(&t);
+    let o = g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    assert_eq!(
+        (o.position, o.thread_version, o.user_seq),
+        (Position(4), 4, Some(4))
+    );
+    assert_eq!(o.thread_id.as_ref(), Some(&t));
+    // Bob's first event is his user_seq 1, whatever the global position.
+    let b = g.thread("bob");
+    let ob = g
+        .projector
+        .read(|m| m.delivery().user_head(&UserId::parse("bob").unwrap()));
+    assert_eq!(ob, 1);
+    assert_eq!(
+        g.projector
+            .read(|m| m.registry().thread(&b).unwrap().version),
+        1
+    );
+}
+
+#[test]
+fn a_repeated_event_id_returns_the_original_and_appends_nothing() {
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    let id = EventId::generate();
+    let sub = Submission {
+        event_id: Some(id),
+        ..Submission::new(event(&run, AgentEventKind::Thinking))
+    };
+    let first = g
+        .when(&agent(), &[sub.clone()], now())
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    // Even after the run closed, the retry answers with the original result.
+    g.ok(&agent(), event(&run, AgentEventKind::Completed));
+    let head = g.log.head();
+    let again = g.when(&agent(), &[sub], now()).unwrap().remove(0).unwrap();
+    assert!(again.duplicate && !first.duplicate);
+    assert_eq!(
+        (again.position, again.user_seq, again.thread_version),
+        (first.position, first.user_seq, first.thread_version)
+    );
+    assert_eq!(g.log.head(), head);
+}
+
+#[test]
+fn if_match_conflicts_name_the_current_version() {
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    let stale = Submission {
+        expected_thread_version: Some(1),
+        ..Submission::new(event(&run, AgentEventKind::Thinking))
+    };
+    assert_eq!(
+        g.when(&agent(), &[stale], now()).unwrap_err(),
+        SubmitError::VersionConflict {
+            index: 0,
+            expected: 1,
+            current: 3
+        }
+    );
+    let fresh = Submission {
+        expected_thread_version: Some(3),
+        ..Submission::new(event(&run, AgentEventKind::Thinking))
+    };
+    assert_eq!(
+        g.when(&agent(), &[fresh], now()).unwrap()[0]
+            .as_ref()
+            .unwrap()
+            .thread_version,
+        4
+    );
+}
+
+#[test]
+fn a_batch_is_appended_all_or_none_and_names_the_failing_index() {
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    let head = g.log.head();
+    let batch = [
+        Submission::new(event(&run, AgentEventKind::Thinking)),
+        Submission::new(event(&run, AgentEventKind::Completed)),
+        Submission::new(event(&run, AgentEventKind::Thinking)), // after a terminal event
+    ];
+    let err = g.when(&agent(), &batch, now()).unwrap_err();
+    assert_eq!(
+        err,
+        SubmitError::Domain {
+            index: 2,
+            error: DomainError::RunClosed(run.clone())
+        }
+    );
+    assert_eq!(g.log.head(), head);
+    let ok = g.when(&agent(), &batch[..2], now()).unwrap();
+    assert_eq!(
+        ok.iter()
+            .map(|o| o.as_ref().unwrap().position.0)
+            .collect::<Vec<_>>(),
+        vec![4, 5]
+    );
+}
+
+#[test]
+fn an_idle_run_is_expired_by_an_appended_event() {
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    let late = now() + g.limits.run_ttl_ms + 1;
+    let err = g
+        .when(
+            &agent(),
+            &[Submission::new(event(&run, AgentEventKind::Thinking))],
+            late,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        SubmitError::Domain {
+            index: 0,
+            error: DomainError::RunExpired(run.clone())
+        }
+    );
+    let last = g.log.read_at(g.log.head()).unwrap().unwrap();
+    assert_eq!(last.event_type, "run_expired");
+    assert_eq!(last.actor, "system:system");
+    assert_eq!(
+        g.projector
+            .read(|m| m.registry().run(&run).unwrap().status.as_str()),
+        "expired"
+    );
+}
+
+#[test]
+fn cursors_only_move_forward() {
+    let g = given();
+    g.thread("alice");
+    let alice = UserId::parse("alice").unwrap();
+    let ack = |seq| Command::AcknowledgeDelivery {
+        user_id: alice.clone(),
+        client_id: ClientId::default_client(),
+        user_seq: seq,
+    };
+    g.ok(&user("alice"), ack(5));
+    g.ok(&user("alice"), ack(2));
+    assert_eq!(
+        g.projector
+            .read(|m| m.delivery().cursor(&alice, &ClientId::default_client())),
+        5
+    );
+    // Another user cannot move Alice's cursor.
+    let err = g
+        .when(&user("bob"), &[Submission::new(ack(9))], now())
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SubmitError::Domain {
+            error: DomainError::Forbidden(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn records_apply_in_order_exactly_once() {
+    let g = given();
+    g.thread("alice");
+    let record = g.log.read_at(Position(1)).unwrap().unwrap();
+    let mut model = ReadModel::default();
+    model.apply(&record).unwrap();
+    assert_eq!(
+        model.apply(&record),
+        Err(ProjectionError::OutOfOrder {
+            at: Position(1),
+            got: Position(1)
+        })
+    );
+    let skipped = Record {
+        position: Position(3),
+        ..record
+    };
+    assert!(matches!(
+        model.apply(&skipped),
+        Err(ProjectionError::OutOfOrder { .. })
+    ));
+}
+
+#[test]
+fn an_undecodable_payload_names_its_position() {
+    let log = MemoryLog::new();
+    log.append(vec![NewEvent {
+        event_id: uuid::Uuid::now_v7(),
+        stream: "thread:x".into(),
+        expected_version: None,
+        actor: "agent:a".into(),
+        event_type: "agent_thinking".into(),
+        payload: vec![9, 9, 9],
+    }])
+    .wait()
+    .unwrap();
+    let err = rebuild(&log, |_, _| {}).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProjectionError::Decode {
+                position: Position(1),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_checkpoint_ahead_of_the_log_is_refused() {
+    let g = given();
+    g.thread("alice");
+    g.projector.checkpoint().unwrap();
+    let empty = Arc::new(MemoryLog::new());
+    threadline_projections::store_checkpoint(&*empty, &load_checkpoint(&*g.log).unwrap().unwrap())
+        .unwrap();
+    assert!(matches!(
+        Projector::open(empty),
+        Err(ProjectionError::Checkpoint(_))
+    ));
+}
+
+#[test]
+fn restart_resumes_from_the_checkpoint() {
+    let g = given();
+    let t = g.thread("alice");
+    g.projector.checkpoint().unwrap();
+    g.started_run(&t);
+    let restarted = Projector::open(g.log.clone()).unwrap();
+    assert_eq!(
+        restarted.read(|m| m.digests()),
+        g.projector.read(|m| m.digests())
+    );
+    let _ = encode_event; // the codec is exercised through submit
+}
