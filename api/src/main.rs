@@ -1,1 +1,103 @@
-fn main() {}
+//! `threadline`: the one binary. Parses arguments and hands each subcommand to
+//! its module; everything is wired here and nowhere else.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use threadline_api::config::{DataArgs, KeyArgs};
+use threadline_api::server::{self, ServeConfig};
+use threadline_api::tools;
+
+/// Threadline: an event-sourced router that delivers AI agents' run events to
+/// the right user's sockets, durably and in order.
+#[derive(Debug, Parser)]
+#[command(name = "threadline", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the HTTP + WebSocket server on the data directory (created if missing).
+    Serve(ServeArgs),
+    /// Print a JWT signed with the configured key (or the data dir's generated secret).
+    Token(tools::token::TokenArgs),
+    /// Rebuild the projections from the log and swap them in atomically.
+    Rebuild(tools::rebuild::RebuildArgs),
+    /// Check checksums, dense positions and versions, and projections against a rebuild.
+    Verify(tools::verify::VerifyArgs),
+    /// Filter and print the event history, offline or from a running server.
+    Audit(tools::audit::AuditArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    keys: KeyArgs,
+    /// Address to listen on.
+    #[arg(
+        long,
+        env = "THREADLINE_LISTEN",
+        default_value = "127.0.0.1:7070",
+        value_name = "ADDR"
+    )]
+    listen: SocketAddr,
+    /// A run idle this long is expired (e.g. `24h`, `30m`, `2s`).
+    #[arg(long, env = "THREADLINE_RUN_TTL", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    run_ttl: Duration,
+    /// Open sockets allowed per user; one more is closed with 4029.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    max_connections_per_user: usize,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("THREADLINE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Cmd::Serve(a) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| {
+                rt.block_on(server::run(ServeConfig {
+                    data: a.data.data,
+                    listen: a.listen,
+                    keys: a.keys,
+                    run_ttl: a.run_ttl,
+                    max_connections_per_user: a.max_connections_per_user,
+                }))
+            })
+            .map(|()| ExitCode::SUCCESS),
+        Cmd::Token(a) => tools::token::run(a).map(|()| ExitCode::SUCCESS),
+        Cmd::Rebuild(a) => tools::rebuild::run(a),
+        Cmd::Verify(a) => tools::verify::run(a),
+        Cmd::Audit(a) => tools::audit::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("threadline: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Command-line and environment configuration shared by every `threadline` subcommand, and the generated JWT secret kept in the data dir.
+
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+/// Name of the generated HS256 secret inside the data dir.
+const SECRET_FILE_NAME: &str = "jwt.secret";
+
+/// Leeway above this would make `exp` meaningless for short-lived tokens.
+pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(60);
+
+/// Where Threadline keeps its data.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// Directory holding the event log, the projections and the generated `jwt.secret`.
+    /// Created on first use. Only one server may hold it at a time.
+    #[arg(
+        long,
+        env = "THREADLINE_DATA",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
+    pub data: PathBuf,
+}
+
+/// The asymmetric algorithms a PEM key may be used with.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JwtAlg {
+    /// RSA PKCS#1 v1.5 with SHA-256.
+    #[value(name = "RS256")]
+    Rs256,
+    /// ECDSA on P-256 with SHA-256.
+    #[value(name = "ES256")]
+    Es256,
+}
+
+impl JwtAlg {
+    pub fn algorithm(self) -> jsonwebtoken::Algorithm {
+        match self {
+            Self::Rs256 => jsonwebtoken::Algorithm::RS256,
+            Self::Es256 => jsonwebtoken::Algorithm::ES256,
+        }
+    }
+}
+
+impl fmt::Display for JwtAlg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Rs256 => "RS256",
+            Self::Es256 => "ES256",
+        })
+    }
+}
+
+/// How tokens are signed and verified. Exactly one algorithm is in force: HS256 with
+/// `--jwt-secret`, RS256/ES256 with a PEM key, or else the HS256 secret in `<data>/jwt.secret`.
+// Debug is written by hand so the secret never reaches a log line.
+#[derive(clap::Args, Clone, Default)]
+pub struct KeyArgs {
+    /// Shared secret for HS256. Without any key option, the secret generated into
+    /// `<data>/jwt.secret` on the first `serve` is used instead.
+    #[arg(
+        long,
+        env = "THREADLINE_JWT_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        conflicts_with_all = ["jwt_public_key", "jwt_private_key"]
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM file with the public key (SPKI `BEGIN PUBLIC KEY`, or `BEGIN RSA PUBLIC KEY`) that
+    /// verifies tokens; requires --jwt-alg.
+    #[arg(long, env = "THREADLINE_JWT_PUBLIC_KEY", value_name = "PEM_FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Algorithm of --jwt-public-key / --jwt-private-key.
+    #[arg(
+        long,
+        env = "THREADLINE_JWT_ALG",
+        value_enum,
+        ignore_case = true,
+        value_name = "ALG"
+    )]
+    pub jwt_alg: Option<JwtAlg>,
+
+    /// PEM file with the private key (PKCS#8 for ES256; PKCS#1 or PKCS#8 for RS256). Only
+    /// `threadline token` uses it, to sign tokens that --jwt-public-key verifies.
+    #[arg(long, env = "THREADLINE_JWT_PRIVATE_KEY", value_name = "PEM_FILE")]
+    pub jwt_private_key: Option<PathBuf>,
+
+    /// Required `iss` claim. When unset, `iss` is not checked (and `token` sets none).
+    #[arg(long, env = "THREADLINE_JWT_ISSUER", value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` claim. When unset, `aud` is not checked (and `token` sets none).
+    #[arg(long, env = "THREADLINE_JWT_AUDIENCE", value_name = "AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf`, e.g. `5s`; at most 60s. Also delays the
+    /// 4001 close of a socket whose token expires.
+    #[arg(
+        long,
+        env = "THREADLINE_JWT_LEEWAY",
+        default_value = "0s",
+        value_parser = parse_leeway,
+        value_name = "DURATION"
+    )]
+    pub jwt_leeway: Duration,
+}
+
+impl fmt::Debug for KeyArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyArgs")
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key", &self.jwt_public_key)
+            .field("jwt_alg", &self.jwt_alg)
+            .field("jwt_private_key", &self.jwt_private_key)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway", &self.jwt_leeway)
+            .finish()
+    }
+}
+
+/// Parses a humantime duration (`5s`, `1m`) no longer than [`MAX_JWT_LEEWAY`].
+pub fn parse_leeway(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d > MAX_JWT_LEEWAY {
+        return Err(format!("must be at most 60s, got {s}"));
+    }
+    Ok(d)
+}
+
+/// Where the generated HS256 secret lives.
+pub fn secret_file(data_dir: &Path) -> PathBuf {
+    data_dir.join(SECRET_FILE_NAME)
+}
+
+/// Reads `<data>/jwt.secret`, or creates the data dir and a fresh random secret (mode 0600).
+/// Returns the secret and whether it was created by this call.
+pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<(String, bool)> {
+    if let Some(secret) = load_secret(data_dir)? {
+        return Ok((secret, false));
+    }
+    fs::create_dir_all(data_dir)
+        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    let path = secret_file(data_dir);
+    let secret = random_hex(32);
+
+    // Written completely under a private name, then hard-linked into place: linking fails if
+    // the name exists, so a concurrent creator never reads a half-written secret, and the
+    // file is 0600 from its first byte.
+    let tmp = data_dir.join(format!(
+        ".{SECRET_FILE_NAME}.{}.tmp",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let written = write_private(&tmp, secret.as_bytes());
+    let linked = written.and_then(|()| fs::hard_link(&tmp, &path).map_err(anyhow::Error::from));
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_dir(data_dir);
+            Ok((secret, true))
+        }
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == ErrorKind::AlreadyExists) =>
+        {
+            // Lost a race with another process: use its secret.
+            let secret = load_secret(data_dir)?
+                .with_context(|| format!("{} vanished while being created", path.display()))?;
+            Ok((secret, false))
+        }
+        Err(e) => Err(e.context(format!("cannot create {}", path.display()))),
+    }
+}
+
+/// Reads `<data>/jwt.secret` if it exists; never creates the file or the dir.
+pub fn load_secret(data_dir: &Path) -> anyhow::Result<Option<String>> {
+    let path = secret_file(data_dir);
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let secret = text.trim();
+    if secret.is_empty() {
+        bail!(
+            "{} is empty; delete it to generate a new secret",
+            path.display()
+        );
+    }
+    warn_if_readable_by_others(&path);
+    Ok(Some(secret.to_owned()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    use std::fmt::Write as _;
+
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    let mut hex = String::with_capacity(bytes * 2);
+    for b in buf {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let mut options = OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Best effort: makes the new directory entry durable.
+fn sync_dir(dir: &Path) {
+    #[cfg(unix)]
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+}
+
+fn warn_if_readable_by_others(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format_args!("{mode:o}"),
+                    "JWT secret file is accessible to other users; chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new() -> Self {
+            let p = std::env::temp_dir().join(format!("threadline-cfg-{}", uuid::Uuid::new_v4()));
+            fs::create_dir_all(&p).unwrap();
+            Self(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        data: DataArgs,
+        #[command(flatten)]
+        keys: KeyArgs,
+    }
+
+    #[test]
+    fn secret_is_created_private_and_reused() {
+        let tmp = TempDir::new();
+        let dir = tmp.0.join("nested").join("data");
+
+        let (first, created) = load_or_create_secret(&dir).unwrap();
+        assert!(created);
+        assert_eq!(first.len(), 64);
+        assert!(first.bytes().all(|b| b.is_ascii_hexdigit()));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(secret_file(&dir))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        let (second, created) = load_or_create_secret(&dir).unwrap();
+        assert!(!created);
+        assert_eq!(first, second);
+        assert_eq!(load_secret(&dir).unwrap().as_deref(), Some(first.as_str()));
+        // No temp files left behind.
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn two_data_dirs_get_different_secrets() {
+        let a = TempDir::new();
+        let b = TempDir::new();
+        assert_ne!(
+            load_or_create_secret(&a.0).unwrap().0,
+            load_or_create_secret(&b.0).unwrap().0
+        );
+    }
+
+    #[test]
+    fn load_secret_never_creates() {
+        let tmp = TempDir::new();
+        let dir = tmp.0.join("absent");
+        assert_eq!(load_secret(&dir).unwrap(), None);
+        assert!(!dir.exists());
+        assert_eq!(load_secret(&tmp.0).unwrap(), None);
+        assert!(!secret_file(&tmp.0).exists());
+    }
+
+    #[test]
+    fn empty_secret_file_is_an_error() {
+        let tmp = TempDir::new();
+        fs::write(secret_file(&tmp.0), "\n").unwrap();
+        assert!(load_secret(&tmp.0).is_err());
+    }
+
+    #[test]
+    fn args_parse_with_defaults() {
+        let cli = Cli::try_parse_from(["t"]).unwrap();
+        assert_eq!(cli.data.data, PathBuf::from("./data"));
+        assert_eq!(cli.keys.jwt_leeway, Duration::ZERO);
+        assert!(cli.keys.jwt_secret.is_none());
+
+        let cli = Cli::try_parse_from([
+            "t",
+            "--jwt-public-key",
+            "k.pem",
+            "--jwt-alg",
+            "es256",
+            "--jwt-leeway",
+            "5s",
+        ])
+        .unwrap();
+        assert_eq!(cli.keys.jwt_alg, Some(JwtAlg::Es256));
+        assert_eq!(cli.keys.jwt_leeway, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn args_reject_bad_combinations() {
+        assert!(Cli::try_parse_from(["t", "--jwt-leeway", "61s"]).is_err());
+        assert!(Cli::try_parse_from(["t", "--jwt-alg", "HS256"]).is_err());
+        assert!(
+            Cli::try_parse_from(["t", "--jwt-secret", "s", "--jwt-public-key", "k.pem"]).is_err()
+        );
+    }
+
+    #[test]
+    fn debug_hides_the_secret() {
+        let keys = KeyArgs {
+            jwt_secret: Some("hunter2-very-secret".into()),
+            ..KeyArgs::default()
+        };
+        let shown = format!("{keys:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redacted"));
+    }
+}

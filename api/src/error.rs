@@ -1,0 +1,195 @@
+//! The one error table at the edge: every failure maps to an HTTP status and a
+//! stable snake_case `code`, answered as `{"error":{"code","message"}}`.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use threadline_engine::DomainError;
+use threadline_projections::{ProjectionError, SubmitError};
+use threadline_storage::StorageError;
+
+use crate::auth::AuthError;
+
+/// Everything a handler can answer instead of a success.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    InvalidId(String),
+    #[error("unknown event type {0:?}")]
+    InvalidEventType(String),
+    #[error("{0}")]
+    InvalidEventTypeMessage(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("no route for this path")]
+    NoRoute,
+    #[error("this method is not allowed here")]
+    MethodNotAllowed,
+    /// A domain rejection, optionally naming the batch index that failed.
+    #[error("{error}")]
+    Domain {
+        error: DomainError,
+        index: Option<usize>,
+    },
+    #[error("thread is at version {current}, not {expected}")]
+    VersionConflict {
+        expected: u64,
+        current: u64,
+        index: Option<usize>,
+    },
+    /// Storage or projection failure: the server's fault, never the client's.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AppError {
+    /// The HTTP status and stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            AppError::Unauthorized(_) => (S::UNAUTHORIZED, "unauthorized"),
+            AppError::Forbidden(_) => (S::FORBIDDEN, "forbidden"),
+            AppError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
+            AppError::InvalidId(_) => (S::BAD_REQUEST, "invalid_id"),
+            AppError::InvalidEventType(_) | AppError::InvalidEventTypeMessage(_) => {
+                (S::BAD_REQUEST, "invalid_event_type")
+            }
+            AppError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            AppError::NoRoute => (S::NOT_FOUND, "not_found"),
+            AppError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
+            AppError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+            AppError::Domain { error, .. } => {
+                let status = match error {
+                    DomainError::InvalidId(_) | DomainError::InvalidInput(_) => S::BAD_REQUEST,
+                    DomainError::Forbidden(_) => S::FORBIDDEN,
+                    DomainError::ThreadNotFound(_) | DomainError::RunNotFound(_) => S::NOT_FOUND,
+                    DomainError::ThreadExists(_)
+                    | DomainError::RunExists(_)
+                    | DomainError::RunClosed(_)
+                    | DomainError::RunExpired(_) => S::CONFLICT,
+                    DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
+                    DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+                };
+                (status, error.code())
+            }
+        }
+    }
+
+    fn index(&self) -> Option<usize> {
+        match self {
+            AppError::Domain { index, .. } | AppError::VersionConflict { index, .. } => *index,
+            _ => None,
+        }
+    }
+
+    /// The same error, naming batch index `i`.
+    pub fn at(self, i: usize) -> AppError {
+        match self {
+            AppError::Domain { error, .. } => AppError::Domain {
+                error,
+                index: Some(i),
+            },
+            AppError::InvalidId(m) => AppError::InvalidId(format!("event {i}: {m}")),
+            AppError::InvalidRequest(m) => AppError::InvalidRequest(format!("event {i}: {m}")),
+            AppError::InvalidEventType(t) => {
+                AppError::InvalidEventTypeMessage(format!("event {i}: unknown event type {t:?}"))
+            }
+            other => other,
+        }
+    }
+
+    /// A batch error names the failing index; a single-event call does not.
+    pub fn without_index(self) -> AppError {
+        match self {
+            AppError::Domain { error, .. } => AppError::Domain { error, index: None },
+            AppError::VersionConflict {
+                expected, current, ..
+            } => AppError::VersionConflict {
+                expected,
+                current,
+                index: None,
+            },
+            other => other,
+        }
+    }
+}
+
+impl From<DomainError> for AppError {
+    fn from(error: DomainError) -> Self {
+        AppError::Domain { error, index: None }
+    }
+}
+
+impl From<threadline_engine::IdError> for AppError {
+    fn from(e: threadline_engine::IdError) -> Self {
+        AppError::InvalidId(e.to_string())
+    }
+}
+
+impl From<StorageError> for AppError {
+    fn from(e: StorageError) -> Self {
+        AppError::Internal(e.to_string())
+    }
+}
+
+impl From<ProjectionError> for AppError {
+    fn from(e: ProjectionError) -> Self {
+        AppError::Internal(e.to_string())
+    }
+}
+
+impl From<SubmitError> for AppError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Domain { index, error } => AppError::Domain {
+                error,
+                index: Some(index),
+            },
+            SubmitError::VersionConflict {
+                index,
+                expected,
+                current,
+            } => AppError::VersionConflict {
+                expected,
+                current,
+                index: Some(index),
+            },
+            SubmitError::Storage(e) => e.into(),
+            SubmitError::Projection(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        metrics::counter!("threadline_rejected_requests_total", "code" => code).increment(1);
+        let message = match (&self, self.index()) {
+            (AppError::Internal(detail), _) => {
+                tracing::error!(error = %detail, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            (_, Some(i)) => format!("event {i}: {self}"),
+            _ => self.to_string(),
+        };
+        let mut body = json!({ "error": { "code": code, "message": message } });
+        if let Some(i) = self.index() {
+            body["error"]["index"] = json!(i);
+        }
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,104 @@
+//! Extractors that answer bad input in the app's own error format: the
+//! authenticated principal, JSON bodies, query strings and `If-Match`.
+
+use axum::body::Bytes;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use crate::app::AppState;
+use crate::auth::{bearer_token, AuthError, Authenticator, Principal};
+use crate::error::AppError;
+
+/// The caller, authenticated by `Authorization: Bearer <jwt>`.
+#[derive(Debug, Clone)]
+pub struct Auth(pub Principal);
+
+impl<S> FromRequestParts<S> for Auth
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        let auth: Authenticator = AppState::from_ref(state).auth;
+        let value = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)?
+            .to_str()
+            .map_err(|_| AuthError::Malformed)?;
+        let token = bearer_token(value).ok_or(AuthError::Malformed)?;
+        let principal = auth.verify(token)?;
+        tracing::Span::current().record("user_id", principal.actor.user.as_str());
+        Ok(Auth(principal))
+    }
+}
+
+/// A JSON body; anything unparsable is `400 invalid_request`, too large `413`.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge("request body is over 1 MiB".into())
+            } else {
+                AppError::InvalidRequest(e.body_text())
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| AppError::InvalidRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A query string; unknown or mistyped parameters are `400 invalid_request`.
+#[derive(Debug)]
+pub struct QueryArgs<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for QueryArgs<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| QueryArgs(q.0))
+            .map_err(|e| AppError::InvalidRequest(e.body_text()))
+    }
+}
+
+/// `If-Match: <thread_version>` (quotes allowed, as for an ETag).
+#[derive(Debug)]
+pub struct IfMatch(pub Option<u64>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, AppError> {
+        let Some(value) = parts.headers.get(header::IF_MATCH) else {
+            return Ok(IfMatch(None));
+        };
+        value
+            .to_str()
+            .ok()
+            .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+            .and_then(|v| v.parse().ok())
+            .map(|v| IfMatch(Some(v)))
+            .ok_or_else(|| {
+                AppError::InvalidRequest("If-Match must be a thread version number".into())
+            })
+    }
+}

@@ -1,0 +1,63 @@
+//! Prometheus metrics, every one named `threadline_*`, rendered at `/metrics`.
+
+use std::sync::OnceLock;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once; later calls reuse it.
+pub fn install() -> Option<PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new().install_recorder().ok()?;
+            describe();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("threadline_appends_total", "Events appended to the log.");
+    describe_histogram!(
+        "threadline_append_seconds",
+        Unit::Seconds,
+        "Time from a command's submission to its durable acknowledgement."
+    );
+    describe_gauge!(
+        "threadline_sockets_connected",
+        "Open WebSocket connections."
+    );
+    describe_counter!(
+        "threadline_frames_sent_total",
+        "Event frames sent on sockets."
+    );
+    describe_histogram!(
+        "threadline_replay_lag_events",
+        "Events a socket still had to send after each page (replay lag)."
+    );
+    describe_histogram!(
+        "threadline_cursor_lag_events",
+        "Events between a client's acknowledged cursor and its head, at each ack."
+    );
+    describe_counter!(
+        "threadline_rejected_requests_total",
+        "Requests answered with an error, by code."
+    );
+    describe_gauge!(
+        "threadline_log_head",
+        "The durable head position of the log."
+    );
+    describe_gauge!(
+        "threadline_projected_position",
+        "The position the projections have folded."
+    );
+}
+
+pub async fn render() -> Response {
+    let body = install().map(|h| h.render()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}

@@ -1,0 +1,421 @@
+//! The socket, `GET /v1/ws`: replay from the log, then live, with no gap at
+//! the hand-over. One loop serves both: it pages the user's delivery queue
+//! after the last `user_seq` it sent, so a slow reader is simply served later
+//! from the log, with at most one page in memory.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Uri};
+use axum::response::Response;
+use futures_util::SinkExt;
+use serde::Deserialize;
+use serde_json::json;
+use threadline_engine::{ClientId, Command, Role, ThreadId, UserId};
+use threadline_projections::Submission;
+use threadline_storage::{now_ms, EventLog};
+use tracing::Instrument;
+
+use crate::app::AppState;
+use crate::auth::{bearer_token, AuthError, Principal};
+use crate::wire;
+
+/// Frames read from the log per step: bounds a socket's memory.
+const PAGE: usize = 64;
+pub const SUBPROTOCOL: &str = "threadline.v1";
+
+pub mod close {
+    pub const SHUTDOWN: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const INTERNAL: u16 = 1011;
+    pub const EXPIRED: u16 = 4001;
+    pub const BAD_QUERY: u16 = 4400;
+    pub const TOO_MANY: u16 = 4029;
+}
+
+#[derive(Debug, Deserialize)]
+struct WsQuery {
+    after: Option<String>,
+    client_id: Option<String>,
+    thread_id: Option<String>,
+    access_token: Option<String>,
+}
+
+#[derive(Debug)]
+enum Resume {
+    Cursor,
+    Latest,
+    After(u64),
+}
+
+#[derive(Debug)]
+struct Params {
+    resume: Resume,
+    client: ClientId,
+    thread: Option<ThreadId>,
+}
+
+fn parse_params(q: Option<WsQuery>) -> Result<Params, String> {
+    let q = q.ok_or("malformed query string")?;
+    let resume = match q.after.as_deref() {
+        None => Resume::Cursor,
+        Some("latest") => Resume::Latest,
+        Some(n) => Resume::After(
+            n.parse()
+                .map_err(|_| format!("after={n:?} is not a user_seq or \"latest\""))?,
+        ),
+    };
+    let client = match q.client_id {
+        Some(c) => ClientId::parse(&c).map_err(|e| e.to_string())?,
+        None => ClientId::default_client(),
+    };
+    let thread = q
+        .thread_id
+        .map(|t| ThreadId::parse(&t))
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    Ok(Params {
+        resume,
+        client,
+        thread,
+    })
+}
+
+/// Finds the token: `Authorization`, then the `bearer.<jwt>` subprotocol, then `access_token`.
+fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a str> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        return bearer_token(v);
+    }
+    let offered = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| p.strip_prefix("bearer."));
+    offered.or(query.and_then(|q| q.access_token.as_deref()))
+}
+
+pub async fn upgrade(
+    State(app): State<AppState>,
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    let query = axum::extract::Query::<WsQuery>::try_from_uri(&uri)
+        .ok()
+        .map(|q| q.0);
+    let auth = token(&headers, query.as_ref())
+        .ok_or(AuthError::Missing)
+        .and_then(|t| app.auth.verify(t));
+    let params = parse_params(query);
+    ws.protocols([SUBPROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let user = auth
+                .as_ref()
+                .map(|p| p.actor.user.to_string())
+                .unwrap_or_default();
+            let client = params
+                .as_ref()
+                .map(|p| p.client.to_string())
+                .unwrap_or_default();
+            let span = tracing::info_span!("socket", user_id = %user, client_id = %client);
+            Session::start(app, socket, auth, params)
+                .instrument(span)
+                .await
+        })
+}
+
+struct Session {
+    app: AppState,
+    socket: WebSocket,
+}
+
+/// Why a session ended, when the server ends it.
+struct Close(u16, &'static str, String);
+
+impl Session {
+    async fn start(
+        app: AppState,
+        socket: WebSocket,
+        auth: Result<Principal, AuthError>,
+        params: Result<Params, String>,
+    ) {
+        let mut session = Session { app, socket };
+        let result = match (auth, params) {
+            (Err(e), _) => Err(Close(close::POLICY, "unauthorized", e.to_string())),
+            (_, Err(e)) => Err(Close(close::BAD_QUERY, "invalid_request", e)),
+            (Ok(principal), Ok(params)) => session.serve(principal, params).await,
+        };
+        if let Err(Close(code, error, message)) = result {
+            session.close(code, error, &message).await;
+        }
+    }
+
+    async fn close(&mut self, code: u16, error: &str, message: &str) {
+        tracing::debug!(code, error, message, "closing socket");
+        if code != close::SHUTDOWN || !error.is_empty() {
+            let frame = json!({"type": "error", "code": error, "message": message});
+            let _ = self
+                .socket
+                .send(Message::Text(frame.to_string().into()))
+                .await;
+        }
+        let reason = error.to_owned();
+        let _ = self
+            .socket
+            .send(Message::Close(Some(CloseFrame {
+                code,
+                reason: reason.into(),
+            })))
+            .await;
+    }
+
+    async fn serve(&mut self, principal: Principal, params: Params) -> Result<(), Close> {
+        let app = self.app.clone();
+        let user = principal.actor.user.clone();
+        let _slot = Slot::take(&app, &user).ok_or_else(|| {
+            Close(
+                close::TOO_MANY,
+                "too_many_connections",
+                format!("at most {} sockets per user", app.max_connections_per_user),
+            )
+        })?;
+        let (head, cursor) = app.projector.read(|m| {
+            (
+                m.delivery().user_head(&user),
+                m.delivery().cursor(&user, &params.client),
+            )
+        });
+        let resume_after = match params.resume {
+            Resume::Cursor => cursor.min(head),
+            Resume::Latest => head,
+            Resume::After(n) if n > head => {
+                return Err(Close(
+                    close::BAD_QUERY,
+                    "invalid_request",
+                    format!("after={n} is beyond the head {head}"),
+                ))
+            }
+            Resume::After(n) => n,
+        };
+        let welcome = json!({"type": "welcome", "user_id": user.as_str(), "client_id": params.client.as_str(),
+            "resume_after": resume_after, "head": head, "protocol": 1});
+        self.send(vec![welcome.to_string()]).await?;
+
+        let leeway_ms = app.auth.leeway_secs() * 1000;
+        let expires_in = (principal.expires_at * 1000 + leeway_ms).saturating_sub(now_ms());
+        let expiry = tokio::time::sleep(Duration::from_millis(expires_in));
+        tokio::pin!(expiry);
+        let mut projected = app.projector.watch();
+        let mut shutdown = app.shutdown.clone();
+        let mut next = resume_after;
+        let mut acked = cursor;
+        let mut caught_up = false;
+        loop {
+            if *shutdown.borrow() {
+                return Err(Close(close::SHUTDOWN, "", "server shutting down".into()));
+            }
+            // Mark the current position seen before reading, so a fold that
+            // lands after the read still wakes the wait below: no lost wake-up.
+            projected.borrow_and_update();
+            let (frames, last) = self.page(&user, next, params.thread.as_ref())?;
+            if let Some(last) = last {
+                let send = self.send(frames);
+                tokio::select! {
+                    sent = send => sent?,
+                    _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
+                    _ = shutdown.changed() => return Err(Close(close::SHUTDOWN, "", "server shutting down".into())),
+                }
+                next = last;
+                continue;
+            }
+            if !caught_up {
+                caught_up = true;
+                self.send(vec![
+                    json!({"type": "caught_up", "user_seq": next}).to_string()
+                ])
+                .await?;
+            }
+            tokio::select! {
+                changed = projected.changed() => if changed.is_err() { return Err(Close(close::SHUTDOWN, "", "server shutting down".into())) },
+                incoming = self.socket.recv() => match incoming {
+                    Some(Ok(Message::Text(text))) => self.on_message(&principal, &params.client, text.as_str(), next, &mut acked).await?,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
+                    Some(Ok(_)) => {}
+                },
+                _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
+                _ = shutdown.changed() => return Err(Close(close::SHUTDOWN, "", "server shutting down".into())),
+            }
+        }
+    }
+
+    /// The frames of the next page after `after` and the last `user_seq` it covers.
+    fn page(
+        &self,
+        user: &UserId,
+        after: u64,
+        thread: Option<&ThreadId>,
+    ) -> Result<(Vec<String>, Option<u64>), Close> {
+        let entries = self
+            .app
+            .projector
+            .read(|m| m.delivery().read_after(user, after, PAGE));
+        let internal = |e: String| Close(close::INTERNAL, "internal", e);
+        let mut frames = Vec::with_capacity(entries.len());
+        for (seq, position) in &entries {
+            let record = self
+                .app
+                .projector
+                .log()
+                .read_at(*position)
+                .map_err(|e| internal(e.to_string()))?
+                .ok_or_else(|| internal(format!("position {position} is not readable")))?;
+            let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
+            if thread.is_some_and(|t| Some(t) != event.thread_id()) {
+                continue;
+            }
+            if let Some(frame) = wire::frame(&record, &event, *seq) {
+                frames.push(serde_json::to_string(&frame).map_err(|e| internal(e.to_string()))?);
+            }
+        }
+        if let Some((seq, _)) = entries.last() {
+            let head = self.app.projector.read(|m| m.delivery().user_head(user));
+            metrics::histogram!("threadline_replay_lag_events").record((head - seq) as f64);
+        }
+        Ok((frames, entries.last().map(|(s, _)| *s)))
+    }
+
+    async fn send(&mut self, texts: Vec<String>) -> Result<(), Close> {
+        let n = texts.len() as u64;
+        for text in texts {
+            self.socket
+                .feed(Message::Text(text.into()))
+                .await
+                .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+        }
+        self.socket
+            .flush()
+            .await
+            .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+        metrics::counter!("threadline_frames_sent_total").increment(n);
+        Ok(())
+    }
+
+    async fn on_message(
+        &mut self,
+        principal: &Principal,
+        client: &ClientId,
+        text: &str,
+        sent: u64,
+        acked: &mut u64,
+    ) -> Result<(), Close> {
+        #[derive(Deserialize)]
+        struct ClientMessage {
+            #[serde(rename = "type")]
+            kind: String,
+            user_seq: Option<u64>,
+        }
+        let reply_error = |code: &str, message: String| {
+            json!({"type": "error", "code": code, "message": message}).to_string()
+        };
+        let msg: ClientMessage = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .send(vec![reply_error("invalid_message", e.to_string())])
+                    .await
+            }
+        };
+        match (msg.kind.as_str(), msg.user_seq) {
+            ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
+            ("ack", Some(seq)) if seq > sent => {
+                self.send(vec![reply_error(
+                    "invalid_ack",
+                    format!("user_seq {seq} was not delivered (last sent: {sent})"),
+                )])
+                .await
+            }
+            ("ack", Some(seq)) => {
+                if seq > *acked && principal.actor.role == Role::User {
+                    let command = Command::AcknowledgeDelivery {
+                        user_id: principal.actor.user.clone(),
+                        client_id: client.clone(),
+                        user_seq: seq,
+                    };
+                    let result = self
+                        .app
+                        .projector
+                        .submit(
+                            &principal.actor,
+                            &[Submission::new(command)],
+                            now_ms(),
+                            &self.app.limits,
+                        )
+                        .await;
+                    if let Err(e) = result {
+                        return Err(Close(close::INTERNAL, "internal", e.to_string()));
+                    }
+                    *acked = seq;
+                    let head = self
+                        .app
+                        .projector
+                        .read(|m| m.delivery().user_head(&principal.actor.user));
+                    metrics::histogram!("threadline_cursor_lag_events")
+                        .record(head.saturating_sub(seq) as f64);
+                }
+                Ok(())
+            }
+            _ => {
+                self.send(vec![reply_error(
+                    "invalid_message",
+                    "expected {\"type\":\"ack\",\"user_seq\":N} or {\"type\":\"ping\"}".into(),
+                )])
+                .await
+            }
+        }
+    }
+}
+
+/// One of a user's connection slots, given back on drop.
+struct Slot {
+    app: AppState,
+    user: UserId,
+}
+
+impl Slot {
+    fn take(app: &AppState, user: &UserId) -> Option<Slot> {
+        let mut map = app.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let count = map.entry(user.clone()).or_default();
+        if *count >= app.max_connections_per_user {
+            return None;
+        }
+        *count += 1;
+        metrics::gauge!("threadline_sockets_connected").increment(1.0);
+        Some(Slot {
+            app: app.clone(),
+            user: user.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .app
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = map.get_mut(&self.user) {
+            *count -= 1;
+            if *count == 0 {
+                map.remove(&self.user);
+            }
+        }
+        metrics::gauge!("threadline_sockets_connected").decrement(1.0);
+    }
+}
