@@ -1,1 +1,451 @@
-//! placeholder
+//! The end-to-end harness: [`TestServer`] runs the real `threadline` binary on
+//! an ephemeral loopback port over a real sled data dir; [`Api`] and
+//! [`Socket`] are real HTTP and WebSocket clients carrying real JWTs.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// The HS256 secret every test server is started with.
+pub const SECRET: &str = "threadline-test-secret-0123456789abcdef";
+
+/// How long any wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The built `threadline` binary (built by `cargo test --workspace`).
+pub fn binary() -> PathBuf {
+    if let Ok(p) = std::env::var("THREADLINE_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/it-<hash> → target/<profile>/threadline
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("threadline");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "threadline-api", "--bin", "threadline"])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building threadline failed");
+    }
+    bin
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Signs `claims` with HS256 and [`SECRET`].
+pub fn sign(claims: &Value) -> String {
+    sign_with(claims, SECRET.as_bytes())
+}
+
+pub fn sign_with(claims: &Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
+}
+
+/// A valid token for `sub` with `role`, valid for an hour.
+pub fn token(sub: &str, role: &str) -> String {
+    sign(&json!({"sub": sub, "role": role, "exp": now_secs() + 3600}))
+}
+
+/// Options for [`TestServer::start`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Extra `serve` arguments, e.g. `["--run-ttl", "1s"]`.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `threadline serve` process, killed on drop.
+#[derive(Debug)]
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub data: Arc<tempfile::TempDir>,
+    child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+    options: Options,
+}
+
+impl TestServer {
+    /// Starts a server on a fresh data dir.
+    pub fn spawn() -> TestServer {
+        Self::spawn_with(Options::default())
+    }
+
+    pub fn spawn_with(options: Options) -> TestServer {
+        let data = Arc::new(tempfile::tempdir().expect("tempdir"));
+        Self::start(data, options).expect("server start")
+    }
+
+    /// Starts a server on `data`, waiting until it listens.
+    pub fn start(data: Arc<tempfile::TempDir>, options: Options) -> Result<TestServer> {
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--data")
+            .arg(data.path())
+            .args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args(&options.args)
+            .env("THREADLINE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &options.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("spawning threadline")?;
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lines = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("threadline listening on http://") {
+                    let addr = addr
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let _ = tx.send(addr);
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(DEADLINE) {
+            Ok(a) => a.parse().context("listen address")?,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("server did not start: {:?}", log.lock().unwrap());
+            }
+        };
+        Ok(TestServer {
+            addr,
+            data,
+            child,
+            log,
+            options,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!("ws://{}{}", self.addr, path_and_query)
+    }
+
+    pub fn api(&self, token: &str) -> Api {
+        Api {
+            base: format!("http://{}", self.addr),
+            token: Some(token.to_owned()),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn anonymous(&self) -> Api {
+        Api {
+            base: format!("http://{}", self.addr),
+            token: None,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Opens `/v1/ws?<query>` with the token in the `Authorization` header.
+    pub async fn socket(&self, token: &str, query: &str) -> Result<Socket> {
+        let mut req = self
+            .ws_url(&format!("/v1/ws?{query}"))
+            .into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        Socket::connect(req).await
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops this server and starts another on the same data dir.
+    pub fn restart(mut self) -> TestServer {
+        self.stop();
+        TestServer::start(self.data.clone(), self.options.clone()).expect("restart")
+    }
+
+    /// Resident memory of the server process, in bytes (Linux `/proc`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client bound to one server and one token.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub base: String,
+    pub token: Option<String>,
+    pub http: reqwest::Client,
+}
+
+/// A response: status and JSON body (`Value::Null` when the body is not JSON).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Reply {
+    /// The `error.code` of an error body.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl Api {
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, format!("{}{}", self.base, path));
+        match &self.token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    }
+
+    async fn send(r: reqwest::RequestBuilder) -> Reply {
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.expect("body");
+        Reply {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            headers,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Self::send(self.req(reqwest::Method::GET, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        Self::send(self.req(reqwest::Method::POST, path).json(body)).await
+    }
+
+    pub async fn post_if_match(&self, path: &str, body: &Value, version: u64) -> Reply {
+        Self::send(
+            self.req(reqwest::Method::POST, path)
+                .header("if-match", version.to_string())
+                .json(body),
+        )
+        .await
+    }
+
+    /// Posts raw bytes (for malformed bodies).
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
+        Self::send(
+            self.req(reqwest::Method::POST, path)
+                .header("content-type", "application/json")
+                .body(body),
+        )
+        .await
+    }
+
+    /// Creates a thread; panics unless 201. Returns the thread id.
+    pub async fn create_thread(&self, body: Value) -> String {
+        let r = self.post("/v1/threads", &body).await;
+        assert_eq!(r.status, 201, "create thread: {:?}", r.body);
+        r.body["thread_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers a run; panics unless 201. Returns the run id.
+    pub async fn register_run(&self, thread_id: &str) -> String {
+        let r = self
+            .post(
+                &format!("/v1/threads/{thread_id}/runs"),
+                &json!({"agent_name": "tester"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "register run: {:?}", r.body);
+        r.body["run_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Appends an agent event; returns the reply.
+    pub async fn event(&self, run_id: &str, kind: &str, data: Value) -> Reply {
+        self.post(
+            &format!("/v1/runs/{run_id}/events"),
+            &json!({"type": kind, "data": data}),
+        )
+        .await
+    }
+}
+
+/// A WebSocket client speaking the Threadline protocol.
+#[derive(Debug)]
+pub struct Socket {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub protocol: Option<String>,
+}
+
+/// What a socket yielded next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    Frame(Value),
+    /// The server closed with this code and reason.
+    Closed(u16, String),
+}
+
+impl Socket {
+    pub async fn connect(
+        req: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Result<Socket> {
+        let (ws, resp) = tokio_tungstenite::connect_async(req).await?;
+        let protocol = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok(Socket { ws, protocol })
+    }
+
+    /// The next JSON frame or the close, within [`DEADLINE`].
+    pub async fn next(&mut self) -> Result<Next> {
+        loop {
+            let msg = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .context("no frame before the deadline")?;
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(Next::Frame(serde_json::from_str(&t)?)),
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(match frame {
+                        Some(f) => Next::Closed(f.code.into(), f.reason.to_string()),
+                        None => Next::Closed(1005, String::new()),
+                    })
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("socket error: {e}"),
+                None => return Ok(Next::Closed(1006, String::new())),
+            }
+        }
+    }
+
+    /// The next JSON frame; fails on close.
+    pub async fn frame(&mut self) -> Result<Value> {
+        match self.next().await? {
+            Next::Frame(v) => Ok(v),
+            Next::Closed(code, reason) => bail!("closed with {code} {reason}"),
+        }
+    }
+
+    /// Reads frames until one of type `kind`, returning the event frames seen before it and it.
+    pub async fn until(&mut self, kind: &str) -> Result<(Vec<Value>, Value)> {
+        let mut events = Vec::new();
+        loop {
+            let f = self.frame().await?;
+            if f["type"] == kind {
+                return Ok((events, f));
+            }
+            events.push(f);
+        }
+    }
+
+    /// Reads `n` event frames (skipping nothing else but `caught_up`).
+    pub async fn events(&mut self, n: usize) -> Result<Vec<Value>> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let f = self.frame().await?;
+            match f["type"].as_str() {
+                Some("event") => out.push(f),
+                Some("caught_up") => {}
+                _ => bail!("unexpected frame {f}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads frames until the close and returns its code (and the error frame before it, if any).
+    pub async fn closed(&mut self) -> Result<(u16, Option<Value>)> {
+        let mut error = None;
+        loop {
+            match self.next().await? {
+                Next::Frame(f) if f["type"] == "error" => error = Some(f),
+                Next::Frame(_) => {}
+                Next::Closed(code, _) => return Ok((code, error)),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, value: Value) -> Result<()> {
+        self.ws
+            .send(Message::Text(value.to_string().into()))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Polls `f` until it returns `Some`, failing after [`DEADLINE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,3 @@
+//! The one integration test binary: the real server, real clients.
+
+mod smoke;
