@@ -128,7 +128,7 @@ fn a_repeated_event_id_returns_the_original_and_appends_nothing() {
         ..Submission::new(event(&run, AgentEventKind::Thinking))
     };
     let first = g
-        .when(&agent(), &[sub.clone()], now())
+        .when(&agent(), std::slice::from_ref(&sub), now())
         .unwrap()
         .remove(0)
         .unwrap();
