@@ -102,3 +102,32 @@ impl<S: Send + Sync> FromRequestParts<S> for IfMatch {
             })
     }
 }
+
+/// A path parameter; one that is not valid UTF-8 after percent-decoding is
+/// `400 invalid_id` in the app's JSON format (axum's own rejection is plain text).
+#[derive(Debug)]
+pub struct PathArg<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for PathArg<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned + Send,
+{
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
+        use axum::extract::path::ErrorKind;
+        use axum::extract::rejection::PathRejection;
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(p) => Ok(PathArg(p.0)),
+            Err(PathRejection::FailedToDeserializePathParams(e))
+                if matches!(e.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Err(AppError::InvalidId(
+                    "an id in the path is not valid UTF-8".into(),
+                ))
+            }
+            Err(e) => Err(AppError::InvalidRequest(e.body_text())),
+        }
+    }
+}

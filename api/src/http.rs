@@ -1,7 +1,7 @@
 //! The HTTP routes: each handler extracts, calls one [`AppState`] function and
 //! maps the result.
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -12,7 +12,7 @@ use threadline_storage::EventLog;
 
 use crate::app::{AppState, AuditQuery, MAX_LIMIT};
 use crate::error::AppError;
-use crate::extract::{Auth, IfMatch, JsonBody, QueryArgs};
+use crate::extract::{Auth, IfMatch, JsonBody, PathArg, QueryArgs};
 use crate::wire;
 
 /// Largest request body accepted.
@@ -64,7 +64,7 @@ async fn list_threads(
 async fn get_thread(
     State(app): State<AppState>,
     Auth(p): Auth,
-    Path(thread_id): Path<String>,
+    PathArg(thread_id): PathArg<String>,
 ) -> Result<Json<wire::ThreadDetail>, AppError> {
     Ok(Json(app.get_thread(&p, &thread_id)?))
 }
@@ -72,7 +72,7 @@ async fn get_thread(
 async fn register_run(
     State(app): State<AppState>,
     Auth(p): Auth,
-    Path(thread_id): Path<String>,
+    PathArg(thread_id): PathArg<String>,
     IfMatch(if_match): IfMatch,
     JsonBody(req): JsonBody<wire::RegisterRun>,
 ) -> Result<(StatusCode, Json<wire::RunRegistered>), AppError> {
@@ -83,7 +83,7 @@ async fn register_run(
 async fn append_event(
     State(app): State<AppState>,
     Auth(p): Auth,
-    Path(run_id): Path<String>,
+    PathArg(run_id): PathArg<String>,
     IfMatch(if_match): IfMatch,
     JsonBody(req): JsonBody<wire::AgentEvent>,
 ) -> Result<Response, AppError> {
@@ -114,7 +114,7 @@ struct VersionQuery {
 async fn thread_events(
     State(app): State<AppState>,
     Auth(p): Auth,
-    Path(thread_id): Path<String>,
+    PathArg(thread_id): PathArg<String>,
     QueryArgs(q): QueryArgs<VersionQuery>,
 ) -> Result<Json<wire::Frames>, AppError> {
     let limit = check_limit(q.limit)?;

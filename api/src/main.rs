@@ -60,10 +60,12 @@ struct ServeArgs {
     max_connections_per_user: usize,
 }
 
-fn init_tracing() {
+/// Logs go to stderr; by default `serve` logs at info and the tools only warnings, so a
+/// tool's stderr holds its progress and, on failure, one error line.
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter =
-        EnvFilter::try_from_env("THREADLINE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        EnvFilter::try_from_env("THREADLINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -72,7 +74,10 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(match cli.command {
+        Cmd::Serve(_) => "info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Cmd::Serve(a) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

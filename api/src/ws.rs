@@ -138,6 +138,14 @@ struct Session {
 /// Why a session ended, when the server ends it.
 struct Close(u16, &'static str, String);
 
+fn shutting_down() -> Close {
+    Close(
+        close::SHUTDOWN,
+        "shutting_down",
+        "server shutting down".into(),
+    )
+}
+
 impl Session {
     async fn start(
         app: AppState,
@@ -158,7 +166,9 @@ impl Session {
 
     async fn close(&mut self, code: u16, error: &str, message: &str) {
         tracing::debug!(code, error, message, "closing socket");
-        if code != close::SHUTDOWN || !error.is_empty() {
+        // Every close the peer can still read is preceded by an error frame
+        // (the contract); an empty code means the peer is already gone.
+        if !error.is_empty() {
             let frame = json!({"type": "error", "code": error, "message": message});
             let _ = self
                 .socket
@@ -218,7 +228,7 @@ impl Session {
         let mut caught_up = false;
         loop {
             if *shutdown.borrow() {
-                return Err(Close(close::SHUTDOWN, "", "server shutting down".into()));
+                return Err(shutting_down());
             }
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
@@ -229,7 +239,7 @@ impl Session {
                 tokio::select! {
                     sent = send => sent?,
                     _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
-                    _ = shutdown.changed() => return Err(Close(close::SHUTDOWN, "", "server shutting down".into())),
+                    _ = shutdown.changed() => return Err(shutting_down()),
                 }
                 next = last;
                 continue;
@@ -242,14 +252,14 @@ impl Session {
                 .await?;
             }
             tokio::select! {
-                changed = projected.changed() => if changed.is_err() { return Err(Close(close::SHUTDOWN, "", "server shutting down".into())) },
+                changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
                 incoming = self.socket.recv() => match incoming {
                     Some(Ok(Message::Text(text))) => self.on_message(&principal, &params.client, text.as_str(), next, &mut acked).await?,
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
                     Some(Ok(_)) => {}
                 },
                 _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
-                _ = shutdown.changed() => return Err(Close(close::SHUTDOWN, "", "server shutting down".into())),
+                _ = shutdown.changed() => return Err(shutting_down()),
             }
         }
     }

@@ -196,6 +196,17 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                     continue;
                 }
                 let thread = thread_of(&scratch, &s.command);
+                let decided = decide(&scratch, actor, s.command.clone(), now_ms, limits);
+                // A caller who may not act (403) or see the thread (404) must learn that,
+                // not the thread's version: a conflict would leak that the thread exists.
+                if let Err(
+                    error @ (DomainError::Forbidden(_)
+                    | DomainError::ThreadNotFound(_)
+                    | DomainError::RunNotFound(_)),
+                ) = decided
+                {
+                    return Err(SubmitError::Domain { index, error });
+                }
                 if let (Some(expected), Some(t)) = (s.expected_thread_version, &thread) {
                     let current = scratch.thread(t).map_or(0, |t| t.version);
                     if expected != current {
@@ -206,8 +217,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                         });
                     }
                 }
-                let events = decide(&scratch, actor, s.command.clone(), now_ms, limits)
-                    .map_err(|error| SubmitError::Domain { index, error })?;
+                let events = decided.map_err(|error| SubmitError::Domain { index, error })?;
                 for (k, event) in events.into_iter().enumerate() {
                     let stream = event.stream();
                     let expected_version = match event.thread_id() {

@@ -174,6 +174,33 @@ fn if_match_conflicts_name_the_current_version() {
 }
 
 #[test]
+fn if_match_on_a_hidden_thread_is_not_found_not_a_conflict() {
+    let g = given();
+    let thread = g.thread("alice");
+    let register = |version| Submission {
+        expected_thread_version: Some(version),
+        ..Submission::new(Command::RegisterRun {
+            thread_id: thread.clone(),
+            run_id: RunId::generate(),
+            agent_name: "a".into(),
+        })
+    };
+    // Bob must not learn that Alice's thread exists, let alone its version.
+    assert_eq!(
+        g.when(&user("bob"), &[register(7)], now()).unwrap_err(),
+        SubmitError::Domain {
+            index: 0,
+            error: DomainError::ThreadNotFound(thread.clone())
+        }
+    );
+    // Alice herself gets the conflict.
+    assert!(matches!(
+        g.when(&user("alice"), &[register(7)], now()).unwrap_err(),
+        SubmitError::VersionConflict { current: 1, .. }
+    ));
+}
+
+#[test]
 fn a_batch_is_appended_all_or_none_and_names_the_failing_index() {
     let g = given();
     let run = g.started_run(&g.thread("alice"));

@@ -180,15 +180,21 @@ impl Drop for SledLog {
     }
 }
 
+/// sled reports a held database as `Error::Io` of kind `Other` with the text
+/// `could not acquire lock on "<dir>/db": Os { code: 11, kind: WouldBlock, .. }`;
+/// only that is `Locked` (matching "lock" anywhere would also catch a path like `/srv/blocks`).
 fn open_error(dir: &Path, e: sled::Error) -> StorageError {
-    let text = e.to_string();
-    if text.contains("lock")
-        || text.contains("WouldBlock")
-        || text.contains("temporarily unavailable")
-    {
+    let held = match &e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock
+                || io.to_string().starts_with("could not acquire lock on ")
+        }
+        _ => false,
+    };
+    if held {
         StorageError::Locked(dir.display().to_string())
     } else {
-        StorageError::Io(format!("opening {}: {text}", dir.display()))
+        StorageError::Io(format!("opening {}: {e}", dir.display()))
     }
 }
 
@@ -472,5 +478,31 @@ impl Checkpoints for SledLog {
         self.shared.checkpoints.insert(name, bytes)?;
         self.shared.db.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_open_of_a_held_log_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = SledLog::open(dir.path(), SledOptions::default()).unwrap();
+        let second = SledLog::open(dir.path(), SledOptions::default()).unwrap_err();
+        assert_eq!(
+            second,
+            StorageError::Locked(dir.path().display().to_string())
+        );
+    }
+
+    #[test]
+    fn other_open_failures_are_io_even_when_the_path_says_lock() {
+        let dir = Path::new("/srv/blocklock");
+        let denied = sled::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "Permission denied",
+        ));
+        assert!(matches!(open_error(dir, denied), StorageError::Io(_)));
     }
 }

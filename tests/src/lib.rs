@@ -449,3 +449,170 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Has the agent behind `agent` create a thread for `user`, register a run on
+/// it and start the run; returns `(thread_id, run_id)`. Three events of `user`.
+pub async fn started_run(agent: &Api, user: &str) -> (String, String) {
+    let thread = agent.create_thread(json!({"user_id": user})).await;
+    let run = agent.register_run(&thread).await;
+    let r = agent.event(&run, "agent_started", json!({})).await;
+    assert_eq!(r.status, 201, "agent_started: {:?}", r.body);
+    (thread, run)
+}
+
+/// Appends `n` (1..=1000) `agent_thinking` events to a started run in one
+/// `POST /v1/events`, each `data` = `{"i": first + k, "pad": <pad bytes>}`;
+/// panics unless 201. Returns the results (`user_seq`, `thread_version`, …).
+pub async fn append_thinking(
+    agent: &Api,
+    run: &str,
+    first: u64,
+    n: usize,
+    pad: usize,
+) -> Vec<Value> {
+    let filler = "x".repeat(pad);
+    let events: Vec<Value> = (0..n as u64)
+        .map(|k| json!({"run_id": run, "type": "agent_thinking", "data": {"i": first + k, "pad": filler}}))
+        .collect();
+    let r = agent.post("/v1/events", &json!({ "events": events })).await;
+    assert_eq!(r.status, 201, "batch append: {:?}", r.body);
+    let results = r.body["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), n, "batch results");
+    results
+}
+
+/// The `user_seq` of a frame (panics when it has none).
+pub fn seq(frame: &Value) -> u64 {
+    frame["user_seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("frame without user_seq: {frame}"))
+}
+
+impl Socket {
+    /// Opens `url` offering `protocols` (comma-joined in `Sec-WebSocket-Protocol`)
+    /// and sending `headers`; no token is added.
+    pub async fn open(url: &str, protocols: &[&str], headers: &[(&str, &str)]) -> Result<Socket> {
+        let mut req = url.into_client_request()?;
+        if !protocols.is_empty() {
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocols.join(", ").parse()?);
+        }
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes())?,
+                v.parse()?,
+            );
+        }
+        Socket::connect(req).await
+    }
+
+    /// Reads the `welcome` frame (failing on anything else); returns it.
+    pub async fn welcome(&mut self) -> Result<Value> {
+        let f = self.frame().await?;
+        if f["type"] != "welcome" {
+            bail!("expected welcome, got {f}");
+        }
+        Ok(f)
+    }
+}
+
+impl Reply {
+    /// Asserts this is the contract's error `{"error":{"code","message"}}` with `status` and `code`.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(
+            (self.status, self.code()),
+            (status, code),
+            "expected {status} {code}, got {} {}",
+            self.status,
+            self.body
+        );
+        assert!(
+            self.body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "error without a message: {}",
+            self.body
+        );
+        let json = self
+            .headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        assert!(json, "error is not served as JSON: {:?}", self.headers);
+    }
+}
+
+impl Api {
+    /// A request carrying this client's token, for calls the helpers do not cover.
+    pub fn builder(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.req(method, path)
+    }
+
+    /// Sends a hand-built request; panics when the server cannot be reached.
+    pub async fn send_built(r: reqwest::RequestBuilder) -> Reply {
+        Self::send(r).await
+    }
+
+    /// Like [`Api::post`], but `None` when the request got no HTTP answer
+    /// (e.g. the server is shutting down).
+    pub async fn try_post(&self, path: &str, body: &Value) -> Option<Reply> {
+        let resp = self
+            .req(reqwest::Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let bytes = resp.bytes().await.ok()?;
+        Some(Reply {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            headers,
+        })
+    }
+
+    /// Every event frame of a thread, following `next_after_version`; panics unless 200.
+    pub async fn thread_events(&self, thread_id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let r = self
+                .get(&format!(
+                    "/v1/threads/{thread_id}/events?after_version={after}&limit=1000"
+                ))
+                .await;
+            assert_eq!(r.status, 200, "thread events: {}", r.body);
+            let page = r.body["events"].as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                return out;
+            }
+            after = r.body["next_after_version"]
+                .as_u64()
+                .expect("next_after_version");
+            out.extend(page);
+        }
+    }
+
+    /// Every auditor envelope, following `next_after`; panics unless 200.
+    pub async fn audit_events(&self, query: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let r = self
+                .get(&format!(
+                    "/v1/audit/events?after={after}&limit=1000&{query}"
+                ))
+                .await;
+            assert_eq!(r.status, 200, "audit events: {}", r.body);
+            let page = r.body["events"].as_array().cloned().unwrap_or_default();
+            let next = r.body["next_after"].as_u64().expect("next_after");
+            out.extend(page);
+            if next == after {
+                return out;
+            }
+            after = next;
+        }
+    }
+}

@@ -1,11 +1,358 @@
-//! `threadline audit` (being written).
+//! `threadline audit`: filter and print the event history as a table or as
+//! JSON lines (the auditor envelopes of `GET /v1/audit/events`), read offline
+//! from the data dir or through a running server, optionally following it.
 
-#[derive(Debug, clap::Args)]
-pub struct AuditArgs {
-    #[command(flatten)]
-    pub data: crate::config::DataArgs,
+use std::io::{self, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use indicatif::ProgressBar;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use threadline_engine::{RunId, ThreadId, UserId};
+use threadline_projections::Projector;
+
+use crate::app::{audit_page, AuditQuery};
+use crate::config::DataArgs;
+use crate::wire;
+
+/// Events asked for per page (the audit endpoint's largest page).
+const PAGE: u64 = 1000;
+/// How often `--follow` looks for new events.
+const POLL: Duration = Duration::from_millis(200);
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One aligned row per event: position, time, user, thread, run, event, actor.
+    Table,
+    /// One auditor envelope per line, exactly the objects of `GET /v1/audit/events`.
+    Jsonl,
 }
 
-pub fn run(_args: AuditArgs) -> anyhow::Result<std::process::ExitCode> {
-    anyhow::bail!("not implemented yet")
+/// Prints the history, filtered. Offline it reads the data dir, which a running
+/// server holds locked: then use --url and --token to read through that server.
+#[derive(Debug, clap::Args)]
+#[command(mut_arg("data", |a| a.help(
+    "Directory holding the event log, read when --url is not given (never created by this command)"
+)))]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Print only events after this log position (0 = from the first event).
+    #[arg(long, default_value_t = 0, value_name = "POSITION")]
+    pub after: u64,
+    /// Stop after printing N events (default: all of them; there is no upper cap).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    /// Only events of threads owned by this user id.
+    #[arg(long, value_name = "USER", value_parser = parse_user)]
+    pub user: Option<UserId>,
+    /// Only events of this thread id.
+    #[arg(long, value_name = "THREAD", value_parser = parse_thread)]
+    pub thread: Option<ThreadId>,
+    /// Only events of this run id.
+    #[arg(long, value_name = "RUN", value_parser = parse_run)]
+    pub run: Option<RunId>,
+    /// Only events of this type: thread_created, run_registered, run_expired, agent_started,
+    /// agent_thinking, tool_executing, tool_completed, agent_completed or agent_error.
+    #[arg(long = "type", value_name = "TYPE")]
+    pub event_type: Option<String>,
+    /// Only events recorded at or after this RFC 3339 time, e.g. 2026-01-31T09:00:00Z.
+    #[arg(long, value_name = "TIME", value_parser = wire::parse_timestamp)]
+    pub since: Option<u64>,
+    /// Only events recorded at or before this RFC 3339 time.
+    #[arg(long, value_name = "TIME", value_parser = wire::parse_timestamp)]
+    pub until: Option<u64>,
+    /// Output: a readable table, or JSON lines for export.
+    #[arg(long, value_enum, default_value = "table", value_name = "FORMAT")]
+    pub format: Format,
+    /// After the history, keep printing new events as they are appended, until ctrl-c.
+    /// Offline no server can append while audit holds the data dir, so follow a live
+    /// server with --url.
+    #[arg(long)]
+    pub follow: bool,
+    /// Read through a running server's `/v1/audit/events` at this base URL, e.g.
+    /// http://127.0.0.1:7070 (plain HTTP), instead of the data dir.
+    #[arg(long, env = "THREADLINE_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// An auditor JWT for --url; mint one with `threadline token --sub NAME --role auditor`.
+    #[arg(
+        long,
+        env = "THREADLINE_TOKEN",
+        hide_env_values = true,
+        value_name = "JWT"
+    )]
+    pub token: Option<String>,
+    /// Do not draw progress (it is also hidden when stderr is not a terminal).
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_user(s: &str) -> Result<UserId, String> {
+    UserId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_thread(s: &str) -> Result<ThreadId, String> {
+    ThreadId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_run(s: &str) -> Result<RunId, String> {
+    RunId::parse(s).map_err(|e| e.to_string())
+}
+
+pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut printer = Printer::new(args.format);
+    let result = rt.block_on(async {
+        let work = async {
+            match &args.url {
+                Some(url) => remote(&args, url, &mut printer).await,
+                None => offline(&args, &mut printer).await,
+            }
+        };
+        if args.follow {
+            tokio::select! {
+                r = work => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        } else {
+            work.await
+        }
+    });
+    let result = result.and_then(|()| printer.flush(&ProgressBar::hidden()));
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`| head`): that is the end of the output, not a failure.
+        Err(e)
+            if e.downcast_ref::<io::Error>()
+                .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe) =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How many more events may be printed in the next page (None when the limit is reached).
+fn room(limit: Option<u64>, printed: u64) -> Option<u64> {
+    match limit {
+        None => Some(PAGE),
+        Some(l) if printed >= l => None,
+        Some(l) => Some((l - printed).min(PAGE)),
+    }
+}
+
+async fn offline(args: &AuditArgs, printer: &mut Printer) -> anyhow::Result<()> {
+    let data = &args.data.data;
+    let log = super::open_log(
+        data,
+        "; read through it instead: threadline audit --url http://<its address> --token <auditor JWT>",
+    )?;
+    let spinner = super::spinner(args.quiet, "loading the projections");
+    let projector = Projector::open(Arc::new(log)).with_context(|| {
+        format!(
+            "loading the projections of {} (`threadline rebuild` repairs them)",
+            data.display()
+        )
+    })?;
+    spinner.finish_and_clear();
+    if args.follow {
+        eprintln!(
+            "threadline: following {} offline: no server can append while audit holds it; \
+             use --url to follow a running server",
+            data.display()
+        );
+    }
+    let bar = if args.follow {
+        ProgressBar::hidden()
+    } else {
+        let bar = super::position_bar(projector.position().0, args.quiet, "scanning");
+        bar.set_position(args.after.min(projector.position().0));
+        bar
+    };
+    let mut q = AuditQuery {
+        after: args.after,
+        limit: 0,
+        user_id: args.user.clone(),
+        thread_id: args.thread.clone(),
+        run_id: args.run.clone(),
+        event_type: args.event_type.clone(),
+        since_ms: args.since,
+        until_ms: args.until,
+    };
+    while let Some(room) = room(args.limit, printer.printed) {
+        q.limit = room as usize;
+        let page = audit_page(&projector, &q).map_err(|e| anyhow!("reading the log: {e}"))?;
+        for envelope in &page.events {
+            printer.event(&serde_json::to_string(envelope)?)?;
+        }
+        printer.flush(&bar)?;
+        let progressed = page.next_after > q.after || !page.events.is_empty();
+        q.after = q.after.max(page.next_after);
+        bar.set_position(q.after);
+        if progressed && q.after < projector.position().0 {
+            continue;
+        }
+        if !args.follow {
+            break;
+        }
+        // Caught up: wait for the head to move.
+        while projector.position().0 <= q.after {
+            tokio::time::sleep(POLL).await;
+            projector.catch_up()?;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// One page of `GET /v1/audit/events`, its envelopes kept as the server wrote them.
+#[derive(Deserialize)]
+struct RemotePage {
+    events: Vec<Box<RawValue>>,
+    next_after: u64,
+}
+
+async fn remote(args: &AuditArgs, url: &str, printer: &mut Printer) -> anyhow::Result<()> {
+    let base = url.trim_end_matches('/');
+    if !base.starts_with("http://") {
+        bail!("--url must be a plain http:// URL such as http://127.0.0.1:7070, not {url:?}");
+    }
+    let Some(token) = &args.token else {
+        bail!(
+            "--url needs --token with an auditor JWT (threadline token --sub NAME --role auditor)"
+        );
+    };
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?;
+    let endpoint = format!("{base}/v1/audit/events");
+    let mut filters: Vec<(&str, String)> = Vec::new();
+    if let Some(u) = &args.user {
+        filters.push(("user_id", u.to_string()));
+    }
+    if let Some(t) = &args.thread {
+        filters.push(("thread_id", t.to_string()));
+    }
+    if let Some(r) = &args.run {
+        filters.push(("run_id", r.to_string()));
+    }
+    if let Some(t) = &args.event_type {
+        filters.push(("type", t.clone()));
+    }
+    if let Some(s) = args.since {
+        filters.push(("since", wire::timestamp(s)));
+    }
+    if let Some(u) = args.until {
+        filters.push(("until", wire::timestamp(u)));
+    }
+    let spinner = if args.follow {
+        ProgressBar::hidden()
+    } else {
+        super::spinner(args.quiet, "reading the audit log")
+    };
+    let mut after = args.after;
+    while let Some(room) = room(args.limit, printer.printed) {
+        let response = client
+            .get(&endpoint)
+            .bearer_auth(token)
+            .query(&[("after", after), ("limit", room)])
+            .query(&filters)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let message = body["error"]["message"].as_str().unwrap_or("no detail");
+            bail!("{endpoint} answered {status}: {message}");
+        }
+        let page: RemotePage = response
+            .json()
+            .await
+            .with_context(|| format!("{endpoint} did not answer an audit page"))?;
+        for envelope in &page.events {
+            printer.event(envelope.get())?;
+        }
+        printer.flush(&spinner)?;
+        let progressed = page.next_after > after || !page.events.is_empty();
+        after = after.max(page.next_after);
+        if progressed {
+            continue;
+        }
+        if !args.follow {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    spinner.finish_and_clear();
+    Ok(())
+}
+
+/// Buffers one page of output and writes it to stdout in one go.
+struct Printer {
+    format: Format,
+    buf: Vec<u8>,
+    printed: u64,
+}
+
+impl Printer {
+    fn new(format: Format) -> Printer {
+        let mut buf = Vec::new();
+        if format == Format::Table {
+            let _ = writeln!(
+                buf,
+                "{:>8}  {:<24}  {:<16}  {:<36}  {:<36}  {:<15}  ACTOR",
+                "POSITION", "TIME", "USER", "THREAD", "RUN", "EVENT"
+            );
+        }
+        Printer {
+            format,
+            buf,
+            printed: 0,
+        }
+    }
+
+    /// Adds one envelope, given as its JSON text.
+    fn event(&mut self, json: &str) -> anyhow::Result<()> {
+        self.printed += 1;
+        if self.format == Format::Jsonl {
+            self.buf.extend_from_slice(json.as_bytes());
+            self.buf.push(b'\n');
+            return Ok(());
+        }
+        let v: Value = serde_json::from_str(json)?;
+        let s = |key: &str| v[key].as_str().unwrap_or("-").to_owned();
+        writeln!(
+            self.buf,
+            "{:>8}  {:<24}  {:<16}  {:<36}  {:<36}  {:<15}  {}:{}",
+            v["position"].as_u64().unwrap_or(0),
+            s("recorded_at"),
+            s("user_id"),
+            s("thread_id"),
+            s("run_id"),
+            s("event"),
+            v["actor"]["role"].as_str().unwrap_or("-"),
+            v["actor"]["sub"].as_str().unwrap_or("-"),
+        )?;
+        Ok(())
+    }
+
+    /// Writes what is buffered, with `bar` out of the way.
+    fn flush(&mut self, bar: &ProgressBar) -> anyhow::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        bar.suspend(|| {
+            let mut out = io::stdout().lock();
+            out.write_all(&self.buf).and_then(|()| out.flush())
+        })?;
+        self.buf.clear();
+        Ok(())
+    }
 }

@@ -1,5 +1,15 @@
 //! The one integration test binary: the real server, real clients.
 
+mod auth;
+mod bad_input;
+mod cli;
+mod handover;
+mod isolation;
+mod lifecycle;
 mod openapi;
+mod replay;
+mod restart;
+mod slow_reader;
 mod smoke;
+mod sockets;
 mod tidy;
