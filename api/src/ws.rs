@@ -9,7 +9,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::Response;
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
 use threadline_engine::{ClientId, Command, Role, ThreadId, UserId};
@@ -242,6 +242,16 @@ impl Session {
                     _ = shutdown.changed() => return Err(shutting_down()),
                 }
                 next = last;
+                // Answer pings and acks that arrived during a long replay, and
+                // notice a peer that left, without waiting for anything.
+                while let Some(incoming) = self.socket.recv().now_or_never() {
+                    if !self
+                        .on_incoming(incoming, &principal, &params.client, next, &mut acked)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                }
                 continue;
             }
             if !caught_up {
@@ -253,14 +263,34 @@ impl Session {
             }
             tokio::select! {
                 changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
-                incoming = self.socket.recv() => match incoming {
-                    Some(Ok(Message::Text(text))) => self.on_message(&principal, &params.client, text.as_str(), next, &mut acked).await?,
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(()),
-                    Some(Ok(_)) => {}
-                },
+                incoming = self.socket.recv() => {
+                    if !self.on_incoming(incoming, &principal, &params.client, next, &mut acked).await? {
+                        return Ok(());
+                    }
+                }
                 _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
                 _ = shutdown.changed() => return Err(shutting_down()),
             }
+        }
+    }
+
+    /// Handles one thing the peer sent; false when the peer has gone.
+    async fn on_incoming(
+        &mut self,
+        incoming: Option<Result<Message, axum::Error>>,
+        principal: &Principal,
+        client: &ClientId,
+        sent: u64,
+        acked: &mut u64,
+    ) -> Result<bool, Close> {
+        match incoming {
+            Some(Ok(Message::Text(text))) => {
+                self.on_message(principal, client, text.as_str(), sent, acked)
+                    .await?;
+                Ok(true)
+            }
+            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Ok(false),
+            Some(Ok(_)) => Ok(true),
         }
     }
 

@@ -123,3 +123,37 @@ async fn acks_survive_a_restart_and_the_reconnect_resumes_after_them() {
     );
     assert_eq!(seq(&caught_up), 10);
 }
+
+/// A long replay still answers the client: a ping sent right after `welcome`
+/// is answered before the replay reaches `caught_up`.
+#[tokio::test]
+async fn a_ping_during_a_long_replay_is_answered_before_caught_up() {
+    let server = TestServer::spawn();
+    let agent = server.api(&token("bot", "agent"));
+    let (_, run) = started_run(&agent, "alice").await;
+    for batch in 0..20 {
+        append_thinking(&agent, &run, batch * 1000, 1000, 200).await;
+    }
+    let mut s = server
+        .socket(&token("alice", "user"), "after=0")
+        .await
+        .unwrap();
+    s.welcome().await.unwrap();
+    s.send(json!({"type": "ping"})).await.unwrap();
+    let mut events = 0u64;
+    loop {
+        let f = s.frame().await.unwrap();
+        match f["type"].as_str() {
+            Some("event") => {
+                events += 1;
+                assert_eq!(seq(&f), events, "replay out of order");
+            }
+            Some("pong") => break,
+            other => panic!("{other:?} before the pong, after {events} events"),
+        }
+    }
+    assert!(events < 20_003, "the pong came only after the whole replay");
+    let (rest, caught_up) = s.until("caught_up").await.unwrap();
+    assert_eq!(events + rest.len() as u64, 20_003);
+    assert_eq!(caught_up["user_seq"], 20_003);
+}
