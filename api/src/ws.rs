@@ -113,7 +113,10 @@ pub async fn upgrade(
         .ok_or(AuthError::Missing)
         .and_then(|t| app.auth.verify(t));
     let params = parse_params(query);
+    // Clients send only small acks and pings: tungstenite's default 128 KiB
+    // read buffer per socket was most of an idle socket's memory (docs/benchmarks.md).
     ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| async move {
             let user = auth
                 .as_ref()

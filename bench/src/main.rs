@@ -1,0 +1,355 @@
+//! `threadline-bench`: end-to-end load figures for Threadline beside Redis
+//! Streams configured for the same durability (AOF, `appendfsync always`),
+//! both started here on loopback and measured in the same run. Prints one
+//! Markdown table with the machine. See docs/benchmarks.md; run it with
+//! `bash bench/run.sh [--quick]`.
+//!
+//! Every loop is bounded by a time limit and a request count, and a watchdog
+//! ends the whole run (and the servers it started) at `--deadline-secs`.
+
+mod procs;
+mod resp;
+mod scenarios;
+mod tl;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use procs::{Redis, Threadline};
+use scenarios as sc;
+
+/// End-to-end load figures: Threadline beside Redis Streams (appendfsync always).
+#[derive(Debug, Parser)]
+#[command(name = "threadline-bench")]
+struct Args {
+    /// Smaller sizes and shorter loops (under two minutes on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    /// The release `threadline` binary.
+    #[arg(long, default_value = "target/release/threadline")]
+    threadline_bin: PathBuf,
+    /// The `redis-server` binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: PathBuf,
+    /// Where data dirs go (a fresh subdir, removed at the end).
+    #[arg(long, default_value_os_t = std::env::temp_dir())]
+    work_dir: PathBuf,
+    /// Scenarios to run, e.g. `1,2,3` (4, 6 and 7 share one fill: any of them runs all three).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
+    only: Vec<u8>,
+    /// Bytes of JSON `data` per event (the same bytes are Redis's field value).
+    #[arg(long, default_value_t = 200)]
+    payload: usize,
+    /// Concurrent agents (HTTP) and Redis clients in scenarios 1 and 2.
+    #[arg(long, default_value_t = 50)]
+    agents: usize,
+    /// Seconds each ingest loop runs [default: 10, quick 4].
+    #[arg(long)]
+    ingest_secs: Option<f64>,
+    /// Events per request in scenario 2 (XADDs per pipeline for Redis).
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Connected users in scenario 3 [default: 1000, quick 100].
+    #[arg(long)]
+    live_users: Option<usize>,
+    /// Target append rate of scenario 3, events/s in total.
+    #[arg(long, default_value_t = 20_000.0)]
+    live_rate: f64,
+    /// Events per append request in scenario 3 (1 = single-event calls).
+    #[arg(long, default_value_t = 16)]
+    live_batch: usize,
+    /// Appending agents in scenario 3.
+    #[arg(long, default_value_t = 50)]
+    live_appenders: usize,
+    /// Seconds of appending in scenario 3 [default: 10, quick 5].
+    #[arg(long)]
+    live_secs: Option<f64>,
+    /// Reconnecting clients in scenario 4 [default: 1000, quick 100].
+    #[arg(long)]
+    storm_clients: Option<usize>,
+    /// Unseen events per reconnecting client [default: 1000, quick 100].
+    #[arg(long)]
+    storm_events: Option<usize>,
+    /// Idle sockets in scenario 5 [default: 10000, quick 1000].
+    #[arg(long)]
+    idle_sockets: Option<usize>,
+    /// Events in the log rebuilt (6) and measured on disk (7) [default: 1000000, quick 100000].
+    #[arg(long)]
+    log_events: Option<usize>,
+    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170].
+    #[arg(long)]
+    deadline_secs: Option<u64>,
+}
+
+/// One line of the table: `ratio` = threadline ÷ redis.
+#[derive(Debug, Clone)]
+struct Row {
+    scenario: String,
+    metric: String,
+    tl: String,
+    redis: String,
+    ratio: String,
+}
+
+static ROWS: Mutex<Vec<Row>> = Mutex::new(Vec::new());
+
+fn row(scenario: &str, metric: &str, tl: Option<f64>, redis: Option<f64>, digits: usize) {
+    let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
+    let ratio = match (tl, redis) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    };
+    let r = Row {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        tl: fmt(tl),
+        redis: fmt(redis),
+        ratio,
+    };
+    eprintln!("  {} | {} | {} | {} | {}", r.scenario, r.metric, r.tl, r.redis, r.ratio);
+    ROWS.lock().unwrap().push(r);
+}
+
+fn machine() -> String {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kb: u64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    let ports = read("/proc/sys/net/ipv4/ip_local_port_range");
+    let nofile = read("/proc/self/limits")
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_owned())
+        .unwrap_or_default();
+    format!(
+        "{cores} cores ({model}), {:.1} GiB memory, Linux {}, ephemeral ports {} (loopback), open-file limit {nofile}",
+        mem_kb as f64 / 1048576.0,
+        kernel.trim(),
+        ports.split_whitespace().collect::<Vec<_>>().join("–"),
+    )
+}
+
+fn print_table(header: &str) {
+    println!("{header}");
+    println!();
+    println!("| scenario | figure | threadline | redis | ratio (threadline ÷ redis) |");
+    println!("|---|---|---:|---:|---:|");
+    for r in ROWS.lock().unwrap().iter() {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.scenario, r.metric, r.tl, r.redis, r.ratio
+        );
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let q = args.quick;
+    let deadline = args.deadline_secs.unwrap_or(if q { 170 } else { 1500 });
+    let header = format!(
+        "threadline-bench{}: {}\nredis-server {} (appendonly yes, appendfsync always, save ''); payload {} B of JSON data per event",
+        if q { " --quick" } else { "" },
+        machine(),
+        Redis::version(&args.redis_server),
+        args.payload
+    );
+    let header_for_watchdog = header.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(deadline));
+        eprintln!("threadline-bench: deadline of {deadline} s reached; stopping the servers");
+        procs::kill_all_children();
+        print_table(&header_for_watchdog);
+        std::process::exit(2);
+    });
+    let work = args
+        .work_dir
+        .join(format!("threadline-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = rt.block_on(run(&args, &work));
+    let _ = std::fs::remove_dir_all(&work);
+    print_table(&header);
+    result
+}
+
+const SECRET: &str = "threadline-bench-secret-0123456789abcdef";
+
+async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
+    let q = a.quick;
+    let pick = |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
+    let ingest_secs = a.ingest_secs.unwrap_or(if q { 4.0 } else { 10.0 });
+    let live_secs = a.live_secs.unwrap_or(if q { 5.0 } else { 10.0 });
+    let live_users = pick(a.live_users, 1000, 100);
+    let storm_clients = pick(a.storm_clients, 1000, 100);
+    let storm_events = pick(a.storm_events, 1000, 100);
+    let idle = pick(a.idle_sockets, 10_000, 1000);
+    let log_events = pick(a.log_events, 1_000_000, 100_000);
+    let has = |n: u8| a.only.contains(&n);
+    let started = Instant::now();
+    let bin = std::fs::canonicalize(&a.threadline_bin)
+        .with_context(|| format!("{} (build it: cargo build --release -p threadline-api --bin threadline)", a.threadline_bin.display()))?;
+    let max_clients = idle + live_users + storm_clients + 1000;
+
+    // Server A: scenarios 1, 2, 3, 5. Redis A likewise.
+    if has(1) || has(2) || has(3) || has(5) {
+        let server = Threadline::start(&bin, &work.join("tl-live"), SECRET)?;
+        let mut redis = Redis::start(&a.redis_server, &work.join("redis-live"), max_clients)?;
+        redis.ready(Duration::from_secs(30)).await?;
+        let http = tl::Http::new(server.base())?;
+
+        if has(1) || has(2) {
+            let users: Vec<String> = (0..a.agents).map(|i| format!("ingest-user-{i}")).collect();
+            let setup_agent = tl::token(SECRET, "ingest-setup", "agent");
+            let runs = http.started_runs(&setup_agent, &users).await?;
+            let agents: Vec<(String, String)> = runs
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (tl::token(SECRET, &format!("agent-{i}"), "agent"), r))
+                .collect();
+            for (n, batch) in [(1u8, 1usize), (2, a.batch)] {
+                if !has(n) {
+                    continue;
+                }
+                let name = if batch == 1 {
+                    format!("1 ingest, single events ({} agents)", a.agents)
+                } else {
+                    format!("2 ingest, batches of {batch} ({} agents)", a.agents)
+                };
+                eprintln!("scenario {name}: threadline…");
+                let t = sc::tl_ingest(&http, &agents, batch, a.payload, ingest_secs).await?;
+                eprintln!("scenario {name}: redis…");
+                let r = sc::redis_ingest(redis.port, a.agents, batch, a.payload, ingest_secs).await?;
+                row(&name, "events/s (acknowledged durable)", Some(t.rate), Some(r.rate), 0);
+                let per = if batch == 1 { "request" } else { "batch" };
+                row(&name, &format!("p50 latency per {per}, ms"), Some(t.lat.p50), Some(r.lat.p50), 2);
+                row(&name, &format!("p99 latency per {per}, ms"), Some(t.lat.p99), Some(r.lat.p99), 2);
+            }
+        }
+
+        if has(3) {
+            let name = format!(
+                "3 append→socket ({live_users} users, batches of {})",
+                a.live_batch
+            );
+            let fa = sc::FanoutArgs {
+                users: live_users,
+                appenders: a.live_appenders,
+                batch: a.live_batch,
+                rate: a.live_rate,
+                secs: live_secs,
+                payload: a.payload,
+            };
+            eprintln!("scenario {name}: threadline…");
+            let t = sc::tl_fanout(&server, &http, SECRET, &fa).await?;
+            eprintln!("scenario {name}: redis (XREAD BLOCK per user)…");
+            let r = sc::redis_fanout(redis.port, &fa).await?;
+            row(&name, &format!("achieved append rate, events/s (target {:.0})", t.target_rate), Some(t.achieved_rate), Some(r.achieved_rate), 0);
+            row(&name, "frames received / appended", Some(t.received as f64 / t.appended.max(1) as f64), Some(r.received as f64 / r.appended.max(1) as f64), 4);
+            row(&name, "p50 append→frame, ms", Some(t.lat.p50), Some(r.lat.p50), 2);
+            row(&name, "p99 append→frame, ms", Some(t.lat.p99), Some(r.lat.p99), 2);
+            row(&name, "max append→frame, ms", Some(t.lat.max), Some(r.lat.max), 2);
+        }
+
+        if has(5) {
+            let name = format!("5 idle sockets ({idle})");
+            eprintln!("scenario {name}: threadline…");
+            let (b, af) = sc::tl_idle(&server, SECRET, idle).await?;
+            eprintln!("scenario {name}: redis (idle connections)…");
+            let (rb, ra) = sc::redis_idle(&redis, idle).await?;
+            let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / idle as f64 / 1024.0;
+            row(&name, "server RSS per socket, KiB", Some(per(b, af)), Some(per(rb, ra)), 1);
+            row(&name, "server RSS with all open, MiB", Some(af as f64 / 1048576.0), Some(ra as f64 / 1048576.0), 1);
+        }
+        drop(server);
+        redis.stop()?;
+    }
+
+    // Server B: one log of `log_events` events holding the storm users' unseen events.
+    if has(4) || has(6) || has(7) {
+        let data = work.join("tl-log");
+        let mut server = Threadline::start(&bin, &data, SECRET)?;
+        let redis_dir = work.join("redis-log");
+        let mut redis = Redis::start(&a.redis_server, &redis_dir, max_clients)?;
+        redis.ready(Duration::from_secs(30)).await?;
+        let http = tl::Http::new(server.base())?;
+        let fa = sc::FillArgs {
+            storm_users: storm_clients,
+            per_user: storm_events,
+            total: log_events,
+            payload: a.payload,
+            chunk: 1000,
+        };
+        eprintln!("filling both logs with {log_events} events (batches of 1000, 8 in flight)…");
+        let (tf, users) = sc::tl_fill(&http, SECRET, &fa).await?;
+        let rf = sc::redis_fill(redis.port, &fa).await?;
+        row("fill (batches of 1000, 8 in flight)", "events/s (acknowledged durable)", Some(tf.rate), Some(rf.rate), 0);
+
+        let name = format!("4 reconnect storm ({storm_clients} × {storm_events} unseen)");
+        eprintln!("scenario {name}: threadline…");
+        let t = sc::tl_storm(&server, SECRET, &users, storm_events).await?;
+        eprintln!("scenario {name}: redis (XRANGE pages of 1000)…");
+        let r = sc::redis_storm(redis.port, storm_clients, storm_events).await?;
+        row(&name, "time until all caught up, s", Some(t.all_caught_up.as_secs_f64()), Some(r.all_caught_up.as_secs_f64()), 2);
+        row(&name, "events delivered/s", Some(t.rate), Some(r.rate), 0);
+        row(&name, "p50 client caught up, s", Some(t.per_client.p50 / 1000.0), Some(r.per_client.p50 / 1000.0), 2);
+        row(&name, "p99 client caught up, s", Some(t.per_client.p99 / 1000.0), Some(r.per_client.p99 / 1000.0), 2);
+
+        server.stop()?;
+        redis.stop()?;
+        let (t_alloc, t_app) = procs::disk_usage(&data);
+        let (r_alloc, r_app) = procs::disk_usage(&redis_dir);
+        let name = format!("7 disk after {} events", tf.events);
+        row(&name, "bytes on disk per logical byte (allocated)", Some(t_alloc as f64 / tf.logical_bytes as f64), Some(r_alloc as f64 / rf.logical_bytes as f64), 2);
+        row(&name, "bytes per logical byte (apparent size)", Some(t_app as f64 / tf.logical_bytes as f64), Some(r_app as f64 / rf.logical_bytes as f64), 2);
+        row(&name, "on disk, MiB (allocated)", Some(t_alloc as f64 / 1048576.0), Some(r_alloc as f64 / 1048576.0), 1);
+
+        let name = format!("6 rebuild of {} events", tf.events);
+        eprintln!("scenario {name}: threadline rebuild…");
+        let (rebuild_secs, out) = timed(Command::new(&bin).arg("rebuild").arg("--data").arg(&data).arg("--quiet"))?;
+        eprintln!("  {}", out.trim());
+        eprintln!("scenario {name}: threadline verify…");
+        let (verify_secs, out) = timed(Command::new(&bin).arg("verify").arg("--data").arg(&data))?;
+        eprintln!("  {}", out.trim().replace('\n', "\n  "));
+        eprintln!("scenario {name}: redis AOF replay on restart…");
+        redis.restart(max_clients)?;
+        let load = redis.ready(Duration::from_secs(600)).await?;
+        redis.stop()?;
+        let ev = tf.events as f64;
+        row(&name, "`threadline rebuild` (whole process) vs redis AOF load, events/s", Some(ev / rebuild_secs), Some(rf.events as f64 / load.as_secs_f64()), 0);
+        row(&name, "seconds", Some(rebuild_secs), Some(load.as_secs_f64()), 2);
+        row(&name, "`threadline verify` (scan+checksums+rebuild+compare), events/s", Some(ev / verify_secs), None, 0);
+    }
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Runs a tool to completion; returns its wall time and stdout. Fails on a non-zero exit.
+fn timed(cmd: &mut Command) -> Result<(f64, String)> {
+    let started = Instant::now();
+    let out = cmd.output()?;
+    let secs = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((secs, String::from_utf8_lossy(&out.stdout).into_owned()))
+}

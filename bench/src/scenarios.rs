@@ -1,0 +1,700 @@
+//! Each scenario twice: Threadline, then Redis Streams doing the same work on
+//! the same machine in the same run. Every loop stops by itself: at its time
+//! limit, at its count bound, or at a hard deadline.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{stream, StreamExt};
+use hdrhistogram::Histogram;
+use tokio::time::timeout;
+
+use crate::resp::{self, Conn};
+use crate::tl::{self, Http, Kind};
+
+/// Most requests one loop may send, whatever its time limit.
+const MAX_REQUESTS_PER_TASK: u64 = 5_000_000;
+
+pub fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("histogram bounds")
+}
+
+fn merge(hists: impl IntoIterator<Item = Histogram<u64>>) -> Histogram<u64> {
+    let mut all = hist();
+    for h in hists {
+        all.add(&h).expect("same bounds");
+    }
+    all
+}
+
+/// Latency figures of a run, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Lat {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl From<&Histogram<u64>> for Lat {
+    fn from(h: &Histogram<u64>) -> Lat {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Lat {
+            p50: ms(h.value_at_quantile(0.50)),
+            p99: ms(h.value_at_quantile(0.99)),
+            max: ms(h.max()),
+        }
+    }
+}
+
+/// Throughput and latency of an ingest loop.
+#[derive(Debug, Clone, Copy)]
+pub struct Ingest {
+    pub rate: f64,
+    pub lat: Lat,
+}
+
+fn ingest(events: u64, elapsed: Duration, h: &Histogram<u64>) -> Ingest {
+    Ingest {
+        rate: events as f64 / elapsed.as_secs_f64(),
+        lat: h.into(),
+    }
+}
+
+// ---------------------------------------------------------------- 1, 2: ingest
+
+/// One task per `(token, run)`, each posting `batch` events per request
+/// (`batch == 1`: `POST /v1/runs/{run}/events`; else `POST /v1/events`) for `secs`.
+pub async fn tl_ingest(
+    http: &Http,
+    agents: &[(String, String)],
+    batch: usize,
+    payload: usize,
+    secs: f64,
+) -> Result<Ingest> {
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let tasks = agents.iter().cloned().map(|(token, run)| {
+        let http = http.clone();
+        tokio::spawn(async move {
+            let mut h = hist();
+            let mut sent = 0u64;
+            while Instant::now() < until && sent < MAX_REQUESTS_PER_TASK {
+                let t = tl::now_us();
+                let (path, body, want) = if batch == 1 {
+                    (
+                        format!("/v1/runs/{run}/events"),
+                        tl::single_body(&tl::payload(payload, t)),
+                        201,
+                    )
+                } else {
+                    let events = (0..batch).map(|_| (run.as_str(), tl::payload(payload, t)));
+                    ("/v1/events".to_owned(), tl::batch_body(events), 201)
+                };
+                let before = Instant::now();
+                http.post(&token, &path, body, want).await?;
+                h.saturating_record(before.elapsed().as_micros() as u64);
+                sent += 1;
+            }
+            anyhow::Ok((sent * batch as u64, h))
+        })
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let elapsed = started.elapsed();
+    let mut events = 0;
+    let mut hists = Vec::new();
+    for r in results {
+        let (n, h) = r??;
+        events += n;
+        hists.push(h);
+    }
+    Ok(ingest(events, elapsed, &merge(hists)))
+}
+
+/// `clients` connections, each `XADD`ing `batch` entries per round trip
+/// (pipelined) to its own stream for `secs`.
+pub async fn redis_ingest(
+    port: u16,
+    clients: usize,
+    batch: usize,
+    payload: usize,
+    secs: f64,
+) -> Result<Ingest> {
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let tasks = (0..clients).map(|i| {
+        tokio::spawn(async move {
+            let mut conn = Conn::connect(port).await?;
+            let key = format!("ingest:{batch}:{i}");
+            let mut h = hist();
+            let mut sent = 0u64;
+            let mut buf = Vec::new();
+            while Instant::now() < until && sent < MAX_REQUESTS_PER_TASK {
+                let t = tl::now_us();
+                buf.clear();
+                for _ in 0..batch {
+                    let data = tl::payload(payload, t);
+                    resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+                }
+                let before = Instant::now();
+                conn.send_raw(&buf).await?;
+                conn.read_ok(batch).await?;
+                h.saturating_record(before.elapsed().as_micros() as u64);
+                sent += 1;
+            }
+            anyhow::Ok((sent * batch as u64, h))
+        })
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let elapsed = started.elapsed();
+    let mut events = 0;
+    let mut hists = Vec::new();
+    for r in results {
+        let (n, h) = r??;
+        events += n;
+        hists.push(h);
+    }
+    Ok(ingest(events, elapsed, &merge(hists)))
+}
+
+// ---------------------------------------------------- 3: append → socket latency
+
+/// Outcome of the append→delivery run.
+#[derive(Debug, Clone, Copy)]
+pub struct Fanout {
+    pub target_rate: f64,
+    pub achieved_rate: f64,
+    pub appended: u64,
+    pub received: u64,
+    pub lat: Lat,
+}
+
+/// Paces `appenders` tasks so that together they send `rate` events/s in
+/// requests of `batch`, for `secs`; each request goes to the next `batch`
+/// users round-robin. `send(first_user, t_us)` performs one request and
+/// returns once it is acknowledged. Returns the acknowledged count per user
+/// and the time spent appending.
+async fn paced<F, Fut>(
+    users: usize,
+    appenders: usize,
+    batch: usize,
+    rate: f64,
+    secs: f64,
+    acked: Arc<Vec<AtomicU64>>,
+    send: F,
+) -> Result<Duration>
+where
+    F: Fn(usize, usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let started = Instant::now();
+    let until = started + Duration::from_secs_f64(secs);
+    let interval = Duration::from_secs_f64(appenders as f64 * batch as f64 / rate);
+    let next_user = Arc::new(AtomicUsize::new(0));
+    let tasks = (0..appenders).map(|k| {
+        let send = send.clone();
+        let acked = acked.clone();
+        let next_user = next_user.clone();
+        tokio::spawn(async move {
+            // Stagger the appenders over one interval.
+            let mut next = started + interval.mul_f64(k as f64 / appenders as f64);
+            let mut sent = 0u64;
+            loop {
+                let now = Instant::now();
+                if now >= until || sent >= MAX_REQUESTS_PER_TASK {
+                    break;
+                }
+                if next > now {
+                    tokio::time::sleep_until(next.into()).await;
+                }
+                // Behind schedule: send at once, but build no backlog to burst through.
+                next = next.max(Instant::now() - interval) + interval;
+                let first = next_user.fetch_add(batch, Ordering::Relaxed);
+                send(k, first, tl::now_us()).await?;
+                for j in 0..batch {
+                    acked[(first + j) % users].fetch_add(1, Ordering::Relaxed);
+                }
+                sent += 1;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for r in futures_util::future::join_all(tasks).await {
+        r??;
+    }
+    Ok(started.elapsed())
+}
+
+/// Whether reader `i` may stop: appending is over and it got all that was
+/// acknowledged for it, or the hard deadline passed.
+fn reader_done(i: usize, got: u64, acked: &[AtomicU64], done: &AtomicBool, hard: Instant) -> bool {
+    (done.load(Ordering::Acquire) && got >= acked[i].load(Ordering::Relaxed)) || Instant::now() > hard
+}
+
+fn record(h: &mut Histogram<u64>, got: &mut u64, sent_at: Option<u64>) {
+    if let Some(t) = sent_at {
+        h.saturating_record(tl::now_us().saturating_sub(t));
+        *got += 1;
+    }
+}
+
+pub struct FanoutArgs {
+    pub users: usize,
+    pub appenders: usize,
+    pub batch: usize,
+    pub rate: f64,
+    pub secs: f64,
+    pub payload: usize,
+}
+
+pub async fn tl_fanout(
+    server: &crate::procs::Threadline,
+    http: &Http,
+    secret: &str,
+    a: &FanoutArgs,
+) -> Result<Fanout> {
+    let agent = tl::token(secret, "live-agent", "agent");
+    let users: Vec<String> = (0..a.users).map(|i| format!("live-user-{i}")).collect();
+    let runs = Arc::new(http.started_runs(&agent, &users).await?);
+    let addr = server.addr;
+    let sockets = stream::iter(users.iter().cloned())
+        .map(|u| async move {
+            let mut ws = tl::connect(addr, &tl::token(secret, &u, "user"), "after=latest").await?;
+            wait_caught_up(&mut ws).await?;
+            anyhow::Ok(ws)
+        })
+        .buffered(100)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..a.users).map(|_| AtomicU64::new(0)).collect());
+    let done = Arc::new(AtomicBool::new(false));
+    let hard = Instant::now() + Duration::from_secs_f64(a.secs + 60.0);
+    let readers: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            let (acked, done) = (acked.clone(), done.clone());
+            tokio::spawn(async move {
+                let (mut h, mut got) = (hist(), 0u64);
+                while !reader_done(i, got, &acked, &done, hard) {
+                    match timeout(Duration::from_millis(200), ws.next()).await {
+                        Err(_) => {}
+                        Ok(Some(Ok(m))) if m.is_text() => {
+                            let text = m.to_text()?;
+                            if tl::kind(text) == Kind::Event {
+                                record(&mut h, &mut got, tl::embedded_t(text));
+                            }
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        Ok(other) => bail!("socket ended: {other:?}"),
+                    }
+                }
+                anyhow::Ok((got, h))
+            })
+        })
+        .collect();
+    let agents: Arc<Vec<String>> = Arc::new(
+        (0..a.appenders)
+            .map(|k| tl::token(secret, &format!("live-agent-{k}"), "agent"))
+            .collect(),
+    );
+    let (http2, n, batch, payload) = (http.clone(), a.users, a.batch, a.payload);
+    let send = move |k: usize, first: usize, t: u64| {
+        let (http, runs, agents) = (http2.clone(), runs.clone(), agents.clone());
+        async move {
+            if batch == 1 {
+                let run = &runs[first % n];
+                let body = tl::single_body(&tl::payload(payload, t));
+                http.post(&agents[k], &format!("/v1/runs/{run}/events"), body, 201)
+                    .await?;
+            } else {
+                let events =
+                    (0..batch).map(|j| (runs[(first + j) % n].as_str(), tl::payload(payload, t)));
+                http.post(&agents[k], "/v1/events", tl::batch_body(events), 201)
+                    .await?;
+            }
+            Ok(())
+        }
+    };
+    let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
+    done.store(true, Ordering::Release);
+    fanout_result(a, spent, &acked, readers).await
+}
+
+async fn fanout_result(
+    a: &FanoutArgs,
+    spent: Duration,
+    acked: &[AtomicU64],
+    readers: Vec<tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>>,
+) -> Result<Fanout> {
+    let appended: u64 = acked.iter().map(|x| x.load(Ordering::Relaxed)).sum();
+    let mut received = 0;
+    let mut hists = Vec::new();
+    for r in futures_util::future::join_all(readers).await {
+        let (n, h) = r??;
+        received += n;
+        hists.push(h);
+    }
+    Ok(Fanout {
+        target_rate: a.rate,
+        achieved_rate: appended as f64 / spent.as_secs_f64(),
+        appended,
+        received,
+        lat: (&merge(hists)).into(),
+    })
+}
+
+async fn wait_caught_up(ws: &mut tl::Ws) -> Result<u64> {
+    let mut events = 0;
+    loop {
+        match timeout(Duration::from_secs(300), ws.next()).await {
+            Err(_) => bail!("no caught_up within 300 s"),
+            Ok(Some(Ok(m))) if m.is_text() => match tl::kind(m.to_text()?) {
+                Kind::Event => events += 1,
+                Kind::CaughtUp => return Ok(events),
+                _ => {}
+            },
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => bail!("socket ended before caught_up: {other:?}"),
+        }
+    }
+}
+
+pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
+    let acked: Arc<Vec<AtomicU64>> = Arc::new((0..a.users).map(|_| AtomicU64::new(0)).collect());
+    let done = Arc::new(AtomicBool::new(false));
+    let hard = Instant::now() + Duration::from_secs_f64(a.secs + 60.0);
+    let mut readers = Vec::new();
+    for i in 0..a.users {
+        let mut conn = Conn::connect(port).await?;
+        let (acked, done) = (acked.clone(), done.clone());
+        readers.push(tokio::spawn(async move {
+            let key = format!("live:{i}");
+            let mut last = b"0-0".to_vec();
+            let (mut h, mut got) = (hist(), 0u64);
+            while !reader_done(i, got, &acked, &done, hard) {
+                let reply = conn
+                    .call(&[b"XREAD", b"COUNT", b"1000", b"BLOCK", b"200", b"STREAMS", key.as_bytes(), &last])
+                    .await?;
+                let entries = resp::entries(&reply, true);
+                for (_, v) in &entries {
+                    record(&mut h, &mut got, std::str::from_utf8(v).ok().and_then(tl::embedded_t));
+                }
+                if let Some((id, _)) = entries.last() {
+                    last = id.clone();
+                }
+            }
+            anyhow::Ok((got, h))
+        }));
+    }
+    let mut conns = Vec::new();
+    for _ in 0..a.appenders {
+        conns.push(Arc::new(tokio::sync::Mutex::new(Conn::connect(port).await?)));
+    }
+    let conns = Arc::new(conns);
+    let (n, batch, payload) = (a.users, a.batch, a.payload);
+    let send = move |k: usize, first: usize, t: u64| {
+        let conns = conns.clone();
+        async move {
+            let mut conn = conns[k].lock().await;
+            let mut buf = Vec::new();
+            for j in 0..batch {
+                let key = format!("live:{}", (first + j) % n);
+                let data = tl::payload(payload, t);
+                resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+            }
+            conn.send_raw(&buf).await?;
+            conn.read_ok(batch).await
+        }
+    };
+    let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
+    done.store(true, Ordering::Release);
+    fanout_result(a, spent, &acked, readers).await
+}
+
+// ------------------------------------------------------- 4: fill and storm
+
+/// A bulk fill: how many events and how fast.
+#[derive(Debug, Clone, Copy)]
+pub struct Fill {
+    pub events: u64,
+    pub logical_bytes: u64,
+    pub rate: f64,
+}
+
+pub struct FillArgs {
+    pub storm_users: usize,
+    pub per_user: usize,
+    pub total: usize,
+    pub payload: usize,
+    pub chunk: usize,
+}
+
+/// Gives each storm user a started run with `per_user` events, then fills the
+/// log up to `total` events with a filler user; batches of `chunk`, 8 in flight.
+pub async fn tl_fill(http: &Http, secret: &str, a: &FillArgs) -> Result<(Fill, Vec<String>)> {
+    let agent = tl::token(secret, "fill-agent", "agent");
+    let started = Instant::now();
+    let users: Vec<String> = (0..a.storm_users).map(|i| format!("storm-user-{i}")).collect();
+    let runs = http.started_runs(&agent, &users).await?;
+    let fillers: Vec<String> = (0..8).map(|i| format!("filler-user-{i}")).collect();
+    let filler_runs = http.started_runs(&agent, &fillers).await?;
+    let setup = 3 * (users.len() + fillers.len());
+    let storm_events = a.storm_users * a.per_user;
+    let rest = a.total.saturating_sub(setup + storm_events);
+    // (run, count) jobs: storm users first, then the filler runs round-robin.
+    let mut jobs = Vec::new();
+    for run in &runs {
+        let mut left = a.per_user;
+        while left > 0 {
+            let n = left.min(a.chunk);
+            jobs.push((run.clone(), n));
+            left -= n;
+        }
+    }
+    let mut left = rest;
+    let mut k = 0;
+    while left > 0 {
+        let n = left.min(a.chunk);
+        jobs.push((filler_runs[k % filler_runs.len()].clone(), n));
+        left -= n;
+        k += 1;
+    }
+    let payload = a.payload;
+    let results = stream::iter(jobs)
+        .map(|(run, n)| {
+            let agent = agent.clone();
+            async move {
+                let t = tl::now_us();
+                let body = tl::batch_body((0..n).map(|_| (run.as_str(), tl::payload(payload, t))));
+                http.post(&agent, "/v1/events", body, 201).await?;
+                anyhow::Ok(n)
+            }
+        })
+        .buffer_unordered(8)
+        .collect::<Vec<_>>()
+        .await;
+    let mut appended = 0u64;
+    for r in results {
+        appended += r? as u64;
+    }
+    let events = setup as u64 + appended;
+    let logical = appended * a.payload as u64 + (users.len() + fillers.len()) as u64 * tl::SETUP_DATA_BYTES;
+    Ok((
+        Fill {
+            events,
+            logical_bytes: logical,
+            rate: events as f64 / started.elapsed().as_secs_f64(),
+        },
+        users,
+    ))
+}
+
+/// The same entries in Redis: one stream per storm user with `per_user`
+/// entries, a filler stream for the rest; pipelines of `chunk`, 8 connections.
+pub async fn redis_fill(port: u16, a: &FillArgs) -> Result<Fill> {
+    let started = Instant::now();
+    let storm = a.storm_users * a.per_user;
+    let total = storm + a.total.saturating_sub(storm);
+    let jobs: Vec<(String, usize)> = {
+        let mut jobs = Vec::new();
+        for i in 0..a.storm_users {
+            let mut left = a.per_user;
+            while left > 0 {
+                let n = left.min(a.chunk);
+                jobs.push((format!("storm:{i}"), n));
+                left -= n;
+            }
+        }
+        let mut left = total - storm;
+        while left > 0 {
+            let n = left.min(a.chunk);
+            jobs.push(("filler".to_owned(), n));
+            left -= n;
+        }
+        jobs
+    };
+    let jobs = Arc::new(std::sync::Mutex::new(jobs.into_iter()));
+    let payload = a.payload;
+    let tasks = (0..8).map(|_| {
+        let jobs = jobs.clone();
+        tokio::spawn(async move {
+            let mut conn = Conn::connect(port).await?;
+            let mut done = 0u64;
+            loop {
+                let job = jobs.lock().unwrap().next();
+                let Some((key, n)) = job else { break };
+                let t = tl::now_us();
+                let mut buf = Vec::new();
+                for _ in 0..n {
+                    let data = tl::payload(payload, t);
+                    resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+                }
+                conn.send_raw(&buf).await?;
+                conn.read_ok(n).await?;
+                done += n as u64;
+            }
+            anyhow::Ok(done)
+        })
+    });
+    let mut events = 0;
+    for r in futures_util::future::join_all(tasks).await {
+        events += r??;
+    }
+    Ok(Fill {
+        events,
+        logical_bytes: events * a.payload as u64,
+        rate: events as f64 / started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Outcome of a reconnect storm.
+#[derive(Debug, Clone, Copy)]
+pub struct Storm {
+    pub all_caught_up: Duration,
+    pub delivered: u64,
+    pub rate: f64,
+    pub per_client: Lat,
+}
+
+fn storm_result(started: Instant, results: Vec<Result<(u64, Duration)>>) -> Result<Storm> {
+    let elapsed = started.elapsed();
+    let mut h = hist();
+    let mut delivered = 0;
+    for r in results {
+        let (n, d) = r?;
+        delivered += n;
+        h.saturating_record(d.as_micros() as u64);
+    }
+    Ok(Storm {
+        all_caught_up: elapsed,
+        delivered,
+        rate: delivered as f64 / elapsed.as_secs_f64(),
+        per_client: (&h).into(),
+    })
+}
+
+/// Every storm user reconnects at once, resuming after its 3 setup events.
+pub async fn tl_storm(
+    server: &crate::procs::Threadline,
+    secret: &str,
+    users: &[String],
+    per_user: usize,
+) -> Result<Storm> {
+    let addr = server.addr;
+    let tokens: Vec<String> = users.iter().map(|u| tl::token(secret, u, "user")).collect();
+    let started = Instant::now();
+    let tasks: Vec<_> = tokens
+        .into_iter()
+        .map(|t| {
+            tokio::spawn(async move {
+                let mut ws = tl::connect(addr, &t, "after=3").await?;
+                let n = wait_caught_up(&mut ws).await?;
+                let at = started.elapsed();
+                let _ = ws.close(None).await;
+                anyhow::Ok((n, at))
+            })
+        })
+        .collect();
+    let results: Vec<Result<(u64, Duration)>> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.context("storm task").and_then(|r| r))
+        .collect();
+    let storm = storm_result(started, results)?;
+    if storm.delivered != (users.len() * per_user) as u64 {
+        eprintln!(
+            "WARNING: storm delivered {} events, expected {}",
+            storm.delivered,
+            users.len() * per_user
+        );
+    }
+    Ok(storm)
+}
+
+/// Every storm stream is read from the start at once, 1000 entries per `XRANGE`.
+pub async fn redis_storm(port: u16, clients: usize, per_user: usize) -> Result<Storm> {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|i| {
+            tokio::spawn(async move {
+                let mut conn = Conn::connect(port).await?;
+                let key = format!("storm:{i}");
+                let mut from = b"-".to_vec();
+                let mut n = 0u64;
+                for _ in 0..1_000_000 {
+                    let reply = conn
+                        .call(&[b"XRANGE", key.as_bytes(), &from, b"+", b"COUNT", b"1000"])
+                        .await?;
+                    let entries = resp::entries(&reply, false);
+                    let Some((last, _)) = entries.last() else { break };
+                    n += entries.len() as u64;
+                    from = [b"(".as_slice(), last].concat();
+                    if n >= per_user as u64 {
+                        break;
+                    }
+                }
+                anyhow::Ok((n, started.elapsed()))
+            })
+        })
+        .collect();
+    let results: Vec<Result<(u64, Duration)>> = futures_util::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(|r| r.context("storm task").and_then(|r| r))
+        .collect();
+    storm_result(started, results)
+}
+
+// ------------------------------------------------------------ 5: idle sockets
+
+/// Opens `k` idle sockets (distinct users, each past `caught_up`), returns
+/// `(rss before, rss after)` of `pid`, then closes them.
+pub async fn tl_idle(server: &crate::procs::Threadline, secret: &str, k: usize) -> Result<(u64, u64)> {
+    let pid = server.pid();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = crate::procs::rss_bytes(pid);
+    let addr = server.addr;
+    let sockets = stream::iter(0..k)
+        .map(|i| async move {
+            let token = tl::token(secret, &format!("idle-user-{i}"), "user");
+            let mut ws = tl::connect(addr, &token, "after=latest").await?;
+            wait_caught_up(&mut ws).await?;
+            anyhow::Ok(ws)
+        })
+        .buffer_unordered(128)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = crate::procs::rss_bytes(pid);
+    eprintln!("  {} sockets open; closing", sockets.len());
+    drop(sockets);
+    Ok((before, after))
+}
+
+/// Opens `k` idle connections to redis (each answered one PING).
+pub async fn redis_idle(redis: &crate::procs::Redis, k: usize) -> Result<(u64, u64)> {
+    let pid = redis.pid();
+    let before = crate::procs::rss_bytes(pid);
+    let port = redis.port;
+    let conns = stream::iter(0..k)
+        .map(|_| async move {
+            let mut c = Conn::connect(port).await?;
+            c.call(&[b"PING"]).await?;
+            anyhow::Ok(c)
+        })
+        .buffer_unordered(128)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = crate::procs::rss_bytes(pid);
+    drop(conns);
+    Ok((before, after))
+}

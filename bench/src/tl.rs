@@ -1,0 +1,196 @@
+//! Threadline as its clients see it: HS256 JWTs, the HTTP calls an agent makes,
+//! and WebSocket sessions, plus the payload both systems carry.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use futures_util::{stream, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Microseconds since the Unix epoch (16 digits for centuries to come).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn token(secret: &str, sub: &str, role: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 6 * 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": sub, "role": role, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
+}
+
+/// The event `data` both systems carry: `{"t":<send time µs>,"pad":"…"}`,
+/// exactly `size` bytes of JSON (at least 31). The pad is pseudo-random
+/// `[a-z0-9]` so that neither system's disk figure profits from compression.
+pub fn payload(size: usize, t_us: u64) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+    let mut x = t_us ^ SEQ.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    let pad: String = (0..size.saturating_sub(31))
+        .map(|_| {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
+        })
+        .collect();
+    format!("{{\"t\":{t_us:016},\"pad\":\"{pad}\"}}")
+}
+
+/// The send time embedded in a frame or an entry by [`payload`], found without
+/// a full JSON parse (the client shares the machine's two cores with the servers).
+pub fn embedded_t(text: &str) -> Option<u64> {
+    // Map keys may come back sorted (`pad` first), so look for the key anywhere.
+    let at = text.find("\"t\":")? + 4;
+    text.get(at..at + 16)?.parse().ok()
+}
+
+/// An HTTP client for one server; one pool shared by all tasks.
+#[derive(Debug, Clone)]
+pub struct Http {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Http {
+    pub fn new(base: String) -> Result<Http> {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(4096)
+            .build()?;
+        Ok(Http { base, client })
+    }
+
+    /// POSTs a JSON body (already serialized); fails unless the status is `want`.
+    pub async fn post(&self, token: &str, path: &str, body: String, want: u16) -> Result<Value> {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await?;
+        if status != want {
+            bail!(
+                "POST {path}: {status} {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+            );
+        }
+        Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// For each user, has `agent` create a thread, register a run and start it
+    /// (three events of that user); returns the run ids in order.
+    pub async fn started_runs(&self, agent: &str, users: &[String]) -> Result<Vec<String>> {
+        let runs = stream::iter(users.iter().cloned())
+            .map(|user| async move {
+                let t = self
+                    .post(agent, "/v1/threads", json!({"user_id": user}).to_string(), 201)
+                    .await?;
+                let thread = t["thread_id"].as_str().context("thread_id")?.to_owned();
+                let r = self
+                    .post(
+                        agent,
+                        &format!("/v1/threads/{thread}/runs"),
+                        json!({"agent_name": "bench"}).to_string(),
+                        201,
+                    )
+                    .await?;
+                let run = r["run_id"].as_str().context("run_id")?.to_owned();
+                self.post(
+                    agent,
+                    &format!("/v1/runs/{run}/events"),
+                    r#"{"type":"agent_started","data":{}}"#.into(),
+                    201,
+                )
+                .await?;
+                anyhow::Ok(run)
+            })
+            .buffered(32)
+            .collect::<Vec<_>>()
+            .await;
+        runs.into_iter().collect()
+    }
+}
+
+/// Bytes of `data` counted as logical payload for the three setup events of a run.
+pub const SETUP_DATA_BYTES: u64 = 2;
+
+/// One single agent event body.
+pub fn single_body(data: &str) -> String {
+    format!(r#"{{"type":"agent_thinking","data":{data}}}"#)
+}
+
+/// A `POST /v1/events` body: one `agent_thinking` per `(run, data)`.
+pub fn batch_body<'a>(events: impl Iterator<Item = (&'a str, String)>) -> String {
+    let mut body = String::from(r#"{"events":["#);
+    for (i, (run, data)) in events.enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            r#"{{"run_id":"{run}","type":"agent_thinking","data":{data}}}"#
+        ));
+    }
+    body.push_str("]}");
+    body
+}
+
+/// Opens `/v1/ws?<query>` with the token in `Authorization`.
+pub async fn connect(addr: std::net::SocketAddr, token: &str, query: &str) -> Result<Ws> {
+    let mut req = format!("ws://{addr}/v1/ws?{query}").into_client_request()?;
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio_tungstenite::connect_async(req),
+    )
+    .await
+    .context("socket connect timed out")??;
+    Ok(ws)
+}
+
+/// What a frame is, judged by its prefix (frames are serialized `type` first).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Kind {
+    Event,
+    CaughtUp,
+    Welcome,
+    Other,
+}
+
+pub fn kind(text: &str) -> Kind {
+    if text.starts_with(r#"{"type":"event""#) {
+        Kind::Event
+    } else if text.starts_with(r#"{"type":"caught_up""#) {
+        Kind::CaughtUp
+    } else if text.starts_with(r#"{"type":"welcome""#) {
+        Kind::Welcome
+    } else {
+        match serde_json::from_str::<Value>(text).ok().as_ref().and_then(|v| v["type"].as_str()) {
+            Some("event") => Kind::Event,
+            Some("caught_up") => Kind::CaughtUp,
+            Some("welcome") => Kind::Welcome,
+            _ => Kind::Other,
+        }
+    }
+}
