@@ -105,9 +105,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         now_ms: u64,
         limits: &Limits,
     ) -> Result<Vec<Option<Outcome>>, SubmitError> {
-        if self.position() < self.log().head() {
-            self.catch_up()?;
-        }
+        self.settle(self.log().head()).await?;
         for _ in 0..MAX_ATTEMPTS {
             let mut known: Vec<Option<Appended>> = Vec::with_capacity(submissions.len());
             for s in submissions {
@@ -138,14 +136,14 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                     Ok(a) => a,
                     Err(StorageError::Conflict { .. }) => {
                         // Lost a race for the thread's version: re-judge on fresh state.
-                        self.catch_up()?;
+                        self.settle(self.log().head()).await?;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 }
             };
             if let Some(last) = appended.iter().map(|a| a.position).max() {
-                self.settle(last)?;
+                self.settle(last).await?;
             }
             return self.outcomes(submissions, &known, &planned, &appended);
         }

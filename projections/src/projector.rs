@@ -1,11 +1,11 @@
 //! [`Projector`]: the live read model, kept caught up with the log and
 //! checkpointed; plus the offline `rebuild` used by the tools.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use threadline_storage::{Checkpoints, EventLog, Position};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::{ProjectionError, ReadModel, CHECKPOINT_NAME};
 
@@ -20,6 +20,8 @@ pub struct Projector<L> {
     projected: watch::Sender<Position>,
     /// Serialises catch-ups so two callers never fold the same records.
     catching_up: Mutex<()>,
+    /// Signalled whenever a fold releases `catching_up`.
+    released: Notify,
     last_checkpoint: Mutex<(Position, Instant)>,
 }
 
@@ -84,6 +86,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             projected: watch::Sender::new(start),
             model: RwLock::new(model),
             catching_up: Mutex::new(()),
+            released: Notify::new(),
             last_checkpoint: Mutex::new((start, Instant::now())),
         };
         projector.catch_up()?;
@@ -111,9 +114,14 @@ impl<L: EventLog + Checkpoints> Projector<L> {
     }
 
     /// Folds every durable record not yet applied; returns the new position.
+    /// Blocks while another thread is catching up (use [`Projector::settle`] from async code).
     pub fn catch_up(&self) -> Result<Position, ProjectionError> {
-        let _one_at_a_time = self.catching_up.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
+        let guard = self.catching_up.lock().unwrap_or_else(|p| p.into_inner());
+        self.fold_locked(guard)
+    }
+
+    fn fold_locked(&self, guard: MutexGuard<'_, ()>) -> Result<Position, ProjectionError> {
+        let result = (|| loop {
             let from = self.position().next();
             let page = self.log.read_from(from, PAGE)?;
             let Some(last) = page.last().map(|r| r.position) else {
@@ -126,15 +134,42 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                 }
             }
             self.projected.send_replace(last);
+        })();
+        drop(guard);
+        // Whoever waited for the lock re-checks: it may still have to fold
+        // records that became durable after this fold's last read.
+        self.released.notify_waiters();
+        result
+    }
+
+    /// Returns once the model has folded `target`. Never blocks a runtime
+    /// thread on another fold: it folds itself when nobody else is, and
+    /// otherwise waits for the folding thread to finish.
+    pub async fn settle(&self, target: Position) -> Result<(), ProjectionError> {
+        loop {
+            if self.position() >= target {
+                return Ok(());
+            }
+            let released = self.released.notified();
+            tokio::pin!(released);
+            // Registered before trying the lock, so a release in between is not missed.
+            released.as_mut().enable();
+            if !self.try_fold()? {
+                released.await;
+            }
         }
     }
 
-    /// Returns once the model has folded `target` (catching up itself if needed).
-    pub fn settle(&self, target: Position) -> Result<(), ProjectionError> {
-        if self.position() < target {
-            self.catch_up()?;
-        }
-        Ok(())
+    /// Folds unless another thread is folding; false when it was busy. (Sync,
+    /// so no lock guard ever lives across an await.)
+    fn try_fold(&self) -> Result<bool, ProjectionError> {
+        let guard = match self.catching_up.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        self.fold_locked(guard)?;
+        Ok(true)
     }
 
     /// Stores the current model as the checkpoint.
