@@ -30,7 +30,9 @@ where
             .ok_or(AuthError::Missing)?
             .to_str()
             .map_err(|_| AuthError::Malformed)?;
-        let token = bearer_token(value).ok_or(AuthError::Malformed)?;
+        let token = bearer_token(value).ok_or_else(|| {
+            AuthError::Invalid("the Authorization header must be `Bearer <jwt>`".into())
+        })?;
         let principal = auth.verify(token)?;
         tracing::Span::current().record("user_id", principal.actor.user.as_str());
         Ok(Auth(principal))

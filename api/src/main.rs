@@ -67,6 +67,7 @@ fn init_tracing(default: &str) {
     let filter =
         EnvFilter::try_from_env("THREADLINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();

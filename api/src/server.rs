@@ -63,7 +63,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.data.display()
     );
     eprintln!(
-        "mint a token: threadline token --data {} --sub alice",
+        "mint a token: {} token --data {} --sub alice",
+        std::env::args()
+            .next()
+            .unwrap_or_else(|| "threadline".into()),
         config.data.display()
     );
     let limits = Limits {

@@ -301,7 +301,24 @@ impl Writer {
         }
     }
 
+    /// Applies groups as they come and hands them to a flusher thread, so
+    /// applying group N+1 overlaps the fsync of group N. Appenders are answered
+    /// by the flusher, only once a flush that began after their group was
+    /// applied has returned.
     fn run(mut self, rx: mpsc::Receiver<Job>) {
+        let (to_flusher, flusher_rx) = mpsc::channel();
+        let shared = self.shared.clone();
+        let flusher = std::thread::Builder::new()
+            .name("threadline-log-flusher".into())
+            .spawn(move || flush_loop(&shared, flusher_rx));
+        let flusher = match flusher {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the log flusher");
+                self.shared.failed.store(true, Ordering::Release);
+                return;
+            }
+        };
         while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
             while jobs.len() < MAX_GROUP {
@@ -310,16 +327,23 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit(jobs);
+            if let Some(applied) = self.apply(jobs) {
+                // The flusher outlives this loop, so the send only fails if it panicked.
+                let _ = to_flusher.send(applied);
+            }
         }
+        drop(to_flusher);
+        let _ = flusher.join();
     }
 
-    fn commit(&mut self, jobs: Vec<Job>) {
+    /// Plans and applies one group (not yet durable); None when it failed and
+    /// its appenders were already answered.
+    fn apply(&mut self, jobs: Vec<Job>) -> Option<Applied> {
         if self.shared.failed.load(Ordering::Acquire) {
             for job in jobs {
                 let _ = job.reply.send(Err(StorageError::Closed));
             }
-            return;
+            return None;
         }
         let mut planner = Planner::new(self.head, now_ms());
         let mut batch = sled::Batch::default();
@@ -347,26 +371,69 @@ impl Writer {
         let head = planner.head();
         if head > self.head {
             batch.insert(HEAD_KEY, &head.0.to_be_bytes()[..]);
-            let written = self
-                .shared
-                .log
-                .apply_batch(batch)
-                .and_then(|_| self.shared.db.flush().map(|_| ()));
-            if let Err(e) = written {
-                // The group may or may not be on disk: stop accepting writes
-                // rather than risk acknowledging on top of an unknown state.
-                tracing::error!(error = %e, "log commit failed; the log stops accepting appends");
-                self.shared.failed.store(true, Ordering::Release);
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(StorageError::Io(e.to_string())));
-                }
-                return;
+            if let Err(e) = self.shared.log.apply_batch(batch) {
+                fail(&self.shared, &e.to_string(), replies);
+                return None;
             }
             self.versions
                 .extend(planner.versions().iter().map(|(k, v)| (k.clone(), *v)));
             self.head = head;
-            self.shared.durable.store(head.0, Ordering::Release);
-            self.shared.head_tx.send_replace(head);
+        }
+        // Even a group that appended nothing goes through the flusher: its
+        // duplicates may point at events of a group still being flushed.
+        Some(Applied { head, replies })
+    }
+}
+
+type Reply = (
+    oneshot::Sender<Result<Vec<Appended>, StorageError>>,
+    Result<Vec<Appended>, StorageError>,
+);
+
+/// A group applied to sled, waiting for a flush.
+struct Applied {
+    head: Position,
+    replies: Vec<Reply>,
+}
+
+/// Stops the log: after a failed write or flush the state on disk is unknown,
+/// so nothing more is acknowledged on top of it.
+fn fail(shared: &Shared, error: &str, replies: Vec<Reply>) {
+    tracing::error!(error, "log commit failed; the log stops accepting appends");
+    shared.failed.store(true, Ordering::Release);
+    for (reply, _) in replies {
+        let _ = reply.send(Err(StorageError::Io(error.to_owned())));
+    }
+}
+
+/// Flushes whatever groups are waiting with one fsync, then publishes the
+/// new durable head and answers their appenders.
+fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>) {
+    let mut durable = Position(shared.durable.load(Ordering::Acquire));
+    while let Ok(first) = rx.recv() {
+        let mut groups = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            groups.push(more);
+        }
+        let replies = groups
+            .iter_mut()
+            .flat_map(|g| g.replies.drain(..))
+            .collect::<Vec<_>>();
+        // Groups arrive in apply order, so the last one holds the highest head;
+        // every one of them was applied before this flush starts.
+        let head = groups.iter().map(|g| g.head).max().unwrap_or(durable);
+        if shared.failed.load(Ordering::Acquire) {
+            fail(shared, "an earlier commit failed", replies);
+            continue;
+        }
+        if head > durable {
+            if let Err(e) = shared.db.flush() {
+                fail(shared, &e.to_string(), replies);
+                continue;
+            }
+            durable = head;
+            shared.durable.store(head.0, Ordering::Release);
+            shared.head_tx.send_replace(head);
         }
         for (reply, outcome) in replies {
             let _ = reply.send(outcome);
