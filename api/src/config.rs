@@ -18,7 +18,7 @@ pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(60);
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
     /// Directory holding the event log, the projections and the generated `jwt.secret`.
-    /// Created on first use. Only one server may hold it at a time.
+    /// `serve` creates it on first use (the other tools never do). Only one process may hold it at a time.
     #[arg(
         long,
         env = "THREADLINE_DATA",
