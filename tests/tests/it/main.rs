@@ -6,6 +6,7 @@ mod cli;
 mod handover;
 mod isolation;
 mod lifecycle;
+mod observability;
 mod openapi;
 mod replay;
 mod restart;
