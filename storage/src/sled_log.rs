@@ -115,11 +115,7 @@ impl SledLog {
         if !options.create && !dir.join("conf").exists() {
             return Err(StorageError::NotFound(dir.display().to_string()));
         }
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(options.cache_bytes)
-            .open()
-            .map_err(|e| open_error(dir, e))?;
+        let db = open_db(dir, options.cache_bytes)?;
         let log = db.open_tree("log")?;
         let checkpoints = db.open_tree("checkpoints")?;
         let head = recover(&log)?;
@@ -195,6 +191,27 @@ fn open_error(dir: &Path, e: sled::Error) -> StorageError {
         StorageError::Locked(dir.display().to_string())
     } else {
         StorageError::Io(format!("opening {}: {e}", dir.display()))
+    }
+}
+
+/// How long `open` waits for the file lock of a log closed in this process:
+/// sled releases it from a background thread shortly after the last handle drops.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(|e| open_error(dir, e));
+        match opened {
+            Err(StorageError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -46,8 +46,24 @@ fn filled_log(dir: &Path) -> Vec<Record> {
 }
 
 /// Opens the closed log with sled itself and lets `damage` edit the "log" tree.
+/// Opens the closed log's sled db directly, waiting (with a deadline) for the
+/// lock that sled releases from a background thread after a close.
+fn raw_open(dir: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => return db,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => panic!("opening {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn tamper(dir: &Path, damage: impl FnOnce(&sled::Tree)) {
-    let db = sled::Config::new().path(dir).open().unwrap();
+    let db = raw_open(dir);
     let tree = db.open_tree("log").unwrap();
     damage(&tree);
     tree.flush().unwrap();
@@ -112,7 +128,7 @@ fn every_flipped_byte_of_a_stored_record_is_caught() {
     filled_log(dir.path());
     let bad = 3u64;
     let original = {
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = raw_open(dir.path());
         let value = db.open_tree("log").unwrap().get(record_key(bad)).unwrap();
         value.unwrap().to_vec()
     };
