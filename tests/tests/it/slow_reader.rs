@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use threadline_tests::{append_thinking, seq, started_run, token, Api, TestServer};
+use threadline_tests::{append_thinking, rss_of, seq, started_run, token, Api, TestServer};
 
 const TASKS: usize = 4;
 const BATCH: usize = 1000;
@@ -67,15 +67,6 @@ async fn append_sampling(
     done.store(true, Ordering::Relaxed);
     sampler.await.expect("sampler");
     peak.load(Ordering::Relaxed).max(server.rss_bytes())
-}
-
-fn rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 const MIB: u64 = 1 << 20;
