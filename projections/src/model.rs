@@ -85,6 +85,14 @@ impl ReadModel {
                 got: record.position,
             });
         }
+        if record
+            .stream
+            .starts_with(threadline_storage::SYSTEM_STREAM_PREFIX)
+        {
+            // The log's own records (an accepted loss) change no projection.
+            self.position = record.position;
+            return Ok(());
+        }
         let event = decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
             position: record.position,
             reason,

@@ -30,6 +30,61 @@ pub enum StorageError {
     /// The log was closed, or failed earlier and stopped accepting appends.
     #[error("the event log is closed")]
     Closed,
+    /// Acknowledged events are missing: the log refuses to open rather than
+    /// serve a shortened history.
+    #[error("{0}")]
+    Lost(Box<LossReport>),
+    /// The directory holds a log in the format-1 layout of an earlier build.
+    #[error("the event log at {0} is in the format-1 layout of an earlier Threadline and must be migrated")]
+    OldLayout(String),
+}
+
+/// What was lost, as far as the disk can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LossReport {
+    pub dir: String,
+    /// The durable head recorded beside sled (what was acknowledged).
+    pub acknowledged: Position,
+    /// The head sled recovered, when sled was opened.
+    pub recovered: Option<Position>,
+    /// Missing positions, as inclusive ranges.
+    pub missing: Vec<(u64, u64)>,
+    /// Stored copies that failed their checksums.
+    pub damaged_copies: usize,
+    pub reason: String,
+    /// Where a copy of the log was kept before sled's recovery ran on it.
+    pub kept_copy: Option<String>,
+}
+
+impl LossReport {
+    /// The missing positions as `54..=254, 300`.
+    pub fn missing_text(&self) -> String {
+        crate::salvage::format_ranges(&self.missing.iter().map(|&(a, b)| a..=b).collect::<Vec<_>>())
+    }
+}
+
+impl std::fmt::Display for LossReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the event log at {} has lost acknowledged events: {} were acknowledged",
+            self.dir, self.acknowledged
+        )?;
+        if !self.missing.is_empty() {
+            write!(f, ", positions {} are missing", self.missing_text())?;
+        }
+        write!(f, " ({})", self.reason)?;
+        if self.damaged_copies > 0 {
+            write!(f, "; {} damaged stored copies found", self.damaged_copies)?;
+        }
+        if let Some(copy) = &self.kept_copy {
+            write!(
+                f,
+                "; the log as it was before sled's recovery is kept in {copy}"
+            )?;
+        }
+        Ok(())
+    }
 }
 
 impl From<sled::Error> for StorageError {

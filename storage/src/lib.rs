@@ -7,17 +7,30 @@
 //! contract suite (`tests/contract.rs`).
 
 mod error;
+pub mod evidence;
+mod frame;
 mod log;
+pub mod maintenance;
 mod memory;
 mod plan;
 mod record;
+pub mod salvage;
 mod sled_log;
 
-pub use error::StorageError;
+pub use error::{LossReport, StorageError};
+pub use frame::FRAME_FORMAT;
 pub use log::{Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position};
 pub use memory::MemoryLog;
 pub use record::{Record, FORMAT_VERSION};
-pub use sled_log::{SledLog, SledOptions};
+pub use sled_log::{write_log, SledLog, SledOptions};
+
+/// Streams whose name starts with this belong to the log itself (the record
+/// of an accepted loss), not to any projection.
+pub const SYSTEM_STREAM_PREFIX: &str = "$";
+/// The stream of the log's own records.
+pub const LOG_STREAM: &str = "$log";
+/// The event type recorded when an operator accepts a loss.
+pub const LOSS_ACCEPTED: &str = "log_loss_accepted";
 
 /// Milliseconds since the Unix epoch, as stamped on records.
 pub fn now_ms() -> u64 {

@@ -44,11 +44,6 @@ impl Planner {
         Position(self.next.0 - 1)
     }
 
-    /// Stream versions changed by the planned batches.
-    pub(crate) fn versions(&self) -> &HashMap<String, u64> {
-        &self.versions
-    }
-
     /// Plans one batch: all of its new events, or (on error) none of them.
     pub(crate) fn plan(
         &mut self,

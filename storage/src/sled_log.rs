@@ -1,34 +1,52 @@
 //! [`SledLog`]: the event log on sled, with one writer thread that group-commits.
 //!
-//! Layout, all in one sled tree so that a group commit is one atomic
-//! `apply_batch`:
-//! - `e` + position (u64 BE) → encoded [`Record`]
-//! - `s` + stream + `\0` + version (u64 BE) → position (u64 BE)
-//! - `i` + event id (16 bytes) → position (u64 BE)
-//! - `h` → head position (u64 BE), written in the same batch as the records
+//! Layout (format 2), in sled tree `log`:
+//! - `G` + first position (u64 BE) → one frame of consecutive records (`frame.rs`),
+//!   one per group commit or per 32 KiB of it
+//! - `h` → head position (u64 BE), written in the same `apply_batch` as the frames
+//! - `v` → layout version (2)
 //!
-//! Durability: the writer applies a group's batch, then `flush`es (fsync), and
-//! only then publishes the new durable head and answers the appenders. Readers
-//! never look past the published head, so nothing is readable before it is on
-//! disk even though sled may hold newer, unflushed entries in memory.
+//! Beside sled, in the same directory: the durable-head record (`evidence.rs`).
+//! The stream and event-id indexes live in memory, built from the frames at
+//! open: the writer is the only one that adds to them, and readers filter
+//! them by the durable head.
+//!
+//! Durability: the writer applies a group's batch; a flusher thread then runs
+//! sled's `flush` (which writes with `sync_file_range`, not fsync) followed by
+//! `fdatasync` of sled's file, and only then publishes the new durable head,
+//! answers the appenders, and hands the head to the evidence thread. Readers
+//! never look past the published head.
+//!
+//! Opening: the raw scan (`salvage.rs`) runs first, before sled's recovery can
+//! discard anything, and the open is refused when any position up to the
+//! recorded durable head has no intact copy, or when sled comes back shorter
+//! than that head.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use crate::evidence::{self, Evidence, EvidenceFile};
+use crate::frame::{self, FrameWriter};
 use crate::plan::{Committed, Planner};
+use crate::salvage;
 use crate::{
-    now_ms, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record,
+    now_ms, Appended, Checkpoints, EventLog, LossReport, NewEvent, PendingAppend, Position, Record,
     StorageError,
 };
 
 const HEAD_KEY: &[u8] = b"h";
+const LAYOUT_KEY: &[u8] = b"v";
+const LAYOUT_V2: &[u8] = &[2];
+/// Format-1 record keys start with this byte (`e` + position).
+const V1_RECORD_PREFIX: &[u8] = b"e";
 /// Upper bound on batches folded into one group commit (bounds one fsync's work).
 const MAX_GROUP: usize = 1024;
 
@@ -39,6 +57,9 @@ pub struct SledOptions {
     pub cache_bytes: u64,
     /// Create the log when the directory holds none (false for read-only tools).
     pub create: bool,
+    /// Open even when records are damaged (for `verify` and `audit`): damaged
+    /// records are left out of the indexes and read as `Corrupt`. Never for serving.
+    pub tolerate_damage: bool,
 }
 
 impl Default for SledOptions {
@@ -46,6 +67,7 @@ impl Default for SledOptions {
         SledOptions {
             cache_bytes: 64 * 1024 * 1024,
             create: true,
+            tolerate_damage: false,
         }
     }
 }
@@ -56,6 +78,7 @@ pub struct SledLog {
     shared: Arc<Shared>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    evidence: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -63,9 +86,33 @@ struct Shared {
     db: sled::Db,
     log: sled::Tree,
     checkpoints: sled::Tree,
+    /// sled's data file, for the `fdatasync` that sled's `flush` does not do.
+    data_file: File,
+    generation: u32,
     durable: AtomicU64,
     head_tx: watch::Sender<Position>,
     failed: AtomicBool,
+    index: RwLock<Index>,
+}
+
+/// The in-memory indexes: every applied record's event id and stream version.
+#[derive(Debug, Default)]
+struct Index {
+    ids: HashMap<Uuid, u64>,
+    /// Positions of each stream's versions 1, 2, … (increasing).
+    streams: HashMap<String, Vec<u64>>,
+}
+
+impl Index {
+    fn add(&mut self, position: u64, event_id: Uuid, stream: &str) {
+        self.ids.insert(event_id, position);
+        match self.streams.get_mut(stream) {
+            Some(v) => v.push(position),
+            None => {
+                self.streams.insert(stream.to_owned(), vec![position]);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -74,29 +121,9 @@ struct Job {
     reply: oneshot::Sender<Result<Vec<Appended>, StorageError>>,
 }
 
-fn record_key(position: Position) -> [u8; 9] {
-    let mut k = [b'e'; 9];
-    k[1..].copy_from_slice(&position.0.to_be_bytes());
-    k
-}
-
-fn stream_prefix(stream: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(stream.len() + 10);
-    k.push(b's');
-    k.extend_from_slice(stream.as_bytes());
-    k.push(0);
-    k
-}
-
-fn stream_key(stream: &str, version: u64) -> Vec<u8> {
-    let mut k = stream_prefix(stream);
-    k.extend_from_slice(&version.to_be_bytes());
-    k
-}
-
-fn id_key(id: Uuid) -> [u8; 17] {
-    let mut k = [b'i'; 17];
-    k[1..].copy_from_slice(id.as_bytes());
+fn frame_key(first: u64) -> [u8; 9] {
+    let mut k = [b'G'; 9];
+    k[1..].copy_from_slice(&first.to_be_bytes());
     k
 }
 
@@ -107,37 +134,150 @@ fn be_u64(bytes: &[u8]) -> Result<u64, StorageError> {
         .map_err(|_| StorageError::Io(format!("index entry of {} bytes", bytes.len())))
 }
 
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> StorageError + '_ {
+    move |e| StorageError::Io(format!("{}: {e}", path.display()))
+}
+
 impl SledLog {
     /// Opens (or, with `options.create`, creates) the log in `dir`, recovering
-    /// the exact durable head.
+    /// the exact durable head. Refuses a log that lost acknowledged events.
     pub fn open(dir: impl AsRef<Path>, options: SledOptions) -> Result<SledLog, StorageError> {
         let dir = dir.as_ref();
-        if !options.create && !dir.join("conf").exists() {
+        let exists = dir.join("conf").exists();
+        if !options.create && !exists {
             return Err(StorageError::NotFound(dir.display().to_string()));
         }
+        if options.create {
+            create_private_dir(dir)?;
+        }
+        if exists {
+            wait_unlocked(dir)?;
+        }
+        // Before sled touches anything: what does the disk hold?
+        let scan = salvage::scan(dir, false)?;
+        let evidence = match (&scan.evidence, &scan.evidence_problem) {
+            (_, Some(problem)) if !options.tolerate_damage => {
+                return Err(lost(dir, &scan, None, problem.clone(), None));
+            }
+            (e, _) => *e,
+        };
+        let acknowledged = scan.acknowledged();
+        let missing = scan.missing(acknowledged);
+        if !missing.is_empty() && !options.tolerate_damage {
+            return Err(lost(
+                dir,
+                &scan,
+                None,
+                "no intact stored copy of them is left".into(),
+                None,
+            ));
+        }
+        // sled's recovery may discard data past a damaged message: keep a copy first.
+        let damaged = scan.damaged_upto(acknowledged).next().is_some() || !missing.is_empty();
+        let kept = if damaged && exists {
+            Some(copy_aside(dir)?)
+        } else {
+            None
+        };
+
         let db = open_db(dir, options.cache_bytes)?;
         let log = db.open_tree("log")?;
         let checkpoints = db.open_tree("checkpoints")?;
+        match log.get(LAYOUT_KEY)? {
+            Some(v) if v.as_ref() == LAYOUT_V2 => {}
+            Some(v) => {
+                return Err(StorageError::Io(format!(
+                    "{}: unknown log layout {:?}",
+                    dir.display(),
+                    v.as_ref()
+                )))
+            }
+            None if log.scan_prefix(V1_RECORD_PREFIX).next().is_some()
+                || log.get(HEAD_KEY)?.is_some() =>
+            {
+                return Err(StorageError::OldLayout(dir.display().to_string()));
+            }
+            None => {
+                if evidence.is_some_and(|e| e.head > Position::ZERO) && !options.tolerate_damage {
+                    return Err(lost(
+                        dir,
+                        &scan,
+                        Some(Position::ZERO),
+                        "sled holds no log at all".into(),
+                        kept,
+                    ));
+                }
+                log.insert(LAYOUT_KEY, LAYOUT_V2)?;
+                db.flush()?;
+            }
+        }
+        if evidence.is_none() && log.get(HEAD_KEY)?.is_some() && !options.tolerate_damage {
+            return Err(lost(
+                dir,
+                &scan,
+                None,
+                format!(
+                    "the durable-head record {} is missing, so a shortened log cannot be told from a whole one",
+                    evidence::EVIDENCE_FILE
+                ),
+                kept,
+            ));
+        }
         let head = recover(&log)?;
+        if head < acknowledged {
+            if options.tolerate_damage {
+                tracing::error!(%head, %acknowledged, "the log lost acknowledged events");
+            } else {
+                return Err(lost(
+                    dir,
+                    &scan,
+                    Some(head),
+                    format!("sled recovered the log only up to position {head}"),
+                    kept,
+                ));
+            }
+        }
+        if let Some(copy) = kept {
+            // sled kept everything: the copy is not needed.
+            let _ = std::fs::remove_dir_all(copy);
+        }
+        let index = build_index(&log, head, options.tolerate_damage)?;
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(io_at(&data_path))?;
+        let last = evidence.unwrap_or_default();
+        let generation = last.generation.wrapping_add(1).max(1);
+        let mut evidence_file = EvidenceFile::open(dir, last)?;
+        evidence_file.write(generation, head)?;
+
         let shared = Arc::new(Shared {
             db,
             log,
             checkpoints,
+            data_file,
+            generation,
             durable: AtomicU64::new(head.0),
             head_tx: watch::Sender::new(head),
             failed: AtomicBool::new(false),
+            index: RwLock::new(index),
         });
+        let (to_evidence, evidence_rx) = mpsc::channel();
+        let evidence_shared = shared.clone();
+        let evidence_thread = std::thread::Builder::new()
+            .name("threadline-log-evidence".into())
+            .spawn(move || evidence_loop(&evidence_shared, evidence_file, evidence_rx))
+            .map_err(|e| StorageError::Io(e.to_string()))?;
         let (tx, rx) = mpsc::channel();
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("threadline-log-writer".into())
-            .spawn(move || Writer::new(writer_shared).run(rx))
+            .spawn(move || Writer::new(writer_shared).run(rx, to_evidence))
             .map_err(|e| StorageError::Io(e.to_string()))?;
-        tracing::info!(dir = %dir.display(), head = head.0, "event log opened");
+        tracing::info!(dir = %dir.display(), head = head.0, generation, "event log opened");
         Ok(SledLog {
             shared,
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
+            evidence: Mutex::new(Some(evidence_thread)),
         })
     }
 
@@ -146,6 +286,14 @@ impl SledLog {
     pub fn close(&self) -> Result<(), StorageError> {
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = handle.join();
+        }
+        if let Some(handle) = self
+            .evidence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = handle.join();
         }
         self.shared.db.flush()?;
@@ -160,13 +308,7 @@ impl SledLog {
         if position.0 == 0 || position > self.durable() {
             return Ok(None);
         }
-        match self.shared.log.get(record_key(position))? {
-            Some(bytes) => Record::decode(position, &bytes).map(Some),
-            None => Err(StorageError::Corrupt {
-                position,
-                reason: "record missing below the durable head".into(),
-            }),
-        }
+        read_record(&self.shared.log, position).map(Some)
     }
 }
 
@@ -174,6 +316,70 @@ impl Drop for SledLog {
     fn drop(&mut self) {
         let _ = self.close();
     }
+}
+
+fn lost(
+    dir: &Path,
+    scan: &salvage::Salvage,
+    recovered: Option<Position>,
+    reason: String,
+    kept: Option<PathBuf>,
+) -> StorageError {
+    let acknowledged = scan.acknowledged();
+    let mut missing = scan.missing(acknowledged);
+    if let Some(head) = recovered {
+        if head < acknowledged {
+            missing = vec![head.0 + 1..=acknowledged.0];
+        }
+    }
+    StorageError::Lost(Box::new(LossReport {
+        dir: dir.display().to_string(),
+        acknowledged,
+        recovered,
+        missing: missing.iter().map(|r| (*r.start(), *r.end())).collect(),
+        damaged_copies: scan.damaged_upto(acknowledged).count(),
+        reason,
+        kept_copy: kept.map(|p| p.display().to_string()),
+    }))
+}
+
+/// Creates `dir` (and its parents) readable by its owner only.
+fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir).map_err(io_at(dir))
+}
+
+/// Copies the log directory to `<dir>.pre-open-<ms>` before sled's recovery runs on it.
+fn copy_aside(dir: &Path) -> Result<PathBuf, StorageError> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "log".into());
+    let copy = dir.with_file_name(format!("{name}.pre-open-{}", now_ms()));
+    copy_dir(dir, &copy)?;
+    tracing::warn!(copy = %copy.display(), "damaged copies found before opening the log; kept a copy of it");
+    Ok(copy)
+}
+
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<(), StorageError> {
+    create_private_dir(to)?;
+    for entry in std::fs::read_dir(from).map_err(io_at(from))? {
+        let entry = entry.map_err(io_at(from))?;
+        let path = entry.path();
+        let target = to.join(entry.file_name());
+        if path.is_dir() {
+            copy_dir(&path, &target)?;
+        } else {
+            std::fs::copy(&path, &target).map_err(io_at(&path))?;
+        }
+    }
+    Ok(())
 }
 
 /// sled reports a held database as `Error::Io` of kind `Other` with the text
@@ -198,7 +404,29 @@ fn open_error(dir: &Path, e: sled::Error) -> StorageError {
 /// sled releases it from a background thread shortly after the last handle drops.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
+/// Waits (up to [`LOCK_WAIT`]) until no process holds sled's lock on the log,
+/// so that the raw scan never reads a log another process is writing.
+fn wait_unlocked(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join("db");
+    let Ok(file) = File::open(&path) else {
+        return Ok(()); // sled reports a missing or unreadable file itself
+    };
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()), // released when `file` drops
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StorageError::Locked(dir.display().to_string()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_at(&path)(e)),
+        }
+    }
+}
+
+pub(crate) fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
         let opened = sled::Config::new()
@@ -215,7 +443,42 @@ fn open_db(dir: &Path, cache_bytes: u64) -> Result<sled::Db, StorageError> {
     }
 }
 
-/// Finds the durable head and drops anything past it. A record past the head
+/// The frame holding `position`: the last frame key at or before it.
+fn frame_for(log: &sled::Tree, position: Position) -> Result<(u64, sled::IVec), StorageError> {
+    let missing = || StorageError::Corrupt {
+        position,
+        reason: "record missing below the durable head".into(),
+    };
+    let (key, bytes) = log
+        .range(frame_key(1)..=frame_key(position.0))
+        .next_back()
+        .ok_or_else(missing)??;
+    Ok((be_u64(&key[1..])?, bytes))
+}
+
+fn read_record(log: &sled::Tree, position: Position) -> Result<Record, StorageError> {
+    let (first, bytes) = frame_for(log, position)?;
+    let header =
+        frame::parse_header(&bytes).map_err(|reason| StorageError::Corrupt { position, reason })?;
+    if header.first != first || !header.contains(position.0) {
+        return Err(StorageError::Corrupt {
+            position,
+            reason: "record missing below the durable head".into(),
+        });
+    }
+    for slot in frame::slots(&header, &bytes) {
+        let slot = slot?;
+        if slot.position == position.0 {
+            return slot.record(header.recorded_at_ms);
+        }
+    }
+    Err(StorageError::Corrupt {
+        position,
+        reason: "record missing from its frame".into(),
+    })
+}
+
+/// Finds the durable head and drops anything past it. A frame past the head
 /// marker can only come from a group whose flush never finished, so it was
 /// never acknowledged; a record missing below it is corruption.
 fn recover(log: &sled::Tree) -> Result<Position, StorageError> {
@@ -223,111 +486,156 @@ fn recover(log: &sled::Tree) -> Result<Position, StorageError> {
         Some(b) => Position(be_u64(&b)?),
         None => Position::ZERO,
     };
-    let last = match log.scan_prefix(b"e").next_back() {
-        Some(entry) => Position(be_u64(&entry?.0[1..])?),
-        None => Position::ZERO,
-    };
-    if last < head {
-        return Err(StorageError::Corrupt {
-            position: last.next(),
-            reason: format!("log ends at {last} but its head marker says {head}"),
-        });
+    let mut stale = sled::Batch::default();
+    let mut dropped = 0;
+    for entry in log.range(frame_key(head.0 + 1)..=frame_key(u64::MAX)) {
+        let (key, _) = entry?;
+        stale.remove(key);
+        dropped += 1;
     }
-    if last > head {
-        tracing::warn!(%head, %last, "dropping records of an unfinished commit");
-        let mut batch = sled::Batch::default();
-        for p in head.0 + 1..=last.0 {
-            let key = record_key(Position(p));
-            if let Some(bytes) = log.get(key)? {
-                if let Ok(r) = Record::decode(Position(p), &bytes) {
-                    batch.remove(stream_key(&r.stream, r.stream_version));
-                    batch.remove(&id_key(r.event_id)[..]);
-                }
-            }
-            batch.remove(&key[..]);
-        }
-        log.apply_batch(batch)?;
+    if dropped > 0 {
+        tracing::warn!(%head, frames = dropped, "dropping frames of an unfinished commit");
+        log.apply_batch(stale)?;
         log.flush()?;
     }
+    if head > Position::ZERO {
+        // The frame holding the head must be there and reach it.
+        match log.range(frame_key(1)..=frame_key(head.0)).next_back() {
+            Some(entry) => {
+                let (key, bytes) = entry?;
+                let first = be_u64(&key[1..])?;
+                let reaches = frame::parse_header(&bytes)
+                    .map(|h| h.contains(head.0))
+                    .unwrap_or(true); // a damaged header is reported when it is read
+                if !reaches {
+                    return Err(StorageError::Corrupt {
+                        position: head,
+                        reason: format!("the frame at {first} ends before the head marker {head}"),
+                    });
+                }
+            }
+            None => {
+                return Err(StorageError::Corrupt {
+                    position: Position(1),
+                    reason: format!("the log holds no record but its head marker says {head}"),
+                })
+            }
+        }
+    }
     Ok(head)
+}
+
+/// Reads every frame up to `head` into the indexes, checking that positions are dense.
+fn build_index(log: &sled::Tree, head: Position, tolerate: bool) -> Result<Index, StorageError> {
+    let mut index = Index::default();
+    let mut next = 1u64;
+    let problem = |e: StorageError| -> Result<(), StorageError> {
+        if tolerate {
+            tracing::warn!(error = %e, "left out of the indexes");
+            Ok(())
+        } else {
+            Err(e)
+        }
+    };
+    for entry in log.range(frame_key(1)..=frame_key(head.0)) {
+        let (key, bytes) = entry?;
+        let first = be_u64(&key[1..])?;
+        if first != next {
+            problem(StorageError::Corrupt {
+                position: Position(next),
+                reason: "record missing (gap in positions)".into(),
+            })?;
+        }
+        let header = match frame::parse_header(&bytes) {
+            Ok(h) if h.first == first => h,
+            Ok(_) | Err(_) => {
+                problem(StorageError::Corrupt {
+                    position: Position(first),
+                    reason: "frame header damaged".into(),
+                })?;
+                next = first + 1;
+                continue;
+            }
+        };
+        for slot in frame::slots(&header, &bytes) {
+            match slot.and_then(|s| s.index_view().map(|v| (s.position, v))) {
+                Ok((p, view)) => {
+                    let have = index.streams.get(&view.stream).map_or(0, Vec::len) as u64;
+                    if view.stream_version != have + 1 {
+                        problem(StorageError::Corrupt {
+                            position: Position(p),
+                            reason: format!(
+                                "stream {:?} version {} follows {have}",
+                                view.stream, view.stream_version
+                            ),
+                        })?;
+                    }
+                    index.add(p, Uuid::from_bytes(view.event_id), &view.stream)
+                }
+                Err(e) => problem(e)?,
+            }
+        }
+        next = header.last() + 1;
+    }
+    if next <= head.0 {
+        problem(StorageError::Corrupt {
+            position: Position(next),
+            reason: "record missing (gap in positions)".into(),
+        })?;
+    }
+    Ok(index)
 }
 
 /// The single writer: the only code that assigns positions.
 struct Writer {
     shared: Arc<Shared>,
     head: Position,
-    /// Committed stream versions seen so far (the writer is the only one that changes them).
-    versions: HashMap<String, u64>,
 }
 
+/// The writer's view of committed state: everything applied, durable or not.
 struct Lookup<'a> {
     log: &'a sled::Tree,
-    versions: &'a mut HashMap<String, u64>,
+    index: &'a Index,
 }
 
 impl Committed for Lookup<'_> {
     fn stream_version(&mut self, stream: &str) -> Result<u64, StorageError> {
-        if let Some(v) = self.versions.get(stream) {
-            return Ok(*v);
-        }
-        let version = match self.log.scan_prefix(stream_prefix(stream)).next_back() {
-            Some(entry) => {
-                let (k, _) = entry?;
-                be_u64(&k[k.len() - 8..])?
-            }
-            None => 0,
-        };
-        self.versions.insert(stream.to_owned(), version);
-        Ok(version)
+        Ok(self.index.streams.get(stream).map_or(0, |v| v.len() as u64))
     }
 
     fn find_event(&mut self, id: Uuid) -> Result<Option<Appended>, StorageError> {
-        find_event(self.log, id, u64::MAX)
+        match self.index.ids.get(&id) {
+            Some(&p) => appended_at(self.log, Position(p)).map(Some),
+            None => Ok(None),
+        }
     }
 }
 
-fn find_event(log: &sled::Tree, id: Uuid, durable: u64) -> Result<Option<Appended>, StorageError> {
-    let Some(pos) = log.get(id_key(id))? else {
-        return Ok(None);
-    };
-    let position = Position(be_u64(&pos)?);
-    if position.0 > durable {
-        return Ok(None);
-    }
-    let bytes = log
-        .get(record_key(position))?
-        .ok_or(StorageError::Corrupt {
-            position,
-            reason: "event id points at a missing record".into(),
-        })?;
-    let record = Record::decode(position, &bytes)?;
-    Ok(Some(Appended {
+fn appended_at(log: &sled::Tree, position: Position) -> Result<Appended, StorageError> {
+    let record = read_record(log, position)?;
+    Ok(Appended {
         position,
         stream_version: record.stream_version,
         duplicate: true,
-    }))
+    })
 }
 
 impl Writer {
     fn new(shared: Arc<Shared>) -> Writer {
         let head = Position(shared.durable.load(Ordering::Acquire));
-        Writer {
-            shared,
-            head,
-            versions: HashMap::new(),
-        }
+        Writer { shared, head }
     }
 
     /// Applies groups as they come and hands them to a flusher thread, so
     /// applying group N+1 overlaps the fsync of group N. Appenders are answered
     /// by the flusher, only once a flush that began after their group was
     /// applied has returned.
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
+    fn run(self, rx: mpsc::Receiver<Job>, to_evidence: mpsc::Sender<Position>) {
         let (to_flusher, flusher_rx) = mpsc::channel();
         let shared = self.shared.clone();
         let flusher = std::thread::Builder::new()
             .name("threadline-log-flusher".into())
-            .spawn(move || flush_loop(&shared, flusher_rx));
+            .spawn(move || flush_loop(&shared, flusher_rx, to_evidence));
         let flusher = match flusher {
             Ok(handle) => handle,
             Err(e) => {
@@ -336,6 +644,7 @@ impl Writer {
                 return;
             }
         };
+        let mut writer = self;
         while let Ok(first) = rx.recv() {
             let mut jobs = vec![first];
             while jobs.len() < MAX_GROUP {
@@ -344,7 +653,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if let Some(applied) = self.apply(jobs) {
+            if let Some(applied) = writer.apply(jobs) {
                 // The flusher outlives this loop, so the send only fails if it panicked.
                 let _ = to_flusher.send(applied);
             }
@@ -362,38 +671,45 @@ impl Writer {
             }
             return None;
         }
-        let mut planner = Planner::new(self.head, now_ms());
-        let mut batch = sled::Batch::default();
+        let recorded_at = now_ms();
+        let mut planner = Planner::new(self.head, recorded_at);
+        let mut frames = FrameWriter::new(self.shared.generation, recorded_at);
+        let mut added = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut lookup = Lookup {
-                log: &self.shared.log,
-                versions: &mut self.versions,
-            };
-            let outcome = planner
-                .plan(&mut lookup, job.events)
-                .map(|(results, records)| {
-                    for r in records {
-                        batch.insert(
-                            stream_key(&r.stream, r.stream_version),
-                            &r.position.0.to_be_bytes()[..],
-                        );
-                        batch.insert(&id_key(r.event_id)[..], &r.position.0.to_be_bytes()[..]);
-                        batch.insert(&record_key(r.position)[..], r.encode());
-                    }
-                    results
-                });
-            replies.push((job.reply, outcome));
+        {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            for job in jobs {
+                let mut lookup = Lookup {
+                    log: &self.shared.log,
+                    index: &index,
+                };
+                let outcome = planner
+                    .plan(&mut lookup, job.events)
+                    .map(|(results, records)| {
+                        for r in records {
+                            frames.push(&r);
+                            added.push((r.position.0, r.event_id, r.stream));
+                        }
+                        results
+                    });
+                replies.push((job.reply, outcome));
+            }
         }
         let head = planner.head();
         if head > self.head {
+            let mut batch = sled::Batch::default();
+            for (first, bytes) in frames.finish() {
+                batch.insert(&frame_key(first)[..], bytes);
+            }
             batch.insert(HEAD_KEY, &head.0.to_be_bytes()[..]);
             if let Err(e) = self.shared.log.apply_batch(batch) {
                 fail(&self.shared, &e.to_string(), replies);
                 return None;
             }
-            self.versions
-                .extend(planner.versions().iter().map(|(k, v)| (k.clone(), *v)));
+            let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+            for (position, id, stream) in &added {
+                index.add(*position, *id, stream);
+            }
             self.head = head;
         }
         // Even a group that appended nothing goes through the flusher: its
@@ -423,9 +739,20 @@ fn fail(shared: &Shared, error: &str, replies: Vec<Reply>) {
     }
 }
 
+/// sled's flush writes its buffers with `sync_file_range`, which neither
+/// flushes the device cache nor persists the file's size; `fdatasync` does.
+fn sync(shared: &Shared) -> Result<(), String> {
+    shared.db.flush().map_err(|e| e.to_string())?;
+    shared
+        .data_file
+        .sync_data()
+        .map_err(|e| format!("fdatasync: {e}"))
+}
+
 /// Flushes whatever groups are waiting with one fsync, then publishes the
-/// new durable head and answers their appenders.
-fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>) {
+/// new durable head, answers their appenders and passes the head on to the
+/// durable-head record.
+fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>, to_evidence: mpsc::Sender<Position>) {
     let mut durable = Position(shared.durable.load(Ordering::Acquire));
     while let Ok(first) = rx.recv() {
         let mut groups = vec![first];
@@ -444,16 +771,33 @@ fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>) {
             continue;
         }
         if head > durable {
-            if let Err(e) = shared.db.flush() {
-                fail(shared, &e.to_string(), replies);
+            if let Err(e) = sync(shared) {
+                fail(shared, &e, replies);
                 continue;
             }
             durable = head;
             shared.durable.store(head.0, Ordering::Release);
             shared.head_tx.send_replace(head);
+            let _ = to_evidence.send(head);
         }
         for (reply, outcome) in replies {
             let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// Keeps the durable-head record up with the durable head: one write and
+/// `fdatasync` at a time, each taking the newest head that arrived meanwhile.
+fn evidence_loop(shared: &Shared, mut file: EvidenceFile, rx: mpsc::Receiver<Position>) {
+    while let Ok(mut head) = rx.recv() {
+        while let Ok(newer) = rx.try_recv() {
+            head = newer;
+        }
+        if let Err(e) = file.write(shared.generation, head) {
+            // Without it a later loss could go unnoticed: stop acknowledging.
+            tracing::error!(error = %e, "cannot write the durable-head record; the log stops accepting appends");
+            shared.failed.store(true, Ordering::Release);
+            return;
         }
     }
 }
@@ -489,19 +833,44 @@ impl EventLog for SledLog {
         if start > durable.0 || limit == 0 {
             return Ok(Vec::new());
         }
-        let mut out = Vec::with_capacity(limit.min(1024));
-        let range = record_key(Position(start))..=record_key(durable);
-        for (i, entry) in self.shared.log.range(range).take(limit).enumerate() {
+        let end = durable.0.min(start.saturating_add(limit as u64 - 1));
+        let log = &self.shared.log;
+        let (first, _) = frame_for(log, Position(start))?;
+        let mut out = Vec::with_capacity((end - start + 1).min(1024) as usize);
+        let mut expected = start;
+        for entry in log.range(frame_key(first)..=frame_key(end)) {
             let (key, bytes) = entry?;
-            let position = Position(be_u64(&key[1..])?);
-            let expected = Position(start + i as u64);
-            if position != expected {
+            let key_first = be_u64(&key[1..])?;
+            if key_first > expected {
                 return Err(StorageError::Corrupt {
-                    position: expected,
+                    position: Position(expected),
                     reason: "record missing (gap in positions)".into(),
                 });
             }
-            out.push(Record::decode(position, &bytes)?);
+            let (_, records) = frame::decode(key_first, &bytes).map_err(|e| match e {
+                StorageError::Corrupt { reason, .. } => StorageError::Corrupt {
+                    position: Position(expected),
+                    reason,
+                },
+                other => other,
+            })?;
+            for r in records {
+                let r = r?;
+                if r.position.0 < expected {
+                    continue;
+                }
+                if r.position.0 > end {
+                    break;
+                }
+                out.push(r);
+                expected += 1;
+            }
+        }
+        if expected <= end {
+            return Err(StorageError::Corrupt {
+                position: Position(expected),
+                reason: "record missing (gap in positions)".into(),
+            });
         }
         Ok(out)
     }
@@ -516,40 +885,46 @@ impl EventLog for SledLog {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<Record>, StorageError> {
-        let durable = self.durable();
-        let start = stream_key(stream, from_version.max(1));
-        let end = stream_key(stream, u64::MAX);
-        let mut out = Vec::new();
-        for entry in self.shared.log.range(start..=end) {
-            if out.len() >= limit {
-                break;
-            }
-            let (_, pos) = entry?;
-            let position = Position(be_u64(&pos)?);
-            if position > durable {
-                break;
-            }
-            match self.get_record(position)? {
-                Some(r) => out.push(r),
-                None => break,
-            }
-        }
-        Ok(out)
+        let durable = self.durable().0;
+        let positions: Vec<u64> = {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let Some(all) = index.streams.get(stream) else {
+                return Ok(Vec::new());
+            };
+            let skip = usize::try_from(from_version.max(1) - 1).unwrap_or(usize::MAX);
+            all.iter()
+                .skip(skip)
+                .take_while(|&&p| p <= durable)
+                .take(limit)
+                .copied()
+                .collect()
+        };
+        positions
+            .into_iter()
+            .map(|p| read_record(&self.shared.log, Position(p)))
+            .collect()
     }
 
     fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        let durable = self.durable();
-        for entry in self.shared.log.scan_prefix(stream_prefix(stream)).rev() {
-            let (key, pos) = entry?;
-            if be_u64(&pos)? <= durable.0 {
-                return be_u64(&key[key.len() - 8..]);
-            }
-        }
-        Ok(0)
+        let durable = self.durable().0;
+        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        Ok(index
+            .streams
+            .get(stream)
+            .map_or(0, |v| v.partition_point(|&p| p <= durable) as u64))
     }
 
     fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError> {
-        find_event(&self.shared.log, event_id, self.durable().0)
+        let position = {
+            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            index.ids.get(&event_id).copied()
+        };
+        match position {
+            Some(p) if p <= self.durable().0 => {
+                appended_at(&self.shared.log, Position(p)).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }
 
@@ -565,9 +940,121 @@ impl Checkpoints for SledLog {
     }
 }
 
+/// Writes a new format-2 log in `dir` (which must not hold one) holding exactly
+/// `records`, whose positions must run densely from 1. Used by `migrate` and
+/// `repair`; answers the head it wrote.
+pub fn write_log(
+    dir: &Path,
+    records: impl IntoIterator<Item = Result<Record, StorageError>>,
+) -> Result<Position, StorageError> {
+    if dir.join("conf").exists() {
+        return Err(StorageError::InvalidInput(format!(
+            "{} already holds a log",
+            dir.display()
+        )));
+    }
+    create_private_dir(dir)?;
+    let db = open_db(dir, 64 * 1024 * 1024)?;
+    let log = db.open_tree("log")?;
+    log.insert(LAYOUT_KEY, LAYOUT_V2)?;
+    let mut head = 0u64;
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    let mut pending: Vec<Record> = Vec::new();
+    let commit = |pending: &mut Vec<Record>, head: u64| -> Result<(), StorageError> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        // Records keep their own timestamps: one frame per run of equal ones.
+        let mut i = 0;
+        while i < pending.len() {
+            let at = pending[i].recorded_at_ms;
+            let mut w = FrameWriter::new(1, at);
+            while i < pending.len() && pending[i].recorded_at_ms == at {
+                w.push(&pending[i]);
+                i += 1;
+            }
+            for (first, bytes) in w.finish() {
+                batch.insert(&frame_key(first)[..], bytes);
+            }
+        }
+        batch.insert(HEAD_KEY, &head.to_be_bytes()[..]);
+        log.apply_batch(batch)?;
+        pending.clear();
+        Ok(())
+    };
+    for r in records {
+        let r = r?;
+        if r.position.0 != head + 1 {
+            return Err(StorageError::InvalidInput(format!(
+                "position {} follows {head}",
+                r.position
+            )));
+        }
+        let v = versions.entry(r.stream.clone()).or_insert(0);
+        if r.stream_version != *v + 1 {
+            return Err(StorageError::InvalidInput(format!(
+                "stream {:?} version {} at position {} follows {}",
+                r.stream, r.stream_version, r.position, v
+            )));
+        }
+        *v += 1;
+        head += 1;
+        pending.push(r);
+        if pending.len() >= 1000 {
+            commit(&mut pending, head)?;
+        }
+    }
+    commit(&mut pending, head)?;
+    db.flush()?;
+    let data_path = dir.join("db");
+    File::open(&data_path)
+        .and_then(|f| f.sync_data())
+        .map_err(io_at(&data_path))?;
+    let mut evidence = EvidenceFile::open(dir, Evidence::default())?;
+    evidence.write(1, Position(head))?;
+    drop(log);
+    drop(db);
+    Ok(Position(head))
+}
+
+/// Reads a format-1 log (the layout before format 2: `e` + position →
+/// record, written by Threadline 0.1) in position order.
+pub(crate) fn read_v1(
+    dir: &Path,
+) -> Result<impl Iterator<Item = Result<Record, StorageError>>, StorageError> {
+    let db = open_db(dir, 64 * 1024 * 1024)?;
+    let log = db.open_tree("log")?;
+    let head = match log.get(HEAD_KEY)? {
+        Some(b) => be_u64(&b)?,
+        None => 0,
+    };
+    let mut next = 1u64;
+    let iter = log.scan_prefix(V1_RECORD_PREFIX);
+    Ok(iter
+        .map(move |entry| {
+            let _keep_open = &db;
+            let (key, bytes) = entry?;
+            let position = Position(be_u64(&key[1..])?);
+            if position.0 > head {
+                return Ok(None);
+            }
+            if position.0 != next {
+                return Err(StorageError::Corrupt {
+                    position: Position(next),
+                    reason: "record missing (gap in positions)".into(),
+                });
+            }
+            next += 1;
+            Record::decode(position, &bytes).map(Some)
+        })
+        .filter_map(Result::transpose))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::salvage::format_ranges;
 
     #[test]
     fn a_second_open_of_a_held_log_is_locked() {
@@ -588,5 +1075,10 @@ mod tests {
             "Permission denied",
         ));
         assert!(matches!(open_error(dir, denied), StorageError::Io(_)));
+    }
+
+    #[test]
+    fn missing_positions_format_as_ranges() {
+        assert_eq!(format_ranges(&[54..=254, 300..=300]), "54..=254, 300");
     }
 }

@@ -1,0 +1,297 @@
+//! The raw scan: finds every stored copy of every format-2 frame in a log
+//! directory's files without opening sled.
+//!
+//! sled keeps a value in its log message and again in later page rewrites, and
+//! its recovery discards everything past a damaged message. The scan runs
+//! before sled is opened, so it sees what is on disk before sled's recovery
+//! changes anything: which positions have at least one intact copy, and which
+//! copies are damaged. `SledLog::open` uses it to refuse a log that lost
+//! acknowledged events; `verify` to name them; `repair` to rebuild a log from
+//! the intact copies. A frame found inside an intact frame's records (a forged
+//! frame in event data) is skipped with it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+
+use crate::evidence::{self, Evidence, EVIDENCE_FILE};
+use crate::frame::{self, HEADER_LEN, MAGIC, MAX_RECORD_BYTES};
+use crate::{Position, Record, StorageError};
+
+const CHUNK: usize = 8 * 1024 * 1024;
+/// Positions beyond this are not believed (a header can only claim them by accident).
+const MAX_POSITION: u64 = 1 << 40;
+
+/// A stored copy that failed its checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedCopy {
+    pub file: PathBuf,
+    pub offset: u64,
+    /// The position of the damaged record, when its frame header was readable.
+    pub position: Option<Position>,
+    pub reason: String,
+}
+
+/// What the scan found.
+#[derive(Debug, Default)]
+pub struct Salvage {
+    /// The durable-head record, when present and readable.
+    pub evidence: Option<Evidence>,
+    /// Why the durable-head record could not be used, when it could not.
+    pub evidence_problem: Option<String>,
+    /// For each position with an intact copy, the generation of the newest one.
+    pub generations: BTreeMap<u64, u32>,
+    /// The chosen intact records, when the scan was asked to keep them.
+    pub records: BTreeMap<u64, Record>,
+    pub damaged: Vec<DamagedCopy>,
+    pub bytes_scanned: u64,
+}
+
+impl Salvage {
+    /// The head the log must reach: the evidence's, or 0 without evidence.
+    pub fn acknowledged(&self) -> Position {
+        self.evidence.map(|e| e.head).unwrap_or_default()
+    }
+
+    /// Positions in `1..=upto` with no intact copy, as ranges.
+    pub fn missing(&self, upto: Position) -> Vec<RangeInclusive<u64>> {
+        let mut out: Vec<RangeInclusive<u64>> = Vec::new();
+        let mut next = 1u64;
+        let mut push = |from: u64, to: u64| {
+            if from <= to {
+                out.push(from..=to);
+            }
+        };
+        for &p in self.generations.range(1..=upto.0).map(|(p, _)| p) {
+            push(next, p - 1);
+            next = p + 1;
+        }
+        push(next, upto.0);
+        out
+    }
+
+    /// The highest position reachable from 1 without a missing one.
+    pub fn contiguous_head(&self) -> Position {
+        let mut head = 0;
+        for &p in self.generations.keys() {
+            if p != head + 1 {
+                break;
+            }
+            head = p;
+        }
+        Position(head)
+    }
+
+    /// Damaged copies of positions up to `upto` (later ones are an unacknowledged torn tail).
+    pub fn damaged_upto(&self, upto: Position) -> impl Iterator<Item = &DamagedCopy> {
+        self.damaged
+            .iter()
+            .filter(move |d| d.position.is_none_or(|p| p <= upto))
+    }
+
+    fn found(&mut self, generation: u32, record: Option<Record>, position: u64) {
+        let best = self.generations.entry(position).or_insert(0);
+        if generation >= *best {
+            *best = generation;
+            if let Some(r) = record {
+                self.records.insert(position, r);
+            }
+        }
+    }
+}
+
+/// Formats position ranges as `54..=254, 300`.
+pub fn format_ranges(ranges: &[RangeInclusive<u64>]) -> String {
+    ranges
+        .iter()
+        .map(|r| {
+            if r.start() == r.end() {
+                r.start().to_string()
+            } else {
+                format!("{}..={}", r.start(), r.end())
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Scans every file of the log directory `dir` (sled's files and blobs).
+/// With `keep_records`, the newest intact copy of each record is kept too.
+pub fn scan(dir: &Path, keep_records: bool) -> Result<Salvage, StorageError> {
+    let mut salvage = Salvage::default();
+    match evidence::read(dir) {
+        Ok(e) => salvage.evidence = e,
+        Err(e) => salvage.evidence_problem = Some(e.to_string()),
+    }
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    files.sort();
+    for path in files {
+        scan_file(&path, keep_records, &mut salvage)?;
+    }
+    Ok(salvage)
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StorageError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| StorageError::Io(format!("reading {}: {e}", dir.display())))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| StorageError::Io(format!("reading {}: {e}", dir.display())))?;
+        let path = entry.path();
+        let kind = entry
+            .file_type()
+            .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())))?;
+        if kind.is_dir() {
+            collect_files(&path, out)?;
+        } else if kind.is_file() && entry.file_name() != EVIDENCE_FILE {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), StorageError> {
+    let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
+    let mut file = File::open(path).map_err(io)?;
+    let finder = memchr::memmem::Finder::new(&MAGIC);
+    // `buf` holds the file from offset `base` on.
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HEADER_LEN);
+    let mut base = 0u64;
+    let mut at = 0usize;
+    let mut eof = false;
+    loop {
+        let found = finder.find(&buf[at..]).map(|i| at + i);
+        let Some(i) = found else {
+            if eof {
+                break;
+            }
+            // Keep a possible partial magic at the end.
+            let keep_from = buf
+                .len()
+                .saturating_sub(MAGIC.len() - 1)
+                .max(at.min(buf.len()));
+            refill(&mut file, &mut buf, &mut base, keep_from, &mut eof, salvage).map_err(io)?;
+            at = 0;
+            continue;
+        };
+        if buf.len() - i < HEADER_LEN && !eof {
+            refill(&mut file, &mut buf, &mut base, i, &mut eof, salvage).map_err(io)?;
+            at = 0;
+            continue;
+        }
+        let offset = base + i as u64;
+        let header = match frame::parse_header(&buf[i..]) {
+            Ok(h) if h.last() <= MAX_POSITION && (h.body_len as usize) <= MAX_RECORD_BYTES * 2 => h,
+            Ok(_) | Err(_) => {
+                salvage.damaged.push(DamagedCopy {
+                    file: path.to_owned(),
+                    offset,
+                    position: None,
+                    reason: "frame header damaged".into(),
+                });
+                at = i + 1;
+                continue;
+            }
+        };
+        let need = HEADER_LEN + header.body_len as usize;
+        if buf.len() - i < need && !eof {
+            refill(&mut file, &mut buf, &mut base, i, &mut eof, salvage).map_err(io)?;
+            at = 0;
+            continue;
+        }
+        let bytes = &buf[i..(i + need).min(buf.len())];
+        let mut intact = 0u32;
+        let mut seen = 0u32;
+        for slot in frame::slots(&header, bytes) {
+            seen += 1;
+            let checked = slot.and_then(|s| {
+                if keep {
+                    s.record(header.recorded_at_ms)
+                        .map(|r| (s.position, Some(r)))
+                } else {
+                    s.index_view().map(|_| (s.position, None))
+                }
+            });
+            match checked {
+                Ok((p, record)) => {
+                    intact += 1;
+                    salvage.found(header.generation, record, p);
+                }
+                Err(StorageError::Corrupt { position, reason }) => {
+                    salvage.damaged.push(DamagedCopy {
+                        file: path.to_owned(),
+                        offset,
+                        position: Some(position),
+                        reason,
+                    });
+                }
+                Err(other) => return Err(other),
+            }
+        }
+        for p in (header.first + u64::from(seen))..=header.last() {
+            salvage.damaged.push(DamagedCopy {
+                file: path.to_owned(),
+                offset,
+                position: Some(Position(p)),
+                reason: "record unreadable after a damaged one in its frame".into(),
+            });
+        }
+        // An intact frame is skipped whole, so frames forged inside event data are never read.
+        at = if intact == header.count {
+            i + need
+        } else {
+            i + 1
+        };
+    }
+    Ok(())
+}
+
+/// Drops `buf[..keep_from]` and appends the next chunk of the file.
+fn refill(
+    file: &mut File,
+    buf: &mut Vec<u8>,
+    base: &mut u64,
+    keep_from: usize,
+    eof: &mut bool,
+    salvage: &mut Salvage,
+) -> std::io::Result<()> {
+    buf.drain(..keep_from);
+    *base += keep_from as u64;
+    let start = buf.len();
+    buf.resize(start + CHUNK, 0);
+    let mut filled = start;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => {
+                *eof = true;
+                break;
+            }
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    salvage.bytes_scanned += (filled - start) as u64;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ranges_and_contiguous_head() {
+        let mut s = Salvage::default();
+        for p in [1, 2, 3, 6, 7, 9] {
+            s.found(1, None, p);
+        }
+        assert_eq!(s.missing(Position(10)), vec![4..=5, 8..=8, 10..=10]);
+        assert_eq!(s.contiguous_head(), Position(3));
+        assert_eq!(format_ranges(&s.missing(Position(10))), "4..=5, 8, 10");
+        assert!(s.missing(Position(3)).is_empty());
+    }
+}
