@@ -342,6 +342,13 @@ pub fn audit_page<L: EventLog + threadline_storage::Checkpoints>(
             }
             next = record.position;
             scanned += 1;
+            // The log's own records (an accepted loss, a damaged placeholder) belong to no thread.
+            if record
+                .stream
+                .starts_with(threadline_storage::SYSTEM_STREAM_PREFIX)
+            {
+                continue;
+            }
             if q.event_type
                 .as_deref()
                 .is_some_and(|t| t != record.event_type)

@@ -31,6 +31,10 @@ enum Cmd {
     Verify(tools::verify::VerifyArgs),
     /// Filter and print the event history, offline or from a running server.
     Audit(tools::audit::AuditArgs),
+    /// Rewrite a format-1 event log (from an earlier Threadline) in the current format.
+    Migrate(tools::maintenance::MigrateArgs),
+    /// Rebuild a damaged event log from the intact copies of its records.
+    Repair(tools::maintenance::RepairArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -98,6 +102,8 @@ fn main() -> ExitCode {
         Cmd::Rebuild(a) => tools::rebuild::run(a),
         Cmd::Verify(a) => tools::verify::run(a),
         Cmd::Audit(a) => tools::audit::run(a),
+        Cmd::Migrate(a) => tools::maintenance::migrate(a),
+        Cmd::Repair(a) => tools::maintenance::repair(a),
     };
     match result {
         Ok(code) => code,

@@ -49,8 +49,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let auth = Authenticator::from_config(&config.keys, &config.data, true)?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
     let dir = log_dir(&config.data);
-    let log =
-        tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default())).await??;
+    let log = tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
+        .await?
+        .map_err(|e| crate::tools::explain_open_error(&config.data, e, ""))?;
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
     let listener = TcpListener::bind(config.listen)

@@ -52,8 +52,6 @@ pub struct LossReport {
     /// Stored copies that failed their checksums.
     pub damaged_copies: usize,
     pub reason: String,
-    /// Where a copy of the log was kept before sled's recovery ran on it.
-    pub kept_copy: Option<String>,
 }
 
 impl LossReport {
@@ -65,23 +63,24 @@ impl LossReport {
 
 impl std::fmt::Display for LossReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the event log at {} has lost acknowledged events: {} were acknowledged",
-            self.dir, self.acknowledged
-        )?;
-        if !self.missing.is_empty() {
-            write!(f, ", positions {} are missing", self.missing_text())?;
-        }
-        write!(f, " ({})", self.reason)?;
-        if self.damaged_copies > 0 {
-            write!(f, "; {} damaged stored copies found", self.damaged_copies)?;
-        }
-        if let Some(copy) = &self.kept_copy {
+        if self.missing.is_empty() {
             write!(
                 f,
-                "; the log as it was before sled's recovery is kept in {copy}"
+                "the event log at {} cannot be opened without losing acknowledged events ({} were acknowledged): {}",
+                self.dir, self.acknowledged, self.reason
             )?;
+        } else {
+            write!(
+                f,
+                "the event log at {} has lost acknowledged events: {} were acknowledged, positions {} are missing ({})",
+                self.dir,
+                self.acknowledged,
+                self.missing_text(),
+                self.reason
+            )?;
+        }
+        if self.damaged_copies > 0 {
+            write!(f, "; {} damaged stored copies found", self.damaged_copies)?;
         }
         Ok(())
     }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::salvage::{self, format_ranges};
-use crate::sled_log::{read_v1, write_log};
+use crate::sled_log::{read_v1, wait_unlocked, write_log};
 use crate::{now_ms, Position, Record, StorageError, LOG_STREAM, LOSS_ACCEPTED};
 
 /// What `migrate` did.
@@ -74,6 +74,10 @@ fn swap(dir: &Path, new: &Path, kept: &Path) -> Result<(), StorageError> {
 /// Rewrites the format-1 log in `dir` as format 2 (projection checkpoints are
 /// not carried over: a server rebuilds them from the log on start).
 pub fn migrate(dir: &Path) -> Result<Migrated, StorageError> {
+    if !dir.join("conf").exists() {
+        return Err(StorageError::NotFound(dir.display().to_string()));
+    }
+    wait_unlocked(dir)?;
     let new = sibling(dir, "migrating");
     let head = {
         let records = read_v1(dir)?;
@@ -99,6 +103,10 @@ pub fn migrate(dir: &Path) -> Result<Migrated, StorageError> {
 /// position, followed by a `log_loss_accepted` record (stream `$log`) naming
 /// what was lost, by whom and when.
 pub fn repair(dir: &Path, accept_loss: bool, operator: &str) -> Result<Repaired, RepairError> {
+    if !dir.join("conf").exists() {
+        return Err(StorageError::NotFound(dir.display().to_string()).into());
+    }
+    wait_unlocked(dir)?;
     let scan = salvage::scan(dir, true)?;
     let acknowledged = scan.acknowledged();
     let contiguous = scan.contiguous_head();

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, RwLock};
@@ -157,7 +157,7 @@ impl SledLog {
         let scan = salvage::scan(dir, false)?;
         let evidence = match (&scan.evidence, &scan.evidence_problem) {
             (_, Some(problem)) if !options.tolerate_damage => {
-                return Err(lost(dir, &scan, None, problem.clone(), None));
+                return Err(lost(dir, &scan, None, problem.clone()));
             }
             (e, _) => *e,
         };
@@ -169,16 +169,33 @@ impl SledLog {
                 &scan,
                 None,
                 "no intact stored copy of them is left".into(),
-                None,
             ));
         }
-        // sled's recovery may discard data past a damaged message: keep a copy first.
-        let damaged = scan.damaged_upto(acknowledged).next().is_some() || !missing.is_empty();
-        let kept = if damaged && exists {
-            Some(copy_aside(dir)?)
-        } else {
-            None
-        };
+        // sled's recovery discards everything past a damaged message it reads:
+        // when the disk holds damaged copies, let it recover a scratch copy
+        // first, and refuse (changing nothing) if it would come back short.
+        let suspicious = scan.damaged_upto(acknowledged).next().is_some() || !missing.is_empty();
+        if suspicious && exists {
+            let (recovered, reason) = match trial_recovery(dir, options.cache_bytes) {
+                Ok(head) if head >= acknowledged => (None, None),
+                Ok(head) => (
+                    Some(head),
+                    Some(format!(
+                        "a damaged stored copy would make sled's recovery stop at position {head}"
+                    )),
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "sled's recovery fails on a copy of the log");
+                    (
+                        None,
+                        Some("sled's recovery fails on a damaged stored copy".into()),
+                    )
+                }
+            };
+            if let Some(reason) = reason {
+                return Err(lost(dir, &scan, recovered, reason));
+            }
+        }
 
         let db = open_db(dir, options.cache_bytes)?;
         let log = db.open_tree("log")?;
@@ -204,7 +221,6 @@ impl SledLog {
                         &scan,
                         Some(Position::ZERO),
                         "sled holds no log at all".into(),
-                        kept,
                     ));
                 }
                 log.insert(LAYOUT_KEY, LAYOUT_V2)?;
@@ -220,7 +236,6 @@ impl SledLog {
                     "the durable-head record {} is missing, so a shortened log cannot be told from a whole one",
                     evidence::EVIDENCE_FILE
                 ),
-                kept,
             ));
         }
         let head = recover(&log)?;
@@ -233,13 +248,8 @@ impl SledLog {
                     &scan,
                     Some(head),
                     format!("sled recovered the log only up to position {head}"),
-                    kept,
                 ));
             }
-        }
-        if let Some(copy) = kept {
-            // sled kept everything: the copy is not needed.
-            let _ = std::fs::remove_dir_all(copy);
         }
         let index = build_index(&log, head, options.tolerate_damage)?;
         let data_path = dir.join("db");
@@ -323,7 +333,6 @@ fn lost(
     scan: &salvage::Salvage,
     recovered: Option<Position>,
     reason: String,
-    kept: Option<PathBuf>,
 ) -> StorageError {
     let acknowledged = scan.acknowledged();
     let mut missing = scan.missing(acknowledged);
@@ -339,7 +348,6 @@ fn lost(
         missing: missing.iter().map(|r| (*r.start(), *r.end())).collect(),
         damaged_copies: scan.damaged_upto(acknowledged).count(),
         reason,
-        kept_copy: kept.map(|p| p.display().to_string()),
     }))
 }
 
@@ -355,16 +363,25 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
     builder.create(dir).map_err(io_at(dir))
 }
 
-/// Copies the log directory to `<dir>.pre-open-<ms>` before sled's recovery runs on it.
-fn copy_aside(dir: &Path) -> Result<PathBuf, StorageError> {
+/// The head sled's recovery reaches on a scratch copy of the log directory
+/// (removed afterwards), so that its recovery never runs on the original when
+/// it might discard data.
+fn trial_recovery(dir: &Path, cache_bytes: u64) -> Result<Position, StorageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "log".into());
-    let copy = dir.with_file_name(format!("{name}.pre-open-{}", now_ms()));
-    copy_dir(dir, &copy)?;
-    tracing::warn!(copy = %copy.display(), "damaged copies found before opening the log; kept a copy of it");
-    Ok(copy)
+    let copy = dir.with_file_name(format!("{name}.trial-{}", now_ms()));
+    let result = copy_dir(dir, &copy).and_then(|()| {
+        let db = open_db(&copy, cache_bytes)?;
+        let log = db.open_tree("log")?;
+        let head = recover(&log);
+        drop(log);
+        drop(db);
+        head
+    });
+    let _ = std::fs::remove_dir_all(&copy);
+    result
 }
 
 pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<(), StorageError> {
@@ -406,7 +423,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Waits (up to [`LOCK_WAIT`]) until no process holds sled's lock on the log,
 /// so that the raw scan never reads a log another process is writing.
-fn wait_unlocked(dir: &Path) -> Result<(), StorageError> {
+pub(crate) fn wait_unlocked(dir: &Path) -> Result<(), StorageError> {
     let path = dir.join("db");
     let Ok(file) = File::open(&path) else {
         return Ok(()); // sled reports a missing or unreadable file itself

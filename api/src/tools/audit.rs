@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use threadline_engine::{RunId, ThreadId, UserId};
 use threadline_projections::Projector;
+use threadline_storage::{salvage, EventLog, StorageError};
 
 use crate::app::{audit_page, AuditQuery};
 use crate::config::DataArgs;
@@ -147,12 +148,34 @@ fn room(limit: Option<u64>, printed: u64) -> Option<u64> {
     }
 }
 
+const HELD_HINT: &str =
+    "; read through it instead: threadline audit --url http://<its address> --token <auditor JWT>";
+
+/// Reads the data dir's log; when it cannot be opened without losing records,
+/// reads the intact stored copies directly (damaged records are skipped and named).
 async fn offline(args: &AuditArgs, printer: &mut Printer) -> anyhow::Result<()> {
     let data = &args.data.data;
-    let log = super::open_log(
-        data,
-        "; read through it instead: threadline audit --url http://<its address> --token <auditor JWT>",
-    )?;
+    match super::open_log_raw(data, true) {
+        Ok(log) => offline_from(super::Tolerant::new(log), args, printer).await,
+        Err(StorageError::Lost(report)) => {
+            eprintln!(
+                "threadline: {report}; reading the intact stored copies directly (`threadline repair` rebuilds the log)"
+            );
+            let scan = salvage::scan(&crate::server::log_dir(data), true)
+                .context("scanning the stored copies")?;
+            let log = salvage::SalvagedLog::new(scan);
+            offline_from(super::Tolerant::new(log), args, printer).await
+        }
+        Err(e) => Err(super::explain_open_error(data, e, HELD_HINT)),
+    }
+}
+
+async fn offline_from<L: EventLog>(
+    log: super::Tolerant<L>,
+    args: &AuditArgs,
+    printer: &mut Printer,
+) -> anyhow::Result<()> {
+    let data = &args.data.data;
     let spinner = super::spinner(args.quiet, "loading the projections");
     let projector = Projector::open(Arc::new(log)).with_context(|| {
         format!(

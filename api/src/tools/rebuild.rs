@@ -42,7 +42,7 @@ pub struct RebuildArgs {
 
 pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
-    let log = super::open_log(data, "; stop it before rebuilding")?;
+    let log = super::open_log(data, "; stop it before rebuilding", false)?;
     let head = log.head();
 
     // The checkpoint being replaced, caught up to the head, so the report can say

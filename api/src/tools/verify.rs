@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use threadline_projections::{load_checkpoint, ReadModel};
-use threadline_storage::{EventLog, Position, Record, StorageError};
+use threadline_storage::{evidence, salvage, EventLog, Position, Record, StorageError, LOG_STREAM};
 
 use crate::config::DataArgs;
 
@@ -52,6 +52,15 @@ struct Pass {
 
 impl Pass {
     fn record(&mut self, record: &Record) {
+        if record.stream == LOG_STREAM {
+            self.report.notes.push(format!(
+                "position {}: {} by {}: {}",
+                record.position,
+                record.event_type,
+                record.actor,
+                String::from_utf8_lossy(&record.payload)
+            ));
+        }
         let last = self.versions.entry(record.stream.clone()).or_insert(0);
         if record.stream_version != *last + 1 {
             self.report.problems.push(format!(
@@ -91,17 +100,103 @@ impl Pass {
     }
 }
 
+/// Runs the raw scan of every stored copy (before sled opens the log, so that
+/// sled's recovery cannot discard what it finds) and records what it says.
+/// Returns false when acknowledged positions have no intact copy left: the
+/// log must then not be opened at all.
+fn scan_copies(data: &std::path::Path, quiet: bool, report: &mut Report) -> anyhow::Result<(bool, Position)> {
+    let dir = crate::server::log_dir(data);
+    if !dir.join("conf").exists() {
+        // Let the open name what is wrong with the dir.
+        super::open_log(data, "", true)?;
+    }
+    let spinner = super::spinner(quiet, "scanning every stored copy");
+    let scan = salvage::scan(&dir, false)
+        .with_context(|| format!("scanning the stored copies in {}", dir.display()))?;
+    spinner.finish_and_clear();
+    let acknowledged = scan.acknowledged();
+    match (&scan.evidence, &scan.evidence_problem) {
+        (_, Some(problem)) => report.problems.push(format!(
+            "{problem}: the acknowledged head cannot be checked"
+        )),
+        (None, None) if !scan.generations.is_empty() => report.problems.push(format!(
+            "the durable-head record {} is missing: the acknowledged head cannot be checked",
+            evidence::EVIDENCE_FILE
+        )),
+        _ => {}
+    }
+    let missing = scan.missing(acknowledged);
+    if !missing.is_empty() {
+        report.problems.push(format!(
+            "positions {} were acknowledged (durable head {acknowledged}) but no intact stored copy of them is left",
+            salvage::format_ranges(&missing)
+        ));
+    }
+    let damaged: Vec<_> = scan.damaged_upto(acknowledged).collect();
+    for d in damaged.iter().take(20) {
+        let what = d.position.map_or("a frame header".to_owned(), |p| format!("position {p}"));
+        report.notes.push(format!(
+            "damaged stored copy of {what} at {}+{}: {}",
+            d.file.strip_prefix(&dir).unwrap_or(&d.file).display(),
+            d.offset,
+            d.reason
+        ));
+    }
+    if damaged.len() > 20 {
+        report.notes.push(format!("… and {} more damaged copies", damaged.len() - 20));
+    }
+    if !damaged.is_empty() {
+        report.notes.push(format!(
+            "the disk holds {} damaged stored copies; `threadline repair` rewrites the log from intact ones",
+            damaged.len()
+        ));
+    }
+    report.notes.push(format!(
+        "scanned {:.1} MiB of stored copies",
+        scan.bytes_scanned as f64 / (1024.0 * 1024.0)
+    ));
+    Ok((missing.is_empty(), acknowledged))
+}
+
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
-    let log = super::open_log(data, "; stop it before verifying")?;
-    let head = log.head();
-
     let mut pass = Pass {
         report: Report::default(),
         fresh: Some(ReadModel::default()),
         stored: None,
         versions: HashMap::new(),
     };
+    let (openable, acknowledged) = scan_copies(data, args.quiet, &mut pass.report)?;
+    if !openable {
+        pass.report.notes.push(
+            "the log was not opened: sled's recovery could discard what is left; \
+             `threadline repair` rebuilds it from the intact copies"
+                .into(),
+        );
+        print!("{}", render(data, acknowledged, &pass.report));
+        return Ok(ExitCode::FAILURE);
+    }
+    let log = match super::open_log_raw(data, true) {
+        Ok(log) => log,
+        Err(StorageError::Lost(report)) => {
+            pass.report.problems.push(report.to_string());
+            pass.report.notes.push(
+                "the log was not opened: sled's recovery would discard records; \
+                 `threadline repair` rebuilds it from the intact copies"
+                    .into(),
+            );
+            print!("{}", render(data, acknowledged, &pass.report));
+            return Ok(ExitCode::FAILURE);
+        }
+        Err(e) => return Err(super::explain_open_error(data, e, "; stop it before verifying")),
+    };
+    let head = log.head();
+    if head < acknowledged {
+        pass.report.problems.push(format!(
+            "positions {}..={acknowledged} were acknowledged but sled recovered the log only up to {head}",
+            head.next()
+        ));
+    }
     let mut checkpoint_usable = false;
     match load_checkpoint(&log) {
         Ok(None) => pass.report.notes.push(
