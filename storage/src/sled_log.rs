@@ -27,7 +27,7 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 
 use tokio::sync::{oneshot, watch};
@@ -60,6 +60,10 @@ pub struct SledOptions {
     /// Open even when records are damaged (for `verify` and `audit`): damaged
     /// records are left out of the indexes and read as `Corrupt`. Never for serving.
     pub tolerate_damage: bool,
+    /// Build the stream and event-id indexes on first use instead of at open
+    /// (for tools that only read in position order). A server builds them at
+    /// open, so that a damaged record refuses the open rather than an append.
+    pub lazy_indexes: bool,
 }
 
 impl Default for SledOptions {
@@ -68,6 +72,7 @@ impl Default for SledOptions {
             cache_bytes: 64 * 1024 * 1024,
             create: true,
             tolerate_damage: false,
+            lazy_indexes: false,
         }
     }
 }
@@ -92,7 +97,29 @@ struct Shared {
     durable: AtomicU64,
     head_tx: watch::Sender<Position>,
     failed: AtomicBool,
-    index: RwLock<Index>,
+    /// Built once, at open or on first use (see [`SledOptions::lazy_indexes`]).
+    index: OnceLock<RwLock<Index>>,
+    index_build: Mutex<()>,
+    /// The head at open: what a first index build covers (nothing is applied before it).
+    opened_head: Position,
+    tolerate_damage: bool,
+}
+
+impl Shared {
+    /// The indexes, built now if they were not yet.
+    fn index(&self) -> Result<&RwLock<Index>, StorageError> {
+        if let Some(index) = self.index.get() {
+            return Ok(index);
+        }
+        let _building = self.index_build.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(index) = self.index.get() {
+            return Ok(index);
+        }
+        let started = std::time::Instant::now();
+        let built = build_index(&self.log, self.opened_head, self.tolerate_damage)?;
+        tracing::debug!(elapsed = ?started.elapsed(), events = built.ids.len(), "log indexes built");
+        Ok(self.index.get_or_init(|| RwLock::new(built)))
+    }
 }
 
 /// The in-memory indexes: every applied record's event id and stream version.
@@ -251,7 +278,6 @@ impl SledLog {
                 ));
             }
         }
-        let index = build_index(&log, head, options.tolerate_damage)?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(io_at(&data_path))?;
         let last = evidence.unwrap_or_default();
@@ -268,8 +294,14 @@ impl SledLog {
             durable: AtomicU64::new(head.0),
             head_tx: watch::Sender::new(head),
             failed: AtomicBool::new(false),
-            index: RwLock::new(index),
+            index: OnceLock::new(),
+            index_build: Mutex::new(()),
+            opened_head: head,
+            tolerate_damage: options.tolerate_damage,
         });
+        if !options.lazy_indexes {
+            shared.index()?;
+        }
         let (to_evidence, evidence_rx) = mpsc::channel();
         let evidence_shared = shared.clone();
         let evidence_thread = std::thread::Builder::new()
@@ -693,8 +725,16 @@ impl Writer {
         let mut frames = FrameWriter::new(self.shared.generation, recorded_at);
         let mut added = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
+        let index_lock = match self.shared.index() {
+            Ok(index) => index,
+            Err(e) => {
+                let replies = jobs.into_iter().map(|j| (j.reply, Ok(Vec::new()))).collect();
+                fail(&self.shared, &format!("cannot build the log's indexes: {e}"), replies);
+                return None;
+            }
+        };
         {
-            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = index_lock.read().unwrap_or_else(|p| p.into_inner());
             for job in jobs {
                 let mut lookup = Lookup {
                     log: &self.shared.log,
@@ -723,7 +763,7 @@ impl Writer {
                 fail(&self.shared, &e.to_string(), replies);
                 return None;
             }
-            let mut index = self.shared.index.write().unwrap_or_else(|p| p.into_inner());
+            let mut index = index_lock.write().unwrap_or_else(|p| p.into_inner());
             for (position, id, stream) in &added {
                 index.add(*position, *id, stream);
             }
@@ -904,7 +944,7 @@ impl EventLog for SledLog {
     ) -> Result<Vec<Record>, StorageError> {
         let durable = self.durable().0;
         let positions: Vec<u64> = {
-            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
             let Some(all) = index.streams.get(stream) else {
                 return Ok(Vec::new());
             };
@@ -924,7 +964,7 @@ impl EventLog for SledLog {
 
     fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
         let durable = self.durable().0;
-        let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+        let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
         Ok(index
             .streams
             .get(stream)
@@ -933,7 +973,7 @@ impl EventLog for SledLog {
 
     fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError> {
         let position = {
-            let index = self.shared.index.read().unwrap_or_else(|p| p.into_inner());
+            let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
             index.ids.get(&event_id).copied()
         };
         match position {

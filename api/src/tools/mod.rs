@@ -32,6 +32,7 @@ pub(crate) fn open_log(
     let options = SledOptions {
         create: false,
         tolerate_damage,
+        lazy_indexes: true,
         ..SledOptions::default()
     };
     SledLog::open(&dir, options).map_err(|e| explain_open_error(data, e, held_hint))
@@ -42,6 +43,7 @@ pub(crate) fn open_log_raw(data: &Path, tolerate_damage: bool) -> Result<SledLog
     let options = SledOptions {
         create: false,
         tolerate_damage,
+        lazy_indexes: true,
         ..SledOptions::default()
     };
     SledLog::open(crate::server::log_dir(data), options)
