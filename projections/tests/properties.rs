@@ -66,7 +66,7 @@ impl World {
         let command = match op.kind {
             0 => {
                 // Users create for themselves; sometimes they try for someone else.
-                let owner = if op.actor == 3 || op.extra % 4 == 0 {
+                let owner = if op.actor == 3 || op.extra.is_multiple_of(4) {
                     op.target % 3
                 } else {
                     op.actor % 3
@@ -91,7 +91,7 @@ impl World {
                         .run(&run_id)
                         .map(|r| r.last_event.as_deref() == Some("run_registered"))
                 });
-                let kind = if fresh == Some(true) && op.extra % 4 != 0 {
+                let kind = if fresh == Some(true) && !op.extra.is_multiple_of(4) {
                     AgentEventKind::Started
                 } else {
                     [
@@ -109,7 +109,10 @@ impl World {
                     run_id,
                     kind,
                     data: format!("{{\"n\":{}}}", op.target),
-                    tool_call_id: (op.extra % 3 == 0).then(|| format!("call-{}", op.target % 4)),
+                    tool_call_id: op
+                        .extra
+                        .is_multiple_of(3)
+                        .then(|| format!("call-{}", op.target % 4)),
                 }
             }
             4 => Command::AcknowledgeDelivery {
@@ -119,7 +122,7 @@ impl World {
             },
             5 if !self.runs.is_empty() => {
                 // Jump the clock past the TTL now and then so expiry is exercised.
-                if op.extra % 5 == 0 {
+                if op.extra.is_multiple_of(5) {
                     self.now += self.limits.run_ttl_ms + 1;
                 }
                 Command::ExpireRun {

@@ -45,9 +45,10 @@ pub struct LossReport {
     pub dir: String,
     /// The durable head recorded beside sled (what was acknowledged).
     pub acknowledged: Position,
-    /// The head sled recovered, when sled was opened.
+    /// The head sled's recovery reached (on the log or a scratch copy of it), when it ran.
     pub recovered: Option<Position>,
-    /// Missing positions, as inclusive ranges.
+    /// Acknowledged positions with no intact stored copy left, as inclusive ranges
+    /// (empty when every one can still be recovered by `repair`).
     pub missing: Vec<(u64, u64)>,
     /// Stored copies that failed their checksums.
     pub damaged_copies: usize,
@@ -81,6 +82,12 @@ impl std::fmt::Display for LossReport {
         }
         if self.damaged_copies > 0 {
             write!(f, "; {} damaged stored copies found", self.damaged_copies)?;
+        }
+        if self.missing.is_empty() {
+            write!(
+                f,
+                "; every acknowledged position still has an intact stored copy, so `repair` recovers them all"
+            )?;
         }
         Ok(())
     }

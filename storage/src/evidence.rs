@@ -17,6 +17,8 @@ use crate::{Position, StorageError};
 
 /// The file's name inside the log directory.
 pub const EVIDENCE_FILE: &str = "threadline.head";
+/// The clean-close mark: the fingerprint of sled's files after a clean close.
+pub const CLEAN_FILE: &str = "threadline.clean";
 const MAGIC: [u8; 8] = *b"TLHEAD01";
 const SLOT_LEN: usize = 40;
 const SLOT_OFFSETS: [u64; 2] = [0, 4096];
@@ -133,6 +135,60 @@ impl EvidenceFile {
             .map_err(|e| io(&self.path, e))?;
         self.last = next;
         Ok(())
+    }
+}
+
+/// Writes the clean-close mark: after a clean close, the length and CRC32C of
+/// every file of the log directory. An open that finds the files exactly so
+/// knows sled's recovery will find what sled itself left, and needs no trial.
+pub(crate) fn write_clean_mark(
+    dir: &Path,
+    files: &crate::salvage::Fingerprint,
+) -> Result<(), StorageError> {
+    let mut text = String::new();
+    for (name, (len, crc)) in files {
+        text.push_str(&format!("{len} {crc:08x} {name}\n"));
+    }
+    text.push_str(&format!("end {:08x}\n", crc32c::crc32c(text.as_bytes())));
+    let path = dir.join(CLEAN_FILE);
+    let tmp = dir.join(format!("{CLEAN_FILE}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| io(&path, e))
+}
+
+/// Reads the clean-close mark, if there is a whole one.
+pub(crate) fn read_clean_mark(dir: &Path) -> Option<crate::salvage::Fingerprint> {
+    let text = std::fs::read_to_string(dir.join(CLEAN_FILE)).ok()?;
+    let (body, end) = text.rsplit_once("end ")?;
+    let stored = u32::from_str_radix(end.trim(), 16).ok()?;
+    if crc32c::crc32c(body.as_bytes()) != stored {
+        return None;
+    }
+    body.lines()
+        .map(|line| {
+            let mut parts = line.splitn(3, ' ');
+            let len = parts.next()?.parse().ok()?;
+            let crc = u32::from_str_radix(parts.next()?, 16).ok()?;
+            Some((parts.next()?.to_owned(), (len, crc)))
+        })
+        .collect()
+}
+
+/// Removes the clean-close mark (durably) before anything may change the files.
+pub(crate) fn clear_clean_mark(dir: &Path) -> Result<(), StorageError> {
+    let path = dir.join(CLEAN_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io(dir, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(&path, e)),
     }
 }
 

@@ -16,7 +16,7 @@ use std::io::Read;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
-use crate::evidence::{self, Evidence, EVIDENCE_FILE};
+use crate::evidence::{self, Evidence, CLEAN_FILE, EVIDENCE_FILE};
 use crate::frame::{self, HEADER_LEN, MAGIC, MAX_RECORD_BYTES};
 use crate::{Position, Record, StorageError};
 
@@ -47,7 +47,12 @@ pub struct Salvage {
     pub records: BTreeMap<u64, Record>,
     pub damaged: Vec<DamagedCopy>,
     pub bytes_scanned: u64,
+    /// Every scanned file (relative to the log directory): its length and CRC32C.
+    pub fingerprint: Fingerprint,
 }
+
+/// The length and CRC32C of every file of a log directory, by relative path.
+pub type Fingerprint = BTreeMap<String, (u64, u32)>;
 
 impl Salvage {
     /// The head the log must reach: the evidence's, or 0 without evidence.
@@ -64,6 +69,9 @@ impl Salvage {
                 out.push(from..=to);
             }
         };
+        if upto.0 == 0 {
+            return out;
+        }
         for &p in self.generations.range(1..=upto.0).map(|(p, _)| p) {
             push(next, p - 1);
             next = p + 1;
@@ -129,9 +137,46 @@ pub fn scan(dir: &Path, keep_records: bool) -> Result<Salvage, StorageError> {
     collect_files(dir, &mut files)?;
     files.sort();
     for path in files {
-        scan_file(&path, keep_records, &mut salvage)?;
+        let (len, crc) = scan_file(&path, keep_records, &mut salvage)?;
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        salvage.fingerprint.insert(name, (len, crc));
     }
     Ok(salvage)
+}
+
+/// The length and CRC32C of every file of the log directory (what a scan records).
+pub fn fingerprint(dir: &Path) -> Result<Fingerprint, StorageError> {
+    let mut files = Vec::new();
+    collect_files(dir, &mut files)?;
+    let mut out = Fingerprint::new();
+    for path in files {
+        let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
+        let mut file = File::open(&path).map_err(io)?;
+        let mut sum = Checksum::default();
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match file.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sum.crc = crc32c::crc32c_append(sum.crc, &buf[..n]);
+                    sum.len += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io(e)),
+            }
+        }
+        let name = path
+            .strip_prefix(dir)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        out.insert(name, (sum.len, sum.crc));
+    }
+    Ok(out)
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StorageError> {
@@ -146,14 +191,18 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StorageError>
             .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())))?;
         if kind.is_dir() {
             collect_files(&path, out)?;
-        } else if kind.is_file() && entry.file_name() != EVIDENCE_FILE {
+        } else if kind.is_file()
+            && entry.file_name() != EVIDENCE_FILE
+            && entry.file_name() != CLEAN_FILE
+        {
             out.push(path);
         }
     }
     Ok(())
 }
 
-fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), StorageError> {
+/// Scans one file; answers its length and CRC32C.
+fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(u64, u32), StorageError> {
     let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
     let mut file = File::open(path).map_err(io)?;
     let finder = memchr::memmem::Finder::new(&MAGIC);
@@ -162,6 +211,7 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), Stora
     let mut base = 0u64;
     let mut at = 0usize;
     let mut eof = false;
+    let mut sum = Checksum::default();
     loop {
         let found = finder.find(&buf[at..]).map(|i| at + i);
         let Some(i) = found else {
@@ -173,12 +223,15 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), Stora
                 .len()
                 .saturating_sub(MAGIC.len() - 1)
                 .max(at.min(buf.len()));
-            refill(&mut file, &mut buf, &mut base, keep_from, &mut eof, salvage).map_err(io)?;
+            refill(
+                &mut file, &mut buf, &mut base, keep_from, &mut eof, &mut sum,
+            )
+            .map_err(io)?;
             at = 0;
             continue;
         };
         if buf.len() - i < HEADER_LEN && !eof {
-            refill(&mut file, &mut buf, &mut base, i, &mut eof, salvage).map_err(io)?;
+            refill(&mut file, &mut buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
             at = 0;
             continue;
         }
@@ -198,7 +251,7 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), Stora
         };
         let need = HEADER_LEN + header.body_len as usize;
         if buf.len() - i < need && !eof {
-            refill(&mut file, &mut buf, &mut base, i, &mut eof, salvage).map_err(io)?;
+            refill(&mut file, &mut buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
             at = 0;
             continue;
         }
@@ -246,7 +299,15 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(), Stora
             i + 1
         };
     }
-    Ok(())
+    salvage.bytes_scanned += sum.len;
+    Ok((sum.len, sum.crc))
+}
+
+/// A running CRC32C and length of the bytes read so far.
+#[derive(Default)]
+struct Checksum {
+    len: u64,
+    crc: u32,
 }
 
 /// Drops `buf[..keep_from]` and appends the next chunk of the file.
@@ -256,7 +317,7 @@ fn refill(
     base: &mut u64,
     keep_from: usize,
     eof: &mut bool,
-    salvage: &mut Salvage,
+    sum: &mut Checksum,
 ) -> std::io::Result<()> {
     buf.drain(..keep_from);
     *base += keep_from as u64;
@@ -275,7 +336,8 @@ fn refill(
         }
     }
     buf.truncate(filled);
-    salvage.bytes_scanned += (filled - start) as u64;
+    sum.crc = crc32c::crc32c_append(sum.crc, &buf[start..filled]);
+    sum.len += (filled - start) as u64;
     Ok(())
 }
 
@@ -321,7 +383,11 @@ impl crate::EventLog for SalvagedLog {
         self.head_tx.subscribe()
     }
     fn read_from(&self, from: Position, limit: usize) -> Result<Vec<Record>, StorageError> {
-        let end = from.0.max(1).saturating_add(limit as u64).min(self.head.0 + 1);
+        let end = from
+            .0
+            .max(1)
+            .saturating_add(limit as u64)
+            .min(self.head.0 + 1);
         (from.0.max(1)..end).map(|p| self.get(p)).collect()
     }
     fn read_at(&self, position: Position) -> Result<Option<Record>, StorageError> {
@@ -330,7 +396,12 @@ impl crate::EventLog for SalvagedLog {
         }
         self.get(position.0).map(Some)
     }
-    fn read_stream(&self, stream: &str, from: u64, limit: usize) -> Result<Vec<Record>, StorageError> {
+    fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError> {
         Ok(self
             .records
             .values()
@@ -349,11 +420,15 @@ impl crate::EventLog for SalvagedLog {
             .unwrap_or(0))
     }
     fn find_event(&self, event_id: uuid::Uuid) -> Result<Option<crate::Appended>, StorageError> {
-        Ok(self.records.values().find(|r| r.event_id == event_id).map(|r| crate::Appended {
-            position: r.position,
-            stream_version: r.stream_version,
-            duplicate: true,
-        }))
+        Ok(self
+            .records
+            .values()
+            .find(|r| r.event_id == event_id)
+            .map(|r| crate::Appended {
+                position: r.position,
+                stream_version: r.stream_version,
+                duplicate: true,
+            }))
     }
 }
 

@@ -84,6 +84,28 @@ pub struct SledLog {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     evidence: Mutex<Option<JoinHandle<()>>>,
+    /// Declared last: dropped after `shared` (and so after sled), it leaves the clean-close mark.
+    closer: CleanCloser,
+}
+
+/// Writes the clean-close mark once sled has closed, if the log closed cleanly.
+#[derive(Debug)]
+struct CleanCloser {
+    dir: std::path::PathBuf,
+    clean: AtomicBool,
+}
+
+impl Drop for CleanCloser {
+    fn drop(&mut self) {
+        if !self.clean.load(Ordering::Acquire) {
+            return;
+        }
+        let marked = salvage::fingerprint(&self.dir)
+            .and_then(|files| evidence::write_clean_mark(&self.dir, &files));
+        if let Err(e) = marked {
+            tracing::warn!(error = %e, "cannot leave the clean-close mark; the next open tries sled's recovery on a copy first");
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -126,8 +148,12 @@ impl Shared {
 #[derive(Debug, Default)]
 struct Index {
     ids: HashMap<Uuid, u64>,
-    /// Positions of each stream's versions 1, 2, … (increasing).
+    /// Positions of each stream's versions 1, 2, … (non-decreasing: a version
+    /// whose record was unreadable holds the next readable one's position).
     streams: HashMap<String, Vec<u64>>,
+    /// Only in a log opened with damage tolerated: versions whose record was
+    /// unreadable, with the damaged position that most likely held them.
+    gaps: HashMap<(String, u64), u64>,
 }
 
 impl Index {
@@ -182,6 +208,9 @@ impl SledLog {
         }
         // Before sled touches anything: what does the disk hold?
         let scan = salvage::scan(dir, false)?;
+        // Unchanged since a clean close: sled's recovery finds what sled left.
+        let trusted = exists && evidence::read_clean_mark(dir).as_ref() == Some(&scan.fingerprint);
+        evidence::clear_clean_mark(dir)?;
         let evidence = match (&scan.evidence, &scan.evidence_problem) {
             (_, Some(problem)) if !options.tolerate_damage => {
                 return Err(lost(dir, &scan, None, problem.clone()));
@@ -198,12 +227,16 @@ impl SledLog {
                 "no intact stored copy of them is left".into(),
             ));
         }
-        // sled's recovery discards everything past a damaged message it reads:
-        // when the disk holds damaged copies, let it recover a scratch copy
-        // first, and refuse (changing nothing) if it would come back short.
-        let suspicious = scan.damaged_upto(acknowledged).next().is_some() || !missing.is_empty();
-        if suspicious && exists {
-            let (recovered, reason) = match trial_recovery(dir, options.cache_bytes) {
+        // sled's recovery discards everything past a damaged message it reads,
+        // and some damage (a zeroed segment header, a frame whose magic is
+        // gone) is invisible to the scan: unless the files are exactly as a
+        // clean close left them, let sled recover a scratch copy first, and
+        // refuse (changing nothing) if it would come back short.
+        if exists && !trusted {
+            let trial = trial_recovery(dir, options.cache_bytes, options.tolerate_damage);
+            let (recovered, reason) = match trial {
+                // Our own finding (a record missing below the head): name it as it is.
+                Err(e @ StorageError::Corrupt { .. }) => return Err(e),
                 Ok(head) if head >= acknowledged => (None, None),
                 Ok(head) => (
                     Some(head),
@@ -265,7 +298,7 @@ impl SledLog {
                 ),
             ));
         }
-        let head = recover(&log)?;
+        let head = recover(&log, options.tolerate_damage)?;
         if head < acknowledged {
             if options.tolerate_damage {
                 tracing::error!(%head, %acknowledged, "the log lost acknowledged events");
@@ -320,6 +353,10 @@ impl SledLog {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             evidence: Mutex::new(Some(evidence_thread)),
+            closer: CleanCloser {
+                dir: dir.to_owned(),
+                clean: AtomicBool::new(false),
+            },
         })
     }
 
@@ -339,6 +376,8 @@ impl SledLog {
             let _ = handle.join();
         }
         self.shared.db.flush()?;
+        let clean = !self.shared.failed.load(Ordering::Acquire);
+        self.closer.clean.store(clean, Ordering::Release);
         Ok(())
     }
 
@@ -367,12 +406,7 @@ fn lost(
     reason: String,
 ) -> StorageError {
     let acknowledged = scan.acknowledged();
-    let mut missing = scan.missing(acknowledged);
-    if let Some(head) = recovered {
-        if head < acknowledged {
-            missing = vec![head.0 + 1..=acknowledged.0];
-        }
-    }
+    let missing = scan.missing(acknowledged);
     StorageError::Lost(Box::new(LossReport {
         dir: dir.display().to_string(),
         acknowledged,
@@ -398,7 +432,7 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
 /// The head sled's recovery reaches on a scratch copy of the log directory
 /// (removed afterwards), so that its recovery never runs on the original when
 /// it might discard data.
-fn trial_recovery(dir: &Path, cache_bytes: u64) -> Result<Position, StorageError> {
+fn trial_recovery(dir: &Path, cache_bytes: u64, tolerate: bool) -> Result<Position, StorageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -407,7 +441,7 @@ fn trial_recovery(dir: &Path, cache_bytes: u64) -> Result<Position, StorageError
     let result = copy_dir(dir, &copy).and_then(|()| {
         let db = open_db(&copy, cache_bytes)?;
         let log = db.open_tree("log")?;
-        let head = recover(&log);
+        let head = recover(&log, tolerate);
         drop(log);
         drop(db);
         head
@@ -516,7 +550,18 @@ fn read_record(log: &sled::Tree, position: Position) -> Result<Record, StorageEr
         });
     }
     for slot in frame::slots(&header, &bytes) {
-        let slot = slot?;
+        let slot = slot.map_err(|e| match e {
+            StorageError::Corrupt {
+                position: p,
+                reason,
+            } if p != position => StorageError::Corrupt {
+                position,
+                reason: format!(
+                    "unreadable after the damaged record at {p} in its frame ({reason})"
+                ),
+            },
+            other => other,
+        })?;
         if slot.position == position.0 {
             return slot.record(header.recorded_at_ms);
         }
@@ -530,7 +575,7 @@ fn read_record(log: &sled::Tree, position: Position) -> Result<Record, StorageEr
 /// Finds the durable head and drops anything past it. A frame past the head
 /// marker can only come from a group whose flush never finished, so it was
 /// never acknowledged; a record missing below it is corruption.
-fn recover(log: &sled::Tree) -> Result<Position, StorageError> {
+fn recover(log: &sled::Tree, tolerate: bool) -> Result<Position, StorageError> {
     let head = match log.get(HEAD_KEY)? {
         Some(b) => Position(be_u64(&b)?),
         None => Position::ZERO,
@@ -557,17 +602,25 @@ fn recover(log: &sled::Tree) -> Result<Position, StorageError> {
                     .map(|h| h.contains(head.0))
                     .unwrap_or(true); // a damaged header is reported when it is read
                 if !reaches {
-                    return Err(StorageError::Corrupt {
+                    let e = StorageError::Corrupt {
                         position: head,
                         reason: format!("the frame at {first} ends before the head marker {head}"),
-                    });
+                    };
+                    if !tolerate {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, "the log's last records are missing");
                 }
             }
             None => {
-                return Err(StorageError::Corrupt {
+                let e = StorageError::Corrupt {
                     position: Position(1),
                     reason: format!("the log holds no record but its head marker says {head}"),
-                })
+                };
+                if !tolerate {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "the log's records are missing");
             }
         }
     }
@@ -578,6 +631,7 @@ fn recover(log: &sled::Tree) -> Result<Position, StorageError> {
 fn build_index(log: &sled::Tree, head: Position, tolerate: bool) -> Result<Index, StorageError> {
     let mut index = Index::default();
     let mut next = 1u64;
+    let mut unreadable = std::collections::BTreeSet::new();
     let problem = |e: StorageError| -> Result<(), StorageError> {
         if tolerate {
             tracing::warn!(error = %e, "left out of the indexes");
@@ -594,6 +648,7 @@ fn build_index(log: &sled::Tree, head: Position, tolerate: bool) -> Result<Index
                 position: Position(next),
                 reason: "record missing (gap in positions)".into(),
             })?;
+            unreadable.extend(next..first);
         }
         let header = match frame::parse_header(&bytes) {
             Ok(h) if h.first == first => h,
@@ -602,6 +657,7 @@ fn build_index(log: &sled::Tree, head: Position, tolerate: bool) -> Result<Index
                     position: Position(first),
                     reason: "frame header damaged".into(),
                 })?;
+                unreadable.insert(first);
                 next = first + 1;
                 continue;
             }
@@ -618,10 +674,34 @@ fn build_index(log: &sled::Tree, head: Position, tolerate: bool) -> Result<Index
                                 view.stream, view.stream_version
                             ),
                         })?;
+                        // Tolerated: stand in for each skipped version, so that
+                        // versions keep their place and reading one is an error.
+                        let previous = index
+                            .streams
+                            .get(&view.stream)
+                            .and_then(|v| v.last().copied());
+                        for version in have + 1..view.stream_version {
+                            let damaged = unreadable
+                                .range(previous.map_or(1, |q| q + 1)..p)
+                                .next()
+                                .copied()
+                                .unwrap_or(p);
+                            index.gaps.insert((view.stream.clone(), version), damaged);
+                            index
+                                .streams
+                                .entry(view.stream.clone())
+                                .or_default()
+                                .push(p);
+                        }
                     }
                     index.add(p, Uuid::from_bytes(view.event_id), &view.stream)
                 }
-                Err(e) => problem(e)?,
+                Err(e) => {
+                    if let StorageError::Corrupt { position, .. } = &e {
+                        unreadable.insert(position.0);
+                    }
+                    problem(e)?
+                }
             }
         }
         next = header.last() + 1;
@@ -728,8 +808,15 @@ impl Writer {
         let index_lock = match self.shared.index() {
             Ok(index) => index,
             Err(e) => {
-                let replies = jobs.into_iter().map(|j| (j.reply, Ok(Vec::new()))).collect();
-                fail(&self.shared, &format!("cannot build the log's indexes: {e}"), replies);
+                let replies = jobs
+                    .into_iter()
+                    .map(|j| (j.reply, Ok(Vec::new())))
+                    .collect();
+                fail(
+                    &self.shared,
+                    &format!("cannot build the log's indexes: {e}"),
+                    replies,
+                );
                 return None;
             }
         };
@@ -911,15 +998,14 @@ impl EventLog for SledLog {
                 },
                 other => other,
             })?;
-            for r in records {
-                let r = r?;
-                if r.position.0 < expected {
+            for (p, r) in (key_first..).zip(records) {
+                if p < expected {
                     continue;
                 }
-                if r.position.0 > end {
+                if p > end {
                     break;
                 }
-                out.push(r);
+                out.push(r?);
                 expected += 1;
             }
         }
@@ -943,28 +1029,49 @@ impl EventLog for SledLog {
         limit: usize,
     ) -> Result<Vec<Record>, StorageError> {
         let durable = self.durable().0;
-        let positions: Vec<u64> = {
-            let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
+        let positions: Vec<Result<u64, u64>> = {
+            let index = self
+                .shared
+                .index()?
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             let Some(all) = index.streams.get(stream) else {
                 return Ok(Vec::new());
             };
-            let skip = usize::try_from(from_version.max(1) - 1).unwrap_or(usize::MAX);
+            let first = from_version.max(1);
+            let skip = usize::try_from(first - 1).unwrap_or(usize::MAX);
             all.iter()
                 .skip(skip)
                 .take_while(|&&p| p <= durable)
                 .take(limit)
-                .copied()
+                .zip(first..)
+                .map(
+                    |(&p, version)| match index.gaps.get(&(stream.to_owned(), version)) {
+                        Some(&damaged) => Err(damaged),
+                        None => Ok(p),
+                    },
+                )
                 .collect()
         };
         positions
             .into_iter()
-            .map(|p| read_record(&self.shared.log, Position(p)))
+            .map(|p| match p {
+                Ok(p) => read_record(&self.shared.log, Position(p)),
+                Err(damaged) => Err(StorageError::Corrupt {
+                    position: Position(damaged),
+                    reason: format!("a record of stream {stream:?} is unreadable"),
+                }),
+            })
             .collect()
     }
 
     fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
         let durable = self.durable().0;
-        let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
+        let index = self
+            .shared
+            .index()?
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         Ok(index
             .streams
             .get(stream)
@@ -973,7 +1080,11 @@ impl EventLog for SledLog {
 
     fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError> {
         let position = {
-            let index = self.shared.index()?.read().unwrap_or_else(|p| p.into_inner());
+            let index = self
+                .shared
+                .index()?
+                .read()
+                .unwrap_or_else(|p| p.into_inner());
             index.ids.get(&event_id).copied()
         };
         match position {

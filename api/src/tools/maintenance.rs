@@ -32,12 +32,14 @@ pub struct MigrateArgs {
 #[command(mut_arg("data", |a| a.help(
     "Directory holding the event log (never created by this command)"
 )))]
-#[command(after_help = "Without --accept-loss, repair changes nothing unless every acknowledged \
+#[command(
+    after_help = "Without --accept-loss, repair changes nothing unless every acknowledged \
     position has an intact copy on disk; then the new log holds all of them and nothing is lost. \
     With --accept-loss, the new log keeps every record before the first missing position, followed \
     by a `log_loss_accepted` record (stream `$log`) naming the lost positions, the operator and the \
     time. The damaged log is kept as log.damaged-<time> either way. Refuses while a server holds \
-    the data dir. Exit status: 0 when repaired, 1 otherwise.")]
+    the data dir. Exit status: 0 when repaired, 1 otherwise."
+)]
 pub struct RepairArgs {
     #[command(flatten)]
     pub data: DataArgs,

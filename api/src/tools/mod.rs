@@ -95,7 +95,12 @@ impl<L: EventLog> Tolerant<L> {
     }
 
     fn placeholder(&self, position: Position, reason: &str) -> Record {
-        if self.damaged.lock().unwrap_or_else(|p| p.into_inner()).insert(position.0) {
+        if self
+            .damaged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(position.0)
+        {
             eprintln!("threadline: skipping damaged record at position {position}: {reason}");
         }
         Record {
@@ -147,7 +152,12 @@ impl<L: EventLog> EventLog for Tolerant<L> {
             other => other,
         }
     }
-    fn read_stream(&self, stream: &str, from: u64, limit: usize) -> Result<Vec<Record>, StorageError> {
+    fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError> {
         self.log.read_stream(stream, from, limit)
     }
     fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {

@@ -104,7 +104,11 @@ impl Pass {
 /// sled's recovery cannot discard what it finds) and records what it says.
 /// Returns false when acknowledged positions have no intact copy left: the
 /// log must then not be opened at all.
-fn scan_copies(data: &std::path::Path, quiet: bool, report: &mut Report) -> anyhow::Result<(bool, Position)> {
+fn scan_copies(
+    data: &std::path::Path,
+    quiet: bool,
+    report: &mut Report,
+) -> anyhow::Result<(bool, Position)> {
     let dir = crate::server::log_dir(data);
     if !dir.join("conf").exists() {
         // Let the open name what is wrong with the dir.
@@ -134,7 +138,9 @@ fn scan_copies(data: &std::path::Path, quiet: bool, report: &mut Report) -> anyh
     }
     let damaged: Vec<_> = scan.damaged_upto(acknowledged).collect();
     for d in damaged.iter().take(20) {
-        let what = d.position.map_or("a frame header".to_owned(), |p| format!("position {p}"));
+        let what = d
+            .position
+            .map_or("a frame header".to_owned(), |p| format!("position {p}"));
         report.notes.push(format!(
             "damaged stored copy of {what} at {}+{}: {}",
             d.file.strip_prefix(&dir).unwrap_or(&d.file).display(),
@@ -143,7 +149,9 @@ fn scan_copies(data: &std::path::Path, quiet: bool, report: &mut Report) -> anyh
         ));
     }
     if damaged.len() > 20 {
-        report.notes.push(format!("… and {} more damaged copies", damaged.len() - 20));
+        report
+            .notes
+            .push(format!("… and {} more damaged copies", damaged.len() - 20));
     }
     if !damaged.is_empty() {
         report.notes.push(format!(
@@ -188,7 +196,13 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             print!("{}", render(data, acknowledged, &pass.report));
             return Ok(ExitCode::FAILURE);
         }
-        Err(e) => return Err(super::explain_open_error(data, e, "; stop it before verifying")),
+        Err(e) => {
+            return Err(super::explain_open_error(
+                data,
+                e,
+                "; stop it before verifying",
+            ))
+        }
     };
     let head = log.head();
     if head < acknowledged {

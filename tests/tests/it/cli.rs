@@ -366,8 +366,9 @@ async fn verify_names_every_flipped_record_position() {
     assert_eq!(out.code, Some(1), "{out:?}");
     for position in &bad {
         assert!(
-            out.stdout
-                .contains(&format!("bad record at position {position}: checksum mismatch")),
+            out.stdout.contains(&format!(
+                "bad record at position {position}: checksum mismatch"
+            )),
             "{out:?}"
         );
     }

@@ -131,14 +131,26 @@ fn serve_refuses(data: &Path) -> String {
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success(), "{stderr}");
-    assert!(stderr.contains("threadline repair"), "says how to proceed: {stderr}");
+    assert!(
+        stderr.contains("threadline repair"),
+        "says how to proceed: {stderr}"
+    );
     stderr
 }
 
 fn audit_count(data: &Path) -> usize {
-    let (code, stdout, stderr) = tl(&["audit", "--format", "jsonl", "--data", data.to_str().unwrap()]);
+    let (code, stdout, stderr) = tl(&[
+        "audit",
+        "--format",
+        "jsonl",
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0), "{stderr}");
-    stdout.lines().filter(|l| l.contains("integrity-marker-")).count()
+    stdout
+        .lines()
+        .filter(|l| l.contains("integrity-marker-"))
+        .count()
 }
 
 #[tokio::test]
@@ -157,7 +169,10 @@ async fn a_flipped_byte_in_sleds_file_is_refused_named_and_repaired_without_loss
 
     // serve refuses: never the shortened history sled's recovery would give.
     let said = serve_refuses(&data);
-    assert!(said.contains(&format!("{HEAD} were acknowledged")), "{said}");
+    assert!(
+        said.contains(&format!("{HEAD} were acknowledged")),
+        "{said}"
+    );
 
     // verify fails and names the damaged position.
     let (code, stdout, _) = tl(&["verify", "--data", data.to_str().unwrap()]);
@@ -205,7 +220,10 @@ async fn a_record_with_no_intact_copy_is_named_and_its_loss_is_only_accepted_exp
     // Without --accept-loss, repair changes nothing.
     let (code, _, stderr) = tl(&["repair", "--data", data.to_str().unwrap()]);
     assert_eq!(code, Some(1));
-    assert!(stderr.contains("203") && stderr.contains("nothing was changed"), "{stderr}");
+    assert!(
+        stderr.contains("203") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
     serve_refuses(&data);
 
     let (code, stdout, stderr) = tl(&[
@@ -231,8 +249,15 @@ async fn a_record_with_no_intact_copy_is_named_and_its_loss_is_only_accepted_exp
     assert_eq!(after[..], before[..202]);
     let agent = server.api(&token("planner", "agent"));
     let r = agent
-        .event("run_integrity", "agent_thinking", json!({"after": "repair"}))
+        .event(
+            "run_integrity",
+            "agent_thinking",
+            json!({"after": "repair"}),
+        )
         .await;
     assert_eq!(r.status, 201, "{:?}", r.body);
-    assert_eq!(r.body["position"], 204, "positions stay dense after the loss record");
+    assert_eq!(
+        r.body["position"], 204,
+        "positions stay dense after the loss record"
+    );
 }
