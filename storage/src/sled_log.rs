@@ -237,8 +237,9 @@ impl SledLog {
             let (recovered, reason) = match trial {
                 // Our own finding (a record missing below the head): name it as it is.
                 Err(e @ StorageError::Corrupt { .. }) => return Err(e),
-                Ok(head) if head >= acknowledged => (None, None),
-                Ok(head) => (
+                Ok(None) => (None, None), // not a format-2 log: said below
+                Ok(Some(head)) if head >= acknowledged => (None, None),
+                Ok(Some(head)) => (
                     Some(head),
                     Some(format!(
                         "a damaged stored copy would make sled's recovery stop at position {head}"
@@ -432,7 +433,11 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
 /// The head sled's recovery reaches on a scratch copy of the log directory
 /// (removed afterwards), so that its recovery never runs on the original when
 /// it might discard data.
-fn trial_recovery(dir: &Path, cache_bytes: u64, tolerate: bool) -> Result<Position, StorageError> {
+fn trial_recovery(
+    dir: &Path,
+    cache_bytes: u64,
+    tolerate: bool,
+) -> Result<Option<Position>, StorageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -441,7 +446,14 @@ fn trial_recovery(dir: &Path, cache_bytes: u64, tolerate: bool) -> Result<Positi
     let result = copy_dir(dir, &copy).and_then(|()| {
         let db = open_db(&copy, cache_bytes)?;
         let log = db.open_tree("log")?;
-        let head = recover(&log, tolerate);
+        let head = match log.get(LAYOUT_KEY)? {
+            Some(v) if v.as_ref() == LAYOUT_V2 => recover(&log, tolerate).map(Some),
+            // A format-1 log (or another layout): the open names it.
+            Some(_) => Ok(None),
+            None if log.get(HEAD_KEY)?.is_some() => Ok(None),
+            // sled recovered nothing at all.
+            None => Ok(Some(Position::ZERO)),
+        };
         drop(log);
         drop(db);
         head
@@ -883,48 +895,73 @@ fn fail(shared: &Shared, error: &str, replies: Vec<Reply>) {
     }
 }
 
-/// sled's flush writes its buffers with `sync_file_range`, which neither
-/// flushes the device cache nor persists the file's size; `fdatasync` does.
-fn sync(shared: &Shared) -> Result<(), String> {
-    shared.db.flush().map_err(|e| e.to_string())?;
-    shared
-        .data_file
-        .sync_data()
-        .map_err(|e| format!("fdatasync: {e}"))
-}
-
-/// Flushes whatever groups are waiting with one fsync, then publishes the
-/// new durable head, answers their appenders and passes the head on to the
-/// durable-head record.
+/// Writes whatever groups are waiting to sled's file with one sled `flush`,
+/// then hands them to the syncer. sled's flush writes with `sync_file_range`,
+/// which neither flushes the device cache nor persists the file's size: the
+/// syncer's `fdatasync` does, while this thread already writes the next groups.
 fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>, to_evidence: mpsc::Sender<Position>) {
-    let mut durable = Position(shared.durable.load(Ordering::Acquire));
-    while let Ok(first) = rx.recv() {
-        let mut groups = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            groups.push(more);
+    let (to_syncer, syncer_rx) = mpsc::channel::<Applied>();
+    let durable = Position(shared.durable.load(Ordering::Acquire));
+    std::thread::scope(|scope| {
+        let syncer = std::thread::Builder::new()
+            .name("threadline-log-syncer".into())
+            .spawn_scoped(scope, || sync_loop(shared, syncer_rx, to_evidence, durable));
+        if syncer.is_err() {
+            tracing::error!("cannot start the log syncer");
+            shared.failed.store(true, Ordering::Release);
         }
-        let replies = groups
-            .iter_mut()
-            .flat_map(|g| g.replies.drain(..))
-            .collect::<Vec<_>>();
-        // Groups arrive in apply order, so the last one holds the highest head;
-        // every one of them was applied before this flush starts.
-        let head = groups.iter().map(|g| g.head).max().unwrap_or(durable);
-        if shared.failed.load(Ordering::Acquire) {
-            fail(shared, "an earlier commit failed", replies);
-            continue;
-        }
-        if head > durable {
-            if let Err(e) = sync(shared) {
-                fail(shared, &e, replies);
+        while let Ok(first) = rx.recv() {
+            let mut group = first;
+            while let Ok(mut more) = rx.try_recv() {
+                group.replies.append(&mut more.replies);
+                group.head = group.head.max(more.head);
+            }
+            if shared.failed.load(Ordering::Acquire) {
+                fail(shared, "an earlier commit failed", group.replies);
                 continue;
             }
-            durable = head;
-            shared.durable.store(head.0, Ordering::Release);
-            shared.head_tx.send_replace(head);
-            let _ = to_evidence.send(head);
+            // Every group taken here was applied before this flush starts.
+            if let Err(e) = shared.db.flush() {
+                fail(shared, &e.to_string(), group.replies);
+                continue;
+            }
+            let _ = to_syncer.send(group);
         }
-        for (reply, outcome) in replies {
+        drop(to_syncer);
+    });
+}
+
+/// Makes what the flusher wrote durable with one `fdatasync` for everything
+/// waiting, then publishes the new durable head, answers the appenders and
+/// passes the head on to the durable-head record.
+fn sync_loop(
+    shared: &Shared,
+    rx: mpsc::Receiver<Applied>,
+    to_evidence: mpsc::Sender<Position>,
+    mut durable: Position,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = first;
+        while let Ok(mut more) = rx.try_recv() {
+            group.replies.append(&mut more.replies);
+            group.head = group.head.max(more.head);
+        }
+        if shared.failed.load(Ordering::Acquire) {
+            fail(shared, "an earlier commit failed", group.replies);
+            continue;
+        }
+        if group.head > durable {
+            // Started after sled's flush of every group taken here returned.
+            if let Err(e) = shared.data_file.sync_data() {
+                fail(shared, &format!("fdatasync: {e}"), group.replies);
+                continue;
+            }
+            durable = group.head;
+            shared.durable.store(durable.0, Ordering::Release);
+            shared.head_tx.send_replace(durable);
+            let _ = to_evidence.send(durable);
+        }
+        for (reply, outcome) in group.replies {
             let _ = reply.send(outcome);
         }
     }
