@@ -967,10 +967,36 @@ fn sync_loop(
     }
 }
 
+/// How often, at most, the durable-head record is rewritten under load: each
+/// write costs an `fdatasync`, and this bounds how far it lags the durable head.
+pub const EVIDENCE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Keeps the durable-head record up with the durable head: one write and
-/// `fdatasync` at a time, each taking the newest head that arrived meanwhile.
+/// `fdatasync` at a time and at most one per [`EVIDENCE_INTERVAL`], each
+/// taking the newest head that arrived meanwhile; the last head is written
+/// before the log closes.
 fn evidence_loop(shared: &Shared, mut file: EvidenceFile, rx: mpsc::Receiver<Position>) {
+    let mut last_write: Option<std::time::Instant> = None;
     while let Ok(mut head) = rx.recv() {
+        // Rate limit: wait out the interval, still taking newer heads (and the close).
+        let mut closing = false;
+        if let Some(at) = last_write {
+            let until = at + EVIDENCE_INTERVAL;
+            loop {
+                let now = std::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                match rx.recv_timeout(until - now) {
+                    Ok(newer) => head = newer,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        break;
+                    }
+                }
+            }
+        }
         while let Ok(newer) = rx.try_recv() {
             head = newer;
         }
@@ -978,6 +1004,10 @@ fn evidence_loop(shared: &Shared, mut file: EvidenceFile, rx: mpsc::Receiver<Pos
             // Without it a later loss could go unnoticed: stop acknowledging.
             tracing::error!(error = %e, "cannot write the durable-head record; the log stops accepting appends");
             shared.failed.store(true, Ordering::Release);
+            return;
+        }
+        last_write = Some(std::time::Instant::now());
+        if closing {
             return;
         }
     }
