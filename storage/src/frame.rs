@@ -200,7 +200,7 @@ pub(crate) struct Slot<'a> {
 }
 
 impl Slot<'_> {
-    fn verify(&self) -> Result<(), StorageError> {
+    pub(crate) fn verify(&self) -> Result<(), StorageError> {
         let crc = crc32c::crc32c_append(crc32c::crc32c(&self.position.to_le_bytes()), self.body);
         if crc != self.crc {
             return Err(corrupt(self.position, "checksum mismatch".into()));

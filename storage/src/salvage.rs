@@ -265,7 +265,7 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(u64, u32
                     s.record(header.recorded_at_ms)
                         .map(|r| (s.position, Some(r)))
                 } else {
-                    s.index_view().map(|_| (s.position, None))
+                    s.verify().map(|()| (s.position, None))
                 }
             });
             match checked {
