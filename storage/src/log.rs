@@ -79,6 +79,18 @@ pub trait EventLog: Send + Sync + 'static {
     fn read_from(&self, from: Position, limit: usize) -> Result<Vec<Record>, StorageError>;
     /// The durable record at `position`, if any, checksum verified.
     fn read_at(&self, position: Position) -> Result<Option<Record>, StorageError>;
+    /// The durable records at `positions` (ascending), in that order; a position
+    /// past the durable head is `InvalidInput`. Backends may read them together.
+    fn read_many(&self, positions: &[Position]) -> Result<Vec<Record>, StorageError> {
+        positions
+            .iter()
+            .map(|&p| {
+                self.read_at(p)?.ok_or_else(|| {
+                    StorageError::InvalidInput(format!("position {p} is not durable"))
+                })
+            })
+            .collect()
+    }
     /// Up to `limit` durable records of `stream` from version `from_version` on, in order.
     fn read_stream(
         &self,

@@ -1089,6 +1089,45 @@ impl EventLog for SledLog {
         self.get_record(position)
     }
 
+    /// Reads each frame once for all the positions it holds.
+    fn read_many(&self, positions: &[Position]) -> Result<Vec<Record>, StorageError> {
+        let durable = self.durable();
+        let log = &self.shared.log;
+        let mut out = Vec::with_capacity(positions.len());
+        let mut frame: Option<(frame::Header, sled::IVec)> = None;
+        for &position in positions {
+            if position.0 == 0 || position > durable {
+                return Err(StorageError::InvalidInput(format!(
+                    "position {position} is not durable"
+                )));
+            }
+            if !frame.as_ref().is_some_and(|(h, _)| h.contains(position.0)) {
+                let (first, bytes) = frame_for(log, position)?;
+                match frame::parse_header(&bytes) {
+                    Ok(h) if h.first == first && h.contains(position.0) => {
+                        frame = Some((h, bytes));
+                    }
+                    // Let the single read name what is wrong.
+                    _ => {
+                        out.push(read_record(log, position)?);
+                        frame = None;
+                        continue;
+                    }
+                }
+            }
+            let (header, bytes) = frame.as_ref().expect("set above");
+            match frame::slots(header, bytes).find_map(|slot| match slot {
+                Ok(s) if s.position == position.0 => Some(Ok(s)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }) {
+                Some(Ok(slot)) => out.push(slot.record(header.recorded_at_ms)?),
+                _ => out.push(read_record(log, position)?),
+            }
+        }
+        Ok(out)
+    }
+
     fn read_stream(
         &self,
         stream: &str,

@@ -67,6 +67,31 @@ fn positions_and_versions_are_dense(log: &dyn EventLog) {
     assert_eq!(at.payload, b"payload of thread:b");
 }
 
+fn read_many_reads_what_read_at_reads(log: &dyn EventLog) {
+    // Batches so that several records share a group commit (and a frame).
+    for i in 0..10 {
+        let batch = (0..5)
+            .map(|k| ev(["thread:a", "thread:b"][(i + k) % 2], None))
+            .collect();
+        append(log, batch).unwrap();
+    }
+    let wanted: Vec<Position> = [1, 2, 3, 7, 8, 21, 22, 23, 49, 50]
+        .into_iter()
+        .map(Position)
+        .collect();
+    let many = log.read_many(&wanted).unwrap();
+    let single: Vec<_> = wanted
+        .iter()
+        .map(|&p| log.read_at(p).unwrap().unwrap())
+        .collect();
+    assert_eq!(many, single);
+    assert!(log.read_many(&[]).unwrap().is_empty());
+    assert!(matches!(
+        log.read_many(&[Position(50), Position(51)]),
+        Err(StorageError::InvalidInput(_))
+    ));
+}
+
 fn batches_are_all_or_nothing(log: &dyn EventLog) {
     append(log, vec![ev("s1", None), ev("s2", None)]).unwrap();
     let bad = vec![ev("s1", Some(1)), ev("s3", None), ev("s2", Some(7))];
@@ -215,6 +240,11 @@ macro_rules! contract_suite {
             fn dense() {
                 let (log, _g) = $make;
                 positions_and_versions_are_dense(&*log);
+            }
+            #[test]
+            fn read_many() {
+                let (log, _g) = $make;
+                read_many_reads_what_read_at_reads(&*log);
             }
             #[test]
             fn atomic_batches() {
