@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::render))
         .route("/openapi.json", get(crate::openapi::document))
+        .route_layer(axum::middleware::from_fn(crate::extract::known_query))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -49,6 +50,7 @@ async fn create_thread(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     user_id: Option<String>,
 }
@@ -105,6 +107,7 @@ async fn append_batch(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VersionQuery {
     #[serde(default)]
     after_version: u64,
@@ -127,6 +130,7 @@ async fn thread_events(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditArgs {
     #[serde(default)]
     after: u64,

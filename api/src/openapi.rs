@@ -44,6 +44,20 @@ pub const ROUTES: &[Route] = &[
     Route { method: "get", path: "/openapi.json", summary: "This document.", body: None, query: &[], ok: (200, ""), errors: &[], auth: false },
 ];
 
+/// The query parameters `method path` knows (`None` when the route is not in the table).
+/// A HEAD is answered by the GET route.
+pub fn query_names(method: &str, path: &str) -> Option<impl Iterator<Item = &'static str>> {
+    let method = if method.eq_ignore_ascii_case("head") {
+        "get"
+    } else {
+        method
+    };
+    ROUTES
+        .iter()
+        .find(|r| r.path == path && r.method.eq_ignore_ascii_case(method))
+        .map(|r| r.query.iter().map(|(name, _, _)| *name))
+}
+
 pub async fn document() -> Json<Value> {
     Json(spec())
 }

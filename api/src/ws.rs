@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Uri};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -19,6 +20,8 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::{bearer_token, AuthError, Principal};
+use crate::error::AppError;
+use crate::extract::check_query;
 use crate::wire;
 
 /// Frames read from the log per step: bounds a socket's memory.
@@ -102,7 +105,7 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
 
 pub async fn upgrade(
     State(app): State<AppState>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
@@ -112,7 +115,25 @@ pub async fn upgrade(
     let auth = token(&headers, query.as_ref())
         .ok_or(AuthError::Missing)
         .and_then(|t| app.auth.verify(t));
-    let params = parse_params(query);
+    let params = match uri.query().map(|q| check_query("GET", "/v1/ws", q)) {
+        Some(Err(e)) => Err(e.to_string()),
+        _ => parse_params(query),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        // Not an upgrade: answered like any other call, in JSON.
+        Err(_) => {
+            let error = match (auth, params) {
+                (Err(e), _) => AppError::Unauthorized(e),
+                (_, Err(e)) => AppError::InvalidRequest(e),
+                _ => AppError::InvalidRequest(
+                    "GET /v1/ws is a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)"
+                        .into(),
+                ),
+            };
+            return error.into_response();
+        }
+    };
     // Clients send only small acks and pings: tungstenite's default 128 KiB
     // read buffer per socket was most of an idle socket's memory (docs/benchmarks.md).
     ws.protocols([SUBPROTOCOL])
