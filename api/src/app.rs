@@ -252,11 +252,15 @@ impl AppState {
         let owner = self
             .projector
             .read(|m| visible(m.registry(), &p.actor, &thread_id).map(|t| t.owner.clone()))?;
-        let records = self.log().read_stream(
-            &format!("thread:{thread_id}"),
-            after_version + 1,
-            limit.clamp(1, MAX_LIMIT),
-        )?;
+        // Nothing comes after u64::MAX (and it must not wrap round to version 0).
+        let records = match after_version.checked_add(1) {
+            Some(from) => self.log().read_stream(
+                &format!("thread:{thread_id}"),
+                from,
+                limit.clamp(1, MAX_LIMIT),
+            )?,
+            None => Vec::new(),
+        };
         let mut events = Vec::with_capacity(records.len());
         for record in &records {
             let event = wire::event_of(record)?;

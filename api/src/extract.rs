@@ -112,7 +112,11 @@ pub(crate) fn check_query(method: &str, path: &str, query: &str) -> Result<(), A
             .map_err(|_| AppError::InvalidRequest("malformed query string".into()))?,
     )
     .map_err(|e| AppError::InvalidRequest(e.body_text()))?;
-    match pairs.0.iter().find(|(name, _)| !known.contains(&name.as_str())) {
+    match pairs
+        .0
+        .iter()
+        .find(|(name, _)| !known.contains(&name.as_str()))
+    {
         None => Ok(()),
         Some((name, _)) => {
             let name: String = name.chars().take(64).collect();

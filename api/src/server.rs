@@ -70,7 +70,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.data.display()
     );
     let limits = Limits {
-        run_ttl_ms: config.run_ttl.as_millis() as u64,
+        run_ttl_ms: u64::try_from(config.run_ttl.as_millis()).unwrap_or(u64::MAX),
         ..Limits::default()
     };
     serve(

@@ -241,8 +241,12 @@ impl Session {
             "resume_after": resume_after, "head": head, "protocol": 1});
         self.send(vec![welcome.to_string()]).await?;
 
-        let leeway_ms = app.auth.leeway_secs() * 1000;
-        let expires_in = (principal.expires_at * 1000 + leeway_ms).saturating_sub(now_ms());
+        // Saturating: a token may carry any `exp` up to u64::MAX; a far one is simply never reached.
+        let expires_at_ms = principal
+            .expires_at
+            .saturating_add(app.auth.leeway_secs())
+            .saturating_mul(1000);
+        let expires_in = expires_at_ms.saturating_sub(now_ms());
         let expiry = tokio::time::sleep(Duration::from_millis(expires_in));
         tokio::pin!(expiry);
         let mut projected = app.projector.watch();
@@ -349,7 +353,8 @@ impl Session {
         }
         if let Some((seq, _)) = entries.last() {
             let head = self.app.projector.read(|m| m.delivery().user_head(user));
-            metrics::histogram!("threadline_replay_lag_events").record((head - seq) as f64);
+            metrics::histogram!("threadline_replay_lag_events")
+                .record(head.saturating_sub(*seq) as f64);
         }
         Ok((frames, entries.last().map(|(s, _)| *s)))
     }

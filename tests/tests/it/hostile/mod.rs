@@ -3,4 +3,18 @@
 //! Limits are set through their `THREADLINE_*` variables, small enough that
 //! each attack takes a second, not a production-sized minute.
 
+mod f07_integers;
 mod f10_queries;
+
+use threadline_tests::{token, Socket, TestServer};
+
+/// Opens a socket for `user` past its history, reading welcome and caught_up.
+pub(super) async fn live_socket(server: &TestServer, user: &str) -> Socket {
+    let mut s = server
+        .socket(&token(user, "user"), "after=latest")
+        .await
+        .expect("upgrade");
+    s.welcome().await.expect("welcome");
+    s.until("caught_up").await.expect("caught_up");
+    s
+}
