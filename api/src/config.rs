@@ -14,6 +14,9 @@ const SECRET_FILE_NAME: &str = "jwt.secret";
 /// Leeway above this would make `exp` meaningless for short-lived tokens.
 pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(60);
 
+/// Shortest HS256 secret accepted: HMAC-SHA256's own output size (RFC 7518 §3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Where Threadline keeps its data.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
@@ -58,20 +61,32 @@ impl fmt::Display for JwtAlg {
 }
 
 /// How tokens are signed and verified. Exactly one algorithm is in force: HS256 with
-/// `--jwt-secret`, RS256/ES256 with a PEM key, or else the HS256 secret in `<data>/jwt.secret`.
+/// `--jwt-secret` or `--jwt-secret-file`, RS256/ES256 with a PEM key, or else the HS256
+/// secret in `<data>/jwt.secret`.
 // Debug is written by hand so the secret never reaches a log line.
 #[derive(clap::Args, Clone, Default)]
 pub struct KeyArgs {
-    /// Shared secret for HS256. Without any key option, the secret generated into
-    /// `<data>/jwt.secret` on the first `serve` is used instead.
+    /// Shared secret for HS256, at least 32 bytes. Without any key option, the secret
+    /// generated into `<data>/jwt.secret` on the first `serve` is used instead. A secret on
+    /// the command line is visible to other local users (`ps`); prefer --jwt-secret-file.
     #[arg(
         long,
         env = "THREADLINE_JWT_SECRET",
         hide_env_values = true,
         value_name = "SECRET",
-        conflicts_with_all = ["jwt_public_key", "jwt_private_key"]
+        conflicts_with_all = ["jwt_secret_file", "jwt_public_key", "jwt_private_key"]
     )]
     pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (at least 32 bytes; surrounding whitespace and the
+    /// final newline are ignored), so the secret stands on no command line.
+    #[arg(
+        long,
+        env = "THREADLINE_JWT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with_all = ["jwt_public_key", "jwt_private_key"]
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
 
     /// PEM file with the public key (SPKI `BEGIN PUBLIC KEY`, or `BEGIN RSA PUBLIC KEY`) that
     /// verifies tokens; requires --jwt-alg.
@@ -120,6 +135,7 @@ impl fmt::Debug for KeyArgs {
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("jwt_secret_file", &self.jwt_secret_file)
             .field("jwt_public_key", &self.jwt_public_key)
             .field("jwt_alg", &self.jwt_alg)
             .field("jwt_private_key", &self.jwt_private_key)
@@ -128,6 +144,45 @@ impl fmt::Debug for KeyArgs {
             .field("jwt_leeway", &self.jwt_leeway)
             .finish()
     }
+}
+
+impl KeyArgs {
+    /// The configured HS256 secret: `--jwt-secret`, or the contents of `--jwt-secret-file`;
+    /// `None` when neither is given. Refuses one shorter than [`MIN_SECRET_BYTES`].
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        let (secret, origin) = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(_), Some(_)) => bail!("configure one of --jwt-secret and --jwt-secret-file"),
+            (Some(s), None) => (s.clone(), "--jwt-secret".to_owned()),
+            (None, Some(path)) => {
+                let text = fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --jwt-secret-file {}", path.display()))?;
+                warn_if_readable_by_others(path);
+                (
+                    text.trim().to_owned(),
+                    format!("--jwt-secret-file {}", path.display()),
+                )
+            }
+            (None, None) => return Ok(None),
+        };
+        check_secret_len(&secret, &origin)?;
+        Ok(Some(secret))
+    }
+}
+
+/// Refuses an HS256 secret shorter than [`MIN_SECRET_BYTES`]: a short one can be
+/// brute-forced offline from any token it signed.
+pub fn check_secret_len(secret: &str, origin: &str) -> anyhow::Result<()> {
+    if secret.is_empty() {
+        bail!("the HS256 secret from {origin} is empty");
+    }
+    if secret.len() < MIN_SECRET_BYTES {
+        bail!(
+            "the HS256 secret from {origin} must be at least {MIN_SECRET_BYTES} bytes (it is {}); \
+             generate one with `openssl rand -hex 32`",
+            secret.len()
+        );
+    }
+    Ok(())
 }
 
 /// Parses a humantime duration (`5s`, `1m`) no longer than [`MAX_JWT_LEEWAY`].
@@ -199,6 +254,10 @@ pub fn load_secret(data_dir: &Path) -> anyhow::Result<Option<String>> {
         );
     }
     warn_if_readable_by_others(&path);
+    check_secret_len(
+        secret,
+        &format!("{} (delete it to generate a new one)", path.display()),
+    )?;
     Ok(Some(secret.to_owned()))
 }
 

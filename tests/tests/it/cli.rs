@@ -52,6 +52,7 @@ fn command() -> Command {
     for var in [
         "THREADLINE_DATA",
         "THREADLINE_JWT_SECRET",
+        "THREADLINE_JWT_SECRET_FILE",
         "THREADLINE_URL",
         "THREADLINE_TOKEN",
         "THREADLINE_LOG",
@@ -572,6 +573,7 @@ const HELP: &[(&str, &[&str])] = &[
             "--run-ttl",
             "--max-connections-per-user",
             "--jwt-secret",
+            "--jwt-secret-file",
             "--jwt-public-key",
             "--jwt-alg",
             "--jwt-leeway",
@@ -579,7 +581,14 @@ const HELP: &[(&str, &[&str])] = &[
     ),
     (
         "token",
-        &["--data", "--sub", "--role", "--ttl", "--jwt-secret"],
+        &[
+            "--data",
+            "--sub",
+            "--role",
+            "--ttl",
+            "--jwt-secret",
+            "--jwt-secret-file",
+        ],
     ),
     ("rebuild", &["--data", "--projection", "--quiet"]),
     ("verify", &["--data", "--quiet"]),

@@ -4,6 +4,7 @@
 //! each attack takes a second, not a production-sized minute.
 
 mod f07_integers;
+mod f08_secrets;
 mod f10_queries;
 
 use threadline_tests::{token, Socket, TestServer};
