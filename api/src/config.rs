@@ -194,6 +194,52 @@ pub fn parse_leeway(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Creates `dir` (and its parents) private to this user, mode 0700, and takes group and
+/// other bits off it and everything under it when it already exists, so the log and the
+/// secret are not readable by other local users (files created later are private by
+/// the binary's umask, 077).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    #[cfg(unix)]
+    tighten(dir).with_context(|| format!("making {} private", dir.display()))?;
+    Ok(())
+}
+
+/// Clears group and other bits of `path` and, for a directory, of everything under it
+/// (symlinks are not followed).
+#[cfg(unix)]
+fn tighten(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{:o}", mode & 0o777),
+            "was accessible to other users; removing their access"
+        );
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            tighten(&entry?.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Where the generated HS256 secret lives.
 pub fn secret_file(data_dir: &Path) -> PathBuf {
     data_dir.join(SECRET_FILE_NAME)
@@ -205,8 +251,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<(String, bool)> 
     if let Some(secret) = load_secret(data_dir)? {
         return Ok((secret, false));
     }
-    fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let path = secret_file(data_dir);
     let secret = random_hex(32);
 
@@ -373,6 +418,32 @@ mod tests {
         assert_eq!(load_secret(&dir).unwrap().as_deref(), Some(first.as_str()));
         // No temp files left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_data_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = TempDir::new();
+        let dir = tmp.0.join("data");
+        fs::create_dir_all(dir.join("log")).unwrap();
+        fs::write(dir.join("log").join("db"), "x").unwrap();
+        for (p, mode) in [(dir.clone(), 0o755), (dir.join("log"), 0o755)] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::set_permissions(
+            dir.join("log").join("db"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        create_private_dir(&dir).unwrap();
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.clone()), 0o700);
+        assert_eq!(mode(dir.join("log")), 0o700);
+        assert_eq!(mode(dir.join("log").join("db")), 0o600);
+        let fresh = tmp.0.join("a").join("b");
+        create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(fresh), 0o700);
     }
 
     #[test]

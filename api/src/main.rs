@@ -74,6 +74,10 @@ fn init_tracing(default: &str) {
 }
 
 fn main() -> ExitCode {
+    // Everything this binary creates (the data dir, the log's files, the generated
+    // secret) is private to its user: no bits for group or others.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     init_tracing(match cli.command {
         Cmd::Serve(_) => "info",

@@ -44,8 +44,7 @@ pub fn log_dir(data: &std::path::Path) -> PathBuf {
 /// Opens everything and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     crate::metrics::install();
-    std::fs::create_dir_all(&config.data)
-        .with_context(|| format!("creating data dir {}", config.data.display()))?;
+    crate::config::create_private_dir(&config.data)?;
     let auth = Authenticator::from_config(&config.keys, &config.data, true)?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
     let dir = log_dir(&config.data);

@@ -3,6 +3,7 @@
 //! Limits are set through their `THREADLINE_*` variables, small enough that
 //! each attack takes a second, not a production-sized minute.
 
+mod f06_data_dir;
 mod f07_integers;
 mod f08_secrets;
 mod f10_queries;
