@@ -73,7 +73,8 @@ impl AppError {
                     DomainError::ThreadExists(_)
                     | DomainError::RunExists(_)
                     | DomainError::RunClosed(_)
-                    | DomainError::RunExpired(_) => S::CONFLICT,
+                    | DomainError::RunExpired(_)
+                    | DomainError::EventIdConflict(_) => S::CONFLICT,
                     DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
                     DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,
                 };

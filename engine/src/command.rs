@@ -1,6 +1,6 @@
 //! Commands (imperative) that `decide` turns into events, and the size limits it enforces.
 
-use crate::event::AgentEventKind;
+use crate::event::{AgentEventKind, Event};
 use crate::ids::{ClientId, RunId, ThreadId, UserId};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,71 @@ pub enum Command {
         client_id: ClientId,
         user_seq: u64,
     },
+}
+
+impl Command {
+    /// Whether `event` is exactly what this command records: the same thread or run, the
+    /// same type and the same data. A repeated `event_id` is answered with the original
+    /// only when this holds; otherwise the id is in conflict.
+    pub fn repeats(&self, event: &Event) -> bool {
+        match (self, event) {
+            (
+                Command::CreateThread {
+                    thread_id,
+                    owner,
+                    title,
+                    metadata,
+                },
+                Event::ThreadCreated {
+                    thread_id: t,
+                    owner: o,
+                    title: ti,
+                    metadata: m,
+                },
+            ) => thread_id == t && owner == o && title == ti && metadata == m,
+            (
+                Command::RegisterRun {
+                    thread_id,
+                    run_id,
+                    agent_name,
+                },
+                Event::RunRegistered {
+                    thread_id: t,
+                    run_id: r,
+                    agent_name: a,
+                },
+            ) => thread_id == t && run_id == r && agent_name == a,
+            (
+                Command::RecordAgentEvent {
+                    run_id,
+                    kind,
+                    data,
+                    tool_call_id,
+                },
+                Event::AgentEventRecorded {
+                    run_id: r,
+                    kind: k,
+                    data: d,
+                    tool_call_id: c,
+                    ..
+                },
+            ) => run_id == r && kind == k && data == d && tool_call_id == c,
+            (Command::ExpireRun { run_id }, Event::RunExpired { run_id: r, .. }) => run_id == r,
+            (
+                Command::AcknowledgeDelivery {
+                    user_id,
+                    client_id,
+                    user_seq,
+                },
+                Event::CursorAdvanced {
+                    user_id: u,
+                    client_id: c,
+                    user_seq: s,
+                },
+            ) => user_id == u && client_id == c && user_seq == s,
+            _ => false,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

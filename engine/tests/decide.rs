@@ -1,8 +1,8 @@
 //! Given/when/then tests of every rule in `decide`, and of the registry fold.
 
 use threadline_engine::{
-    decide, Actor, AgentEventKind, ClientId, Command, DomainError, Event, EventMeta, Limits,
-    Registry, Role, RunId, RunStatus, ThreadId, UserId,
+    authorize, decide, Actor, AgentEventKind, ClientId, Command, DomainError, Event, EventId,
+    EventMeta, Limits, Registry, Role, RunId, RunStatus, ThreadId, UserId,
 };
 
 const T0: u64 = 1_000_000;
@@ -708,6 +708,10 @@ fn every_error_has_its_code() {
             "payload_too_large",
         ),
         (DomainError::InvalidInput("x".into()), "invalid_request"),
+        (
+            DomainError::EventIdConflict(EventId::generate()),
+            "event_id_conflict",
+        ),
         (ThreadId::parse("").unwrap_err().into(), "invalid_id"),
     ];
     for (err, code) in cases {
@@ -737,4 +741,76 @@ fn event_names_and_streams() {
     }
     assert_eq!(AgentEventKind::parse("agent_paused"), None);
     assert!(AgentEventKind::Completed.is_terminal() && !AgentEventKind::Thinking.is_terminal());
+}
+
+// ---- idempotency: who may hear a repeat, and what is a repeat ----
+
+#[test]
+fn authorize_is_decides_first_step() {
+    let g = given(running());
+    let cases = [
+        (auditor(), record("run_a", AgentEventKind::Thinking, None)),
+        (
+            as_user("bob"),
+            record("run_a", AgentEventKind::Thinking, None),
+        ),
+        (
+            as_user("bob"),
+            record("run_missing", AgentEventKind::Thinking, None),
+        ),
+        (
+            agent(),
+            record("run_missing", AgentEventKind::Thinking, None),
+        ),
+        (as_user("bob"), register("thread_a", "run_new")),
+        (as_user("alice"), create("thread_new", "bob")),
+        (as_user("alice"), ack("bob", 1)),
+        (as_user("alice"), expire("run_a")),
+    ];
+    for (actor, command) in cases {
+        let refused = authorize(&g.state, &actor, &command).unwrap_err();
+        assert_eq!(g.when(actor, command).0, Err(refused));
+    }
+    // Passing authorize says nothing of the rest: an agent on a closed run is authorized.
+    let closed = given(with(
+        running(),
+        [recorded(
+            "thread_a",
+            "run_a",
+            AgentEventKind::Completed,
+            None,
+        )],
+    ));
+    let again = record("run_a", AgentEventKind::Thinking, None);
+    assert_eq!(authorize(&closed.state, &agent(), &again), Ok(()));
+    closed.when(agent(), again).then_code("run_closed");
+}
+
+#[test]
+fn a_repeat_is_the_same_run_type_and_data() {
+    let original = recorded(
+        "thread_a",
+        "run_a",
+        AgentEventKind::ToolExecuting,
+        Some("t1"),
+    );
+    let same = record("run_a", AgentEventKind::ToolExecuting, Some("t1"));
+    assert!(same.repeats(&original));
+    let other_run = record("run_b", AgentEventKind::ToolExecuting, Some("t1"));
+    let other_kind = record("run_a", AgentEventKind::Thinking, Some("t1"));
+    let other_tool = record("run_a", AgentEventKind::ToolExecuting, Some("t2"));
+    let other_data = Command::RecordAgentEvent {
+        run_id: run("run_a"),
+        kind: AgentEventKind::ToolExecuting,
+        data: "{\"x\":1}".into(),
+        tool_call_id: Some("t1".into()),
+    };
+    for c in [other_run, other_kind, other_tool, other_data] {
+        assert!(!c.repeats(&original), "{c:?}");
+    }
+    assert!(create("thread_a", "alice").repeats(&created("thread_a", "alice")));
+    assert!(!create("thread_a", "bob").repeats(&created("thread_a", "alice")));
+    assert!(register("thread_a", "run_a").repeats(&registered("thread_a", "run_a")));
+    assert!(!register("thread_a", "run_a").repeats(&original));
+    assert!(expire("run_a").repeats(&expired("thread_a", "run_a")));
 }
