@@ -154,6 +154,17 @@ pub async fn upgrade(
         })
 }
 
+/// What this connection has delivered and acknowledged, as `user_seq`s.
+#[derive(Debug)]
+struct Progress {
+    /// Where the connection resumed: nothing up to here was delivered on it.
+    resumed_after: u64,
+    /// The last `user_seq` its pages covered (sent, or withheld by the thread filter).
+    sent: u64,
+    /// The client's durable cursor as this connection last knew it.
+    acked: u64,
+}
+
 struct Session {
     app: AppState,
     socket: WebSocket,
@@ -251,8 +262,11 @@ impl Session {
         tokio::pin!(expiry);
         let mut projected = app.projector.watch();
         let mut shutdown = app.shutdown.clone();
-        let mut next = resume_after;
-        let mut acked = cursor;
+        let mut progress = Progress {
+            resumed_after: resume_after,
+            sent: resume_after,
+            acked: cursor,
+        };
         let mut caught_up = false;
         loop {
             if *shutdown.borrow() {
@@ -261,7 +275,7 @@ impl Session {
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
             projected.borrow_and_update();
-            let (frames, last) = self.page(&user, next, params.thread.as_ref())?;
+            let (frames, last) = self.page(&user, progress.sent, params.thread.as_ref())?;
             if let Some(last) = last {
                 let send = self.send(frames);
                 tokio::select! {
@@ -269,12 +283,12 @@ impl Session {
                     _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
                     _ = shutdown.changed() => return Err(shutting_down()),
                 }
-                next = last;
+                progress.sent = last;
                 // Answer pings and acks that arrived during a long replay, and
                 // notice a peer that left, without waiting for anything.
                 while let Some(incoming) = self.socket.recv().now_or_never() {
                     if !self
-                        .on_incoming(incoming, &principal, &params.client, next, &mut acked)
+                        .on_incoming(incoming, &principal, &params, &mut progress)
                         .await?
                     {
                         return Ok(());
@@ -285,14 +299,14 @@ impl Session {
             if !caught_up {
                 caught_up = true;
                 self.send(vec![
-                    json!({"type": "caught_up", "user_seq": next}).to_string()
+                    json!({"type": "caught_up", "user_seq": progress.sent}).to_string(),
                 ])
                 .await?;
             }
             tokio::select! {
                 changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
                 incoming = self.socket.recv() => {
-                    if !self.on_incoming(incoming, &principal, &params.client, next, &mut acked).await? {
+                    if !self.on_incoming(incoming, &principal, &params, &mut progress).await? {
                         return Ok(());
                     }
                 }
@@ -307,13 +321,12 @@ impl Session {
         &mut self,
         incoming: Option<Result<Message, axum::Error>>,
         principal: &Principal,
-        client: &ClientId,
-        sent: u64,
-        acked: &mut u64,
+        params: &Params,
+        progress: &mut Progress,
     ) -> Result<bool, Close> {
         match incoming {
             Some(Ok(Message::Text(text))) => {
-                self.on_message(principal, client, text.as_str(), sent, acked)
+                self.on_message(principal, params, text.as_str(), progress)
                     .await?;
                 Ok(true)
             }
@@ -375,13 +388,48 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the frame with `seq` was delivered on this connection: not beyond what its
+    /// pages covered and, with a thread filter, one of that thread's frames sent after the
+    /// resume point (an ack of a withheld frame would move the cursor past an event the
+    /// client never saw, and its unfiltered reconnect would skip it).
+    fn delivered(
+        &self,
+        user: &UserId,
+        params: &Params,
+        progress: &Progress,
+        seq: u64,
+    ) -> Result<bool, Close> {
+        let Some(thread) = &params.thread else {
+            return Ok(seq <= progress.sent);
+        };
+        if seq <= progress.resumed_after || seq > progress.sent {
+            return Ok(false);
+        }
+        let internal = |e: String| Close(close::INTERNAL, "internal", e);
+        let entry = self
+            .app
+            .projector
+            .read(|m| m.delivery().read_after(user, seq - 1, 1));
+        let Some((_, position)) = entry.first().filter(|(s, _)| *s == seq) else {
+            return Ok(false);
+        };
+        let record = self
+            .app
+            .projector
+            .log()
+            .read_at(*position)
+            .map_err(|e| internal(e.to_string()))?
+            .ok_or_else(|| internal(format!("position {position} is not readable")))?;
+        let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
+        Ok(event.thread_id() == Some(thread))
+    }
+
     async fn on_message(
         &mut self,
         principal: &Principal,
-        client: &ClientId,
+        params: &Params,
         text: &str,
-        sent: u64,
-        acked: &mut u64,
+        progress: &mut Progress,
     ) -> Result<(), Close> {
         #[derive(Deserialize)]
         struct ClientMessage {
@@ -402,18 +450,24 @@ impl Session {
         };
         match (msg.kind.as_str(), msg.user_seq) {
             ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
-            ("ack", Some(seq)) if seq > sent => {
-                self.send(vec![reply_error(
-                    "invalid_ack",
-                    format!("user_seq {seq} was not delivered (last sent: {sent})"),
-                )])
-                .await
+            ("ack", Some(seq))
+                if !self.delivered(&principal.actor.user, params, progress, seq)? =>
+            {
+                let message = if seq > progress.sent {
+                    format!(
+                        "user_seq {seq} was not delivered (last sent: {})",
+                        progress.sent
+                    )
+                } else {
+                    format!("user_seq {seq} was not delivered on this connection (its thread filter withheld it, or it precedes the resume point)")
+                };
+                self.send(vec![reply_error("invalid_ack", message)]).await
             }
             ("ack", Some(seq)) => {
-                if seq > *acked && principal.actor.role == Role::User {
+                if seq > progress.acked && principal.actor.role == Role::User {
                     let command = Command::AcknowledgeDelivery {
                         user_id: principal.actor.user.clone(),
-                        client_id: client.clone(),
+                        client_id: params.client.clone(),
                         user_seq: seq,
                     };
                     let result = self
@@ -429,7 +483,7 @@ impl Session {
                     if let Err(e) = result {
                         return Err(Close(close::INTERNAL, "internal", e.to_string()));
                     }
-                    *acked = seq;
+                    progress.acked = seq;
                     let head = self
                         .app
                         .projector

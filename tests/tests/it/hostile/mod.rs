@@ -7,6 +7,7 @@ mod f01_idempotency;
 mod f06_data_dir;
 mod f07_integers;
 mod f08_secrets;
+mod f09_filtered_acks;
 mod f10_queries;
 
 use threadline_tests::{token, Reply, Socket, TestServer};
