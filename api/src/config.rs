@@ -146,6 +146,126 @@ impl fmt::Debug for KeyArgs {
     }
 }
 
+/// Limits that keep hostile or broken clients from exhausting the server
+/// (`docs/operations.md`, "Hostile clients"): each a flag, a `THREADLINE_*` variable
+/// and a default. Only `serve` reads them.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct LimitArgs {
+    /// Open connections in all (HTTP and sockets). One more is answered 503 `overloaded`
+    /// at once. Lowered at start, with a warning, to fit the open-file limit.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_CONNECTIONS",
+        default_value_t = 16_384,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// A request head must be complete this long after the connection opened, or after
+    /// its first byte on a kept-alive connection; otherwise the connection is dropped.
+    #[arg(long, env = "THREADLINE_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub header_timeout: Duration,
+
+    /// A kept-alive connection with no request for this long is closed, and so is one on
+    /// which no byte moves this long while a request is being read or answered.
+    #[arg(long, env = "THREADLINE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
+    /// Open sockets allowed per user; one more is closed with 4029.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    pub max_connections_per_user: usize,
+
+    /// Each write to a socket, and its close, must complete within this; a peer that
+    /// does not read is dropped after it (and its per-user slot freed).
+    #[arg(long, env = "THREADLINE_WS_SEND_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub ws_send_timeout: Duration,
+
+    /// A client message (at most 64 KiB) that has begun to arrive must be complete
+    /// within this; otherwise the socket is closed with 1008.
+    #[arg(long, env = "THREADLINE_WS_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub ws_message_timeout: Duration,
+
+    /// Threads one user may own; one more is 409 `quota_exceeded`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_THREADS_PER_USER",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_threads_per_user: u64,
+
+    /// Tool calls one run may have open (`tool_executing` without its `tool_completed`);
+    /// one more is 409 `quota_exceeded`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_OPEN_TOOL_CALLS",
+        default_value_t = 128,
+        value_name = "N"
+    )]
+    pub max_open_tool_calls: usize,
+
+    /// Longest `data.tool_call_id`, in bytes; a longer one is 413 `payload_too_large`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_TOOL_CALL_ID_BYTES",
+        default_value_t = 128,
+        value_name = "BYTES"
+    )]
+    pub max_tool_call_id_bytes: usize,
+
+    /// Requests per second one user (the token's `sub`) may make on average, sockets
+    /// opened included; beyond it, 429 `rate_limited` with `Retry-After`. 0 turns it off.
+    #[arg(
+        long,
+        env = "THREADLINE_RATE_LIMIT",
+        default_value_t = 1000,
+        value_name = "PER_SECOND"
+    )]
+    pub rate_limit: u32,
+
+    /// Requests one user may make at once before --rate-limit applies.
+    #[arg(
+        long,
+        env = "THREADLINE_RATE_BURST",
+        default_value_t = 2000,
+        value_name = "N"
+    )]
+    pub rate_burst: u32,
+}
+
+impl Default for LimitArgs {
+    /// The flags' defaults (a test checks they agree).
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_user: 16,
+            ws_send_timeout: Duration::from_secs(30),
+            ws_message_timeout: Duration::from_secs(10),
+            max_threads_per_user: 10_000,
+            max_open_tool_calls: 128,
+            max_tool_call_id_bytes: 128,
+            rate_limit: 1000,
+            rate_burst: 2000,
+        }
+    }
+}
+
+/// A humantime duration of at least a millisecond.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("must be at least 1ms, got {s}"));
+    }
+    Ok(d)
+}
+
 impl KeyArgs {
     /// The configured HS256 secret: `--jwt-secret`, or the contents of `--jwt-secret-file`;
     /// `None` when neither is given. Refuses one shorter than [`MIN_SECRET_BYTES`].
@@ -391,6 +511,19 @@ mod tests {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn limit_defaults_are_the_flags_defaults() {
+        let cli = Cli::try_parse_from(["t"]).unwrap();
+        assert_eq!(cli.limits, LimitArgs::default());
+        let cli =
+            Cli::try_parse_from(["t", "--header-timeout", "2s", "--rate-limit", "0"]).unwrap();
+        assert_eq!(cli.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(cli.limits.rate_limit, 0);
+        assert!(Cli::try_parse_from(["t", "--idle-timeout", "0s"]).is_err());
     }
 
     #[test]

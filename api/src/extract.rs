@@ -25,7 +25,8 @@ where
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
-        let auth: Authenticator = AppState::from_ref(state).auth;
+        let app = AppState::from_ref(state);
+        let auth: &Authenticator = &app.auth;
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -37,6 +38,9 @@ where
         })?;
         let principal = auth.verify(token)?;
         tracing::Span::current().record("user_id", principal.actor.user.as_str());
+        app.rate
+            .check(&principal.actor.user)
+            .map_err(AppError::RateLimited)?;
         Ok(Auth(principal))
     }
 }

@@ -53,6 +53,8 @@ async fn create_thread(
 #[serde(deny_unknown_fields)]
 struct ListQuery {
     user_id: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
 }
 
 async fn list_threads(
@@ -60,7 +62,8 @@ async fn list_threads(
     Auth(p): Auth,
     QueryArgs(q): QueryArgs<ListQuery>,
 ) -> Result<Json<wire::ThreadList>, AppError> {
-    Ok(Json(app.list_threads(&p, q.user_id)?))
+    let limit = check_limit(q.limit)?;
+    Ok(Json(app.list_threads(&p, q.user_id, limit, q.after)?))
 }
 
 async fn get_thread(

@@ -13,6 +13,7 @@ pub mod extract;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod rate;
 pub mod server;
 pub mod tools;
 pub mod wire;

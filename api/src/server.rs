@@ -20,7 +20,8 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::Authenticator;
-use crate::config::KeyArgs;
+use crate::config::{KeyArgs, LimitArgs};
+use crate::rate::RateLimits;
 
 /// Checkpoint the projections after this many new events (and at most every few seconds).
 const CHECKPOINT_EVENTS: u64 = 10_000;
@@ -33,7 +34,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub keys: KeyArgs,
     pub run_ttl: Duration,
-    pub max_connections_per_user: usize,
+    pub limits: LimitArgs,
 }
 
 /// Where the event log of a data directory lives.
@@ -70,6 +71,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
     let limits = Limits {
         run_ttl_ms: u64::try_from(config.run_ttl.as_millis()).unwrap_or(u64::MAX),
+        max_threads_per_user: config.limits.max_threads_per_user,
+        max_open_tool_calls: config.limits.max_open_tool_calls,
+        max_tool_call_id_bytes: config.limits.max_tool_call_id_bytes,
         ..Limits::default()
     };
     serve(
@@ -77,7 +81,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         projector,
         auth,
         limits,
-        config.max_connections_per_user,
+        config.limits,
         shutdown_signal(),
     )
     .await
@@ -89,7 +93,7 @@ pub async fn serve(
     projector: Arc<Projector<SledLog>>,
     auth: Authenticator,
     limits: Limits,
-    max_connections_per_user: usize,
+    edge: LimitArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -97,7 +101,8 @@ pub async fn serve(
         projector: projector.clone(),
         auth,
         limits,
-        max_connections_per_user,
+        rate: RateLimits::new(edge.rate_limit, edge.rate_burst),
+        edge: Arc::new(edge),
         connections: Default::default(),
         shutdown: stop_rx.clone(),
     };
@@ -169,6 +174,7 @@ async fn sweep(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        state.rate.forget_idle();
         match state.expire_idle_runs().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "expired idle runs"),

@@ -56,6 +56,9 @@ pub struct ThreadSummary {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ThreadList {
     pub threads: Vec<ThreadSummary>,
+    /// Present when more threads remain: pass it back as `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

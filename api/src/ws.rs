@@ -115,6 +115,13 @@ pub async fn upgrade(
     let auth = token(&headers, query.as_ref())
         .ok_or(AuthError::Missing)
         .and_then(|t| app.auth.verify(t));
+    // Opening a socket counts against the user's request rate; over it, the
+    // upgrade is refused with 429 before it happens.
+    if let Ok(p) = &auth {
+        if let Err(wait) = app.rate.check(&p.actor.user) {
+            return AppError::RateLimited(wait).into_response();
+        }
+    }
     let params = match uri.query().map(|q| check_query("GET", "/v1/ws", q)) {
         Some(Err(e)) => Err(e.to_string()),
         _ => parse_params(query),
@@ -227,7 +234,10 @@ impl Session {
             Close(
                 close::TOO_MANY,
                 "too_many_connections",
-                format!("at most {} sockets per user", app.max_connections_per_user),
+                format!(
+                    "at most {} sockets per user",
+                    app.edge.max_connections_per_user
+                ),
             )
         })?;
         let (head, cursor) = app.projector.read(|m| {
@@ -514,7 +524,7 @@ impl Slot {
     fn take(app: &AppState, user: &UserId) -> Option<Slot> {
         let mut map = app.connections.lock().unwrap_or_else(|p| p.into_inner());
         let count = map.entry(user.clone()).or_default();
-        if *count >= app.max_connections_per_user {
+        if *count >= app.edge.max_connections_per_user {
             return None;
         }
         *count += 1;

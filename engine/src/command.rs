@@ -97,6 +97,7 @@ impl Command {
     }
 }
 
+/// What `decide` bounds: sizes, per-user quotas and the run TTL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_data_bytes: usize,
@@ -105,6 +106,12 @@ pub struct Limits {
     pub max_agent_name_chars: usize,
     /// A run idle longer than this is expired.
     pub run_ttl_ms: u64,
+    /// Threads one user may own.
+    pub max_threads_per_user: u64,
+    /// `tool_executing` calls a run may have open (not yet completed) at once.
+    pub max_open_tool_calls: usize,
+    /// Longest `data.tool_call_id`, in bytes.
+    pub max_tool_call_id_bytes: usize,
 }
 
 impl Default for Limits {
@@ -115,6 +122,9 @@ impl Default for Limits {
             max_metadata_bytes: 16 * 1024,
             max_agent_name_chars: 128,
             run_ttl_ms: 24 * 60 * 60 * 1000,
+            max_threads_per_user: 10_000,
+            max_open_tool_calls: 128,
+            max_tool_call_id_bytes: 128,
         }
     }
 }

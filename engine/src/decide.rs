@@ -112,6 +112,12 @@ fn create_thread(
     if state.thread(&thread_id).is_some() {
         return Err(DomainError::ThreadExists(thread_id));
     }
+    if state.thread_count(&owner) >= limits.max_threads_per_user {
+        return Err(DomainError::QuotaExceeded {
+            what: "threads per user",
+            limit: limits.max_threads_per_user,
+        });
+    }
     if title
         .as_deref()
         .is_some_and(|t| t.chars().count() > limits.max_title_chars)
@@ -194,6 +200,15 @@ fn record_agent_event(
         }
         RunStatus::Registered | RunStatus::Running => {}
     }
+    if tool_call_id
+        .as_deref()
+        .is_some_and(|id| id.len() > limits.max_tool_call_id_bytes)
+    {
+        return Err(DomainError::TooLarge {
+            what: "data.tool_call_id",
+            limit: limits.max_tool_call_id_bytes,
+        });
+    }
     let lifecycle = |msg: String| Err(DomainError::InvalidLifecycle(msg));
     match (run.status, kind, tool_call_id.as_deref()) {
         (RunStatus::Registered, AgentEventKind::Started, _) => {}
@@ -210,6 +225,14 @@ fn record_agent_event(
             return lifecycle(format!(
                 "tool_completed for {id} has no open tool_executing with that id"
             ))
+        }
+        (_, AgentEventKind::ToolExecuting, Some(_))
+            if run.open_tool_calls.len() >= limits.max_open_tool_calls =>
+        {
+            return Err(DomainError::QuotaExceeded {
+                what: "open tool calls per run",
+                limit: limits.max_open_tool_calls as u64,
+            })
         }
         _ => {}
     }

@@ -27,6 +27,9 @@ pub enum DomainError {
     InvalidLifecycle(String),
     #[error("{what} is too large (limit {limit})")]
     TooLarge { what: &'static str, limit: usize },
+    /// A per-user or per-run quota is used up.
+    #[error("quota exceeded: at most {limit} {what}")]
+    QuotaExceeded { what: &'static str, limit: u64 },
     #[error("invalid request: {0}")]
     InvalidInput(String),
 }
@@ -46,6 +49,7 @@ impl DomainError {
             Self::EventIdConflict(_) => "event_id_conflict",
             Self::InvalidLifecycle(_) => "invalid_lifecycle",
             Self::TooLarge { .. } => "payload_too_large",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::InvalidInput(_) => "invalid_request",
         }
     }

@@ -712,6 +712,13 @@ fn every_error_has_its_code() {
             DomainError::EventIdConflict(EventId::generate()),
             "event_id_conflict",
         ),
+        (
+            DomainError::QuotaExceeded {
+                what: "threads per user",
+                limit: 1,
+            },
+            "quota_exceeded",
+        ),
         (ThreadId::parse("").unwrap_err().into(), "invalid_id"),
     ];
     for (err, code) in cases {
@@ -813,4 +820,75 @@ fn a_repeat_is_the_same_run_type_and_data() {
     assert!(register("thread_a", "run_a").repeats(&registered("thread_a", "run_a")));
     assert!(!register("thread_a", "run_a").repeats(&original));
     assert!(expire("run_a").repeats(&expired("thread_a", "run_a")));
+}
+
+// ---- quotas ----
+
+#[test]
+fn a_user_owns_at_most_max_threads_per_user() {
+    let mut g = given(world());
+    g.limits.max_threads_per_user = 1;
+    g.when(as_user("alice"), create("thread_c", "alice"))
+        .then_err(DomainError::QuotaExceeded {
+            what: "threads per user",
+            limit: 1,
+        });
+    g.when(agent(), create("thread_c", "alice"))
+        .then_code("quota_exceeded");
+    g.when(agent(), create("thread_c", "carol"))
+        .then_ok(vec![created("thread_c", "carol")]);
+    // The quota travels with the scratch copy decide judges batches on.
+    let scratch = g.state.subset([], [], [&user("alice")]);
+    assert_eq!(scratch.thread_count(&user("alice")), 1);
+}
+
+#[test]
+fn tool_call_ids_and_open_tool_calls_are_bounded() {
+    let mut g = given(running());
+    g.limits.max_tool_call_id_bytes = 8;
+    g.limits.max_open_tool_calls = 1;
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolExecuting, Some("123456789")),
+    )
+    .then_code("payload_too_large");
+    let g = Given {
+        state: given(with(
+            running(),
+            [recorded(
+                "thread_a",
+                "run_a",
+                AgentEventKind::ToolExecuting,
+                Some("t1"),
+            )],
+        ))
+        .state,
+        ..g
+    };
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolExecuting, Some("t2")),
+    )
+    .then_err(DomainError::QuotaExceeded {
+        what: "open tool calls per run",
+        limit: 1,
+    });
+    // Completing one, or an event without a tool call id, is not limited.
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolCompleted, Some("t1")),
+    )
+    .then_ok(vec![recorded(
+        "thread_a",
+        "run_a",
+        AgentEventKind::ToolCompleted,
+        Some("t1"),
+    )]);
+    g.when(agent(), record("run_a", AgentEventKind::Thinking, None))
+        .then_ok(vec![recorded(
+            "thread_a",
+            "run_a",
+            AgentEventKind::Thinking,
+            None,
+        )]);
 }

@@ -217,6 +217,10 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             let mut scratch = registry.subset(
                 threads.iter(),
                 submissions.iter().filter_map(|s| run_of(&s.command)),
+                submissions.iter().filter_map(|s| match &s.command {
+                    Command::CreateThread { owner, .. } => Some(owner),
+                    _ => None,
+                }),
             );
             let mut first_on_stream = HashSet::new();
             let mut planned = Vec::new();

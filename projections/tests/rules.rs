@@ -424,3 +424,41 @@ fn restart_resumes_from_the_checkpoint() {
     );
     let _ = encode_event; // the codec is exercised through submit
 }
+
+#[test]
+fn thread_metadata_stays_in_the_log_not_in_the_model() {
+    let g = given();
+    let metadata = format!("{{\"k\":\"{}\"}}", "x".repeat(16_000));
+    for _ in 0..20 {
+        g.ok(
+            &user("alice"),
+            Command::CreateThread {
+                thread_id: ThreadId::generate(),
+                owner: UserId::parse("alice").unwrap(),
+                title: Some("t".into()),
+                metadata: Some(metadata.clone()),
+            },
+        );
+    }
+    // 20 × 16 KB of metadata were appended; the model holds none of it.
+    let model = g.projector.read(|m| m.to_checkpoint()).len();
+    assert!(model < 16 * 1024, "the model is {model} bytes");
+}
+
+#[test]
+fn a_checkpoint_of_an_older_format_is_rebuilt_from_the_log() {
+    use threadline_storage::Checkpoints;
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    g.log
+        .store_checkpoint(threadline_projections::CHECKPOINT_NAME, &[1, 0xde, 0xad])
+        .unwrap();
+    assert!(load_checkpoint(&*g.log).unwrap().is_none());
+    let reopened = Projector::open(g.log.clone()).unwrap();
+    assert_eq!(reopened.position(), g.log.head());
+    assert_eq!(
+        reopened.read(|m| m.digests()),
+        g.projector.read(|m| m.digests())
+    );
+}
