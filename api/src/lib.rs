@@ -8,6 +8,7 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod http;

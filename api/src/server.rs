@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::app::AppState;
 use crate::auth::Authenticator;
 use crate::config::{KeyArgs, LimitArgs};
+use crate::conn::ConnLimits;
 use crate::rate::RateLimits;
 
 /// Checkpoint the projections after this many new events (and at most every few seconds).
@@ -53,6 +54,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default())).await??;
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
+    if let Some(limit) = crate::conn::raise_nofile_limit() {
+        tracing::info!(
+            open_file_limit = limit,
+            "raised the open-file limit to the hard limit"
+        );
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -102,9 +109,15 @@ pub async fn serve(
         auth,
         limits,
         rate: RateLimits::new(edge.rate_limit, edge.rate_burst),
-        edge: Arc::new(edge),
+        edge: Arc::new(edge.clone()),
         connections: Default::default(),
         shutdown: stop_rx.clone(),
+    };
+    let conn_limits = ConnLimits {
+        max_connections: edge.max_connections,
+        header_timeout: edge.header_timeout,
+        idle_timeout: edge.idle_timeout,
+        message_timeout: edge.ws_message_timeout,
     };
     let follower = tokio::spawn(follow(projector.clone(), stop_rx.clone()));
     let sweeper = tokio::spawn(sweep(state.clone(), stop_rx.clone()));
@@ -114,9 +127,7 @@ pub async fn serve(
         tracing::info!("shutting down: closing sockets, finishing in-flight requests");
         let _ = stop_tx.send(true);
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
+    crate::conn::serve(listener, app, conn_limits, stop).await?;
     // Sockets close themselves with 1001 on the signal; give them a moment to say so.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !state

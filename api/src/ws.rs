@@ -10,6 +10,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,6 +21,7 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::{bearer_token, AuthError, Principal};
+use crate::conn::ConnHandle;
 use crate::error::AppError;
 use crate::extract::check_query;
 use crate::wire;
@@ -105,6 +107,7 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
 
 pub async fn upgrade(
     State(app): State<AppState>,
+    conn: Option<Extension<ConnHandle>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     uri: Uri,
@@ -141,11 +144,15 @@ pub async fn upgrade(
             return error.into_response();
         }
     };
+    let conn = conn.map(|Extension(c)| c);
     // Clients send only small acks and pings: tungstenite's default 128 KiB
     // read buffer per socket was most of an idle socket's memory (docs/benchmarks.md).
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| async move {
+            if let Some(conn) = &conn {
+                conn.upgraded();
+            }
             let user = auth
                 .as_ref()
                 .map(|p| p.actor.user.to_string())
@@ -155,7 +162,7 @@ pub async fn upgrade(
                 .map(|p| p.client.to_string())
                 .unwrap_or_default();
             let span = tracing::info_span!("socket", user_id = %user, client_id = %client);
-            Session::start(app, socket, auth, params)
+            Session::start(app, socket, conn, auth, params)
                 .instrument(span)
                 .await
         })
@@ -175,6 +182,7 @@ struct Progress {
 struct Session {
     app: AppState,
     socket: WebSocket,
+    conn: Option<ConnHandle>,
 }
 
 /// Why a session ended, when the server ends it.
@@ -192,10 +200,11 @@ impl Session {
     async fn start(
         app: AppState,
         socket: WebSocket,
+        conn: Option<ConnHandle>,
         auth: Result<Principal, AuthError>,
         params: Result<Params, String>,
     ) {
-        let mut session = Session { app, socket };
+        let mut session = Session { app, socket, conn };
         let result = match (auth, params) {
             (Err(e), _) => Err(Close(close::POLICY, "unauthorized", e.to_string())),
             (_, Err(e)) => Err(Close(close::BAD_QUERY, "invalid_request", e)),
@@ -334,6 +343,9 @@ impl Session {
         params: &Params,
         progress: &mut Progress,
     ) -> Result<bool, Close> {
+        if let (Some(Ok(_)), Some(conn)) = (&incoming, &self.conn) {
+            conn.message_received();
+        }
         match incoming {
             Some(Ok(Message::Text(text))) => {
                 self.on_message(principal, params, text.as_str(), progress)

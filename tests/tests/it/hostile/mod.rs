@@ -4,6 +4,7 @@
 //! each attack takes a second, not a production-sized minute.
 
 mod f01_idempotency;
+mod f03_connections;
 mod f05_user_state;
 mod f06_data_dir;
 mod f07_integers;
