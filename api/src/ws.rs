@@ -28,11 +28,23 @@ use crate::wire;
 
 /// Frames read from the log per step: bounds a socket's memory.
 const PAGE: usize = 64;
+/// Largest client message and frame (the contract); a larger one closes with 1009.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Bytes tungstenite buffers before writing to the socket (its default).
+const WRITE_BUFFER: usize = 128 * 1024;
+/// The most a socket's write buffer may hold: the buffer plus one frame (a frame
+/// carries at most 64 KiB of data) with room to spare. Sends wait for the peer to
+/// take bytes before queueing more, so this is a bound, not a working size.
+const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 pub const SUBPROTOCOL: &str = "threadline.v1";
 
 pub mod close {
+    /// Not a close code: the connection is dropped without a close frame (the peer is
+    /// gone, or does not read, so nothing more can reach it).
+    pub const NONE: u16 = 0;
     pub const SHUTDOWN: u16 = 1001;
     pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const EXPIRED: u16 = 4001;
     pub const BAD_QUERY: u16 = 4400;
@@ -149,6 +161,10 @@ pub async fn upgrade(
     // read buffer per socket was most of an idle socket's memory (docs/benchmarks.md).
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4 * 1024)
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             if let Some(conn) = &conn {
                 conn.upgraded();
@@ -182,7 +198,11 @@ struct Progress {
 struct Session {
     app: AppState,
     socket: WebSocket,
+    /// The per-user slot, given back only after `socket` (declared first, so dropped
+    /// first) is gone: a socket whose close cannot be delivered still counts.
+    slot: Option<Slot>,
     conn: Option<ConnHandle>,
+    send_timeout: Duration,
 }
 
 /// Why a session ended, when the server ends it.
@@ -196,6 +216,11 @@ fn shutting_down() -> Close {
     )
 }
 
+/// The peer is gone or does not take what is sent: drop it without a close.
+fn gone(why: &str) -> Close {
+    Close(close::NONE, "", why.into())
+}
+
 impl Session {
     async fn start(
         app: AppState,
@@ -204,7 +229,14 @@ impl Session {
         auth: Result<Principal, AuthError>,
         params: Result<Params, String>,
     ) {
-        let mut session = Session { app, socket, conn };
+        let send_timeout = app.edge.ws_send_timeout;
+        let mut session = Session {
+            app,
+            socket,
+            slot: None,
+            conn,
+            send_timeout,
+        };
         let result = match (auth, params) {
             (Err(e), _) => Err(Close(close::POLICY, "unauthorized", e.to_string())),
             (_, Err(e)) => Err(Close(close::BAD_QUERY, "invalid_request", e)),
@@ -213,33 +245,48 @@ impl Session {
         if let Err(Close(code, error, message)) = result {
             session.close(code, error, &message).await;
         }
+        // Dropping the session closes the connection, then frees the slot.
     }
 
+    /// Sends the error frame and the close, within the send deadline; a peer that
+    /// does not take them by then is dropped all the same.
     async fn close(&mut self, code: u16, error: &str, message: &str) {
         tracing::debug!(code, error, message, "closing socket");
-        // Every close the peer can still read is preceded by an error frame
-        // (the contract); an empty code means the peer is already gone.
-        if !error.is_empty() {
-            let frame = json!({"type": "error", "code": error, "message": message});
-            let _ = self
-                .socket
-                .send(Message::Text(frame.to_string().into()))
-                .await;
+        if code == close::NONE {
+            return;
         }
-        let reason = error.to_owned();
-        let _ = self
-            .socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await;
+        let socket = &mut self.socket;
+        let goodbye = async {
+            // Every close the peer can still read is preceded by an error frame
+            // (the contract); an empty code means the peer is already gone.
+            if !error.is_empty() {
+                let frame = json!({"type": "error", "code": error, "message": message});
+                socket.send(Message::Text(frame.to_string().into())).await?;
+            }
+            socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: error.to_owned().into(),
+                })))
+                .await
+        };
+        match tokio::time::timeout(self.send_timeout, goodbye).await {
+            Ok(Ok(())) => {
+                if let Some(conn) = &self.conn {
+                    conn.linger();
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::debug!("the peer took no close within the send deadline; dropping it")
+            }
+        }
     }
 
     async fn serve(&mut self, principal: Principal, params: Params) -> Result<(), Close> {
         let app = self.app.clone();
         let user = principal.actor.user.clone();
-        let _slot = Slot::take(&app, &user).ok_or_else(|| {
+        let slot = Slot::take(&app, &user).ok_or_else(|| {
             Close(
                 close::TOO_MANY,
                 "too_many_connections",
@@ -249,6 +296,7 @@ impl Session {
                 ),
             )
         })?;
+        self.slot = Some(slot);
         let (head, cursor) = app.projector.read(|m| {
             (
                 m.delivery().user_head(&user),
@@ -352,7 +400,8 @@ impl Session {
                     .await?;
                 Ok(true)
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Ok(false),
+            Some(Ok(Message::Close(_))) | None => Ok(false),
+            Some(Err(e)) => Err(read_error(e)),
             Some(Ok(_)) => Ok(true),
         }
     }
@@ -394,18 +443,24 @@ impl Session {
         Ok((frames, entries.last().map(|(s, _)| *s)))
     }
 
+    /// Sends `texts`, each write within the send deadline: a peer that does not read
+    /// is dropped (guarantee 2 holds for a slow reader, which takes bytes within it).
     async fn send(&mut self, texts: Vec<String>) -> Result<(), Close> {
         let n = texts.len() as u64;
+        let deadline = self.send_timeout;
         for text in texts {
-            self.socket
-                .feed(Message::Text(text.into()))
-                .await
-                .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+            match tokio::time::timeout(deadline, self.socket.feed(Message::Text(text.into()))).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(gone("peer gone")),
+                Err(_) => return Err(gone("the peer did not read within the send deadline")),
+            }
         }
-        self.socket
-            .flush()
-            .await
-            .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+        match tokio::time::timeout(deadline, self.socket.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(gone("peer gone")),
+            Err(_) => return Err(gone("the peer did not read within the send deadline")),
+        }
         metrics::counter!("threadline_frames_sent_total").increment(n);
         Ok(())
     }
@@ -523,6 +578,27 @@ impl Session {
                 .await
             }
         }
+    }
+}
+
+/// How a failed read ends the session: a message over the cap closes with 1009, an
+/// unfinished one past its deadline with 1008; anything else means the peer is gone.
+fn read_error(e: axum::Error) -> Close {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => Close(
+                close::TOO_BIG,
+                "message_too_big",
+                format!("client messages are at most {MAX_CLIENT_MESSAGE} bytes"),
+            ),
+            tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Close(
+                close::POLICY,
+                "message_timeout",
+                "a message was left unfinished past the message deadline".into(),
+            ),
+            _ => gone("peer gone"),
+        },
+        Err(_) => gone("peer gone"),
     }
 }
 

@@ -4,7 +4,9 @@
 //! each attack takes a second, not a production-sized minute.
 
 mod f01_idempotency;
+mod f02_messages;
 mod f03_connections;
+mod f04_stalled_sockets;
 mod f05_user_state;
 mod f06_data_dir;
 mod f07_integers;
