@@ -218,12 +218,13 @@ pub struct LimitArgs {
     )]
     pub max_tool_call_id_bytes: usize,
 
-    /// Requests per second one user (the token's `sub`) may make on average, sockets
-    /// opened included; beyond it, 429 `rate_limited` with `Retry-After`. 0 turns it off.
+    /// Requests per second one user (a token of role `user`, by its `sub`) may make on
+    /// average, sockets opened included; beyond it, 429 `rate_limited` with
+    /// `Retry-After`. 0 turns it off.
     #[arg(
         long,
         env = "THREADLINE_RATE_LIMIT",
-        default_value_t = 1000,
+        default_value_t = 100,
         value_name = "PER_SECOND"
     )]
     pub rate_limit: u32,
@@ -232,10 +233,21 @@ pub struct LimitArgs {
     #[arg(
         long,
         env = "THREADLINE_RATE_BURST",
-        default_value_t = 2000,
+        default_value_t = 200,
         value_name = "N"
     )]
     pub rate_burst: u32,
+
+    /// Requests per second one agent or auditor (by its `sub`) may make on average,
+    /// twice that at once; beyond it, 429 `rate_limited`. 0, the default, is no limit:
+    /// these are the operator's own services.
+    #[arg(
+        long,
+        env = "THREADLINE_AGENT_RATE_LIMIT",
+        default_value_t = 0,
+        value_name = "PER_SECOND"
+    )]
+    pub agent_rate_limit: u32,
 }
 
 impl Default for LimitArgs {
@@ -251,8 +263,9 @@ impl Default for LimitArgs {
             max_threads_per_user: 10_000,
             max_open_tool_calls: 128,
             max_tool_call_id_bytes: 128,
-            rate_limit: 1000,
-            rate_burst: 2000,
+            rate_limit: 100,
+            rate_burst: 200,
+            agent_rate_limit: 0,
         }
     }
 }

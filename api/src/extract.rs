@@ -39,7 +39,7 @@ where
         let principal = auth.verify(token)?;
         tracing::Span::current().record("user_id", principal.actor.user.as_str());
         app.rate
-            .check(&principal.actor.user)
+            .check(&principal.actor)
             .map_err(AppError::RateLimited)?;
         Ok(Auth(principal))
     }

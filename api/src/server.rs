@@ -108,7 +108,7 @@ pub async fn serve(
         projector: projector.clone(),
         auth,
         limits,
-        rate: RateLimits::new(edge.rate_limit, edge.rate_burst),
+        rate: RateLimits::new(edge.rate_limit, edge.rate_burst, edge.agent_rate_limit),
         edge: Arc::new(edge.clone()),
         connections: Default::default(),
         shutdown: stop_rx.clone(),

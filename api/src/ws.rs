@@ -133,7 +133,7 @@ pub async fn upgrade(
     // Opening a socket counts against the user's request rate; over it, the
     // upgrade is refused with 429 before it happens.
     if let Ok(p) = &auth {
-        if let Err(wait) = app.rate.check(&p.actor.user) {
+        if let Err(wait) = app.rate.check(&p.actor) {
             return AppError::RateLimited(wait).into_response();
         }
     }

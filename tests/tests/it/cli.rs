@@ -582,6 +582,7 @@ const HELP: &[(&str, &[&str])] = &[
             "--max-tool-call-id-bytes",
             "--rate-limit",
             "--rate-burst",
+            "--agent-rate-limit",
             "--jwt-secret",
             "--jwt-secret-file",
             "--jwt-public-key",
