@@ -209,6 +209,16 @@ fn record_agent_event(
             limit: limits.max_tool_call_id_bytes,
         });
     }
+    // A quota is a conflict (409), judged before the lifecycle (422).
+    if kind == AgentEventKind::ToolExecuting
+        && tool_call_id.is_some()
+        && run.open_tool_calls.len() >= limits.max_open_tool_calls
+    {
+        return Err(DomainError::QuotaExceeded {
+            what: "open tool calls per run",
+            limit: limits.max_open_tool_calls as u64,
+        });
+    }
     let lifecycle = |msg: String| Err(DomainError::InvalidLifecycle(msg));
     match (run.status, kind, tool_call_id.as_deref()) {
         (RunStatus::Registered, AgentEventKind::Started, _) => {}
@@ -226,14 +236,7 @@ fn record_agent_event(
                 "tool_completed for {id} has no open tool_executing with that id"
             ))
         }
-        (_, AgentEventKind::ToolExecuting, Some(_))
-            if run.open_tool_calls.len() >= limits.max_open_tool_calls =>
-        {
-            return Err(DomainError::QuotaExceeded {
-                what: "open tool calls per run",
-                limit: limits.max_open_tool_calls as u64,
-            })
-        }
+
         _ => {}
     }
     Ok(vec![Event::AgentEventRecorded {
