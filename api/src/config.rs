@@ -163,6 +163,8 @@ pub struct LimitArgs {
 
     /// A request head must be complete this long after the connection opened, or after
     /// its first byte on a kept-alive connection; otherwise the connection is dropped.
+    /// A request body must be complete this long after the server began reading it
+    /// (otherwise 408 `request_timeout`).
     #[arg(long, env = "THREADLINE_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
     pub header_timeout: Duration,
 

@@ -29,6 +29,8 @@ pub enum AppError {
     PayloadTooLarge(String),
     #[error("no route for this path")]
     NoRoute,
+    #[error("the request body did not arrive within the header deadline")]
+    RequestTimeout,
     #[error("this method is not allowed here")]
     MethodNotAllowed,
     /// The caller is over its request rate; it may try again after the duration.
@@ -69,6 +71,7 @@ impl AppError {
             }
             AppError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             AppError::NoRoute => (S::NOT_FOUND, "not_found"),
+            AppError::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             AppError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             AppError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),

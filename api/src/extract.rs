@@ -45,25 +45,32 @@ where
     }
 }
 
-/// A JSON body; anything unparsable is `400 invalid_request`, too large `413`.
+/// A JSON body; anything unparsable is `400 invalid_request`, too large `413`, and one
+/// not complete within the header deadline `408 request_timeout` (a body trickled in a
+/// byte at a time must not hold its connection for ever).
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
+    AppState: FromRef<S>,
     T: DeserializeOwned,
 {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge("request body is over 1 MiB".into())
-            } else {
-                AppError::InvalidRequest(e.body_text())
-            }
-        })?;
+        let deadline = AppState::from_ref(state).edge.header_timeout;
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| AppError::RequestTimeout)?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge("request body is over 1 MiB".into())
+                } else {
+                    AppError::InvalidRequest(e.body_text())
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| AppError::InvalidRequest(format!("invalid JSON body: {e}")))

@@ -161,13 +161,14 @@ fn operation(route: &Route) -> Value {
     }
     // Every call may meet an unknown query parameter (400) and the connection limit
     // (503 overloaded); every authenticated call the caller's request rate (429).
-    let common: &[u16] = if route.auth {
-        &[400, 429, 503]
-    } else {
-        &[400, 503]
+    let common: &[u16] = match (route.auth, route.body.is_some()) {
+        (true, true) => &[400, 408, 429, 503],
+        (true, false) => &[400, 429, 503],
+        _ => &[400, 503],
     };
     for code in route.errors.iter().chain(common) {
         let description = match code {
+            408 => "request_timeout: the body did not arrive within the header deadline",
             429 => "rate_limited: over the caller's request rate; see Retry-After",
             503 => "overloaded: the server is at its connection limit; see Retry-After",
             _ => "error",

@@ -121,5 +121,20 @@ async fn f3_connections_are_capped_and_silent_or_idle_ones_are_dropped() {
     kept.write_all(HEALTH).await.unwrap();
     read_health(&mut kept).await;
     server_closes(&mut kept, within, "an idle kept-alive connection").await;
+
+    // A body that stops arriving is answered 408 in JSON, then the connection ends.
+    let mut body = TcpStream::connect(server.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/threads HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"ti",
+        token("alice", "user")
+    );
+    body.write_all(head.as_bytes()).await.unwrap();
+    let answer = server_closes(&mut body, within, "a stalled body").await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"),
+        "{answer}"
+    );
     assert_eq!(server.anonymous().get("/healthz").await.status, 200);
 }
