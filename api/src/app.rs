@@ -13,7 +13,9 @@ use threadline_storage::{now_ms, EventLog, Position, SledLog};
 use tokio::sync::watch;
 
 use crate::auth::{Authenticator, Principal};
+use crate::config::LimitArgs;
 use crate::error::AppError;
+use crate::rate::RateLimits;
 use crate::wire::{self, timestamp};
 
 /// Largest page any list call returns.
@@ -27,7 +29,9 @@ pub struct AppState {
     pub projector: Arc<Projector<SledLog>>,
     pub auth: Authenticator,
     pub limits: Limits,
-    pub max_connections_per_user: usize,
+    /// The edge's limits (connections, sockets, rates).
+    pub edge: Arc<LimitArgs>,
+    pub rate: RateLimits,
     pub connections: Arc<Mutex<HashMap<UserId, usize>>>,
     /// Flips to true when the server begins shutting down.
     pub shutdown: watch::Receiver<bool>,
@@ -113,10 +117,14 @@ impl AppState {
         })
     }
 
+    /// One page of threads: a user's own (or, for auditors and agents, one user's) in
+    /// creation order, or every thread in id order. `after` is a `next` of a previous page.
     pub fn list_threads(
         &self,
         p: &Principal,
         user: Option<String>,
+        limit: usize,
+        after: Option<String>,
     ) -> Result<wire::ThreadList, AppError> {
         let user = match (p.actor.role, user) {
             (Role::Auditor | Role::Agent, Some(u)) => Some(UserId::parse(&u)?),
@@ -128,16 +136,48 @@ impl AppState {
             }
             _ => Some(p.actor.user.clone()),
         };
-        Ok(self.projector.read(|m| {
-            let registry = m.registry();
-            let threads: Vec<&Thread> = match &user {
-                Some(u) => registry.threads_of(u).collect(),
-                None => registry.threads().collect(),
-            };
-            wire::ThreadList {
-                threads: threads.into_iter().map(summary).collect(),
+        let bad_cursor = || {
+            AppError::InvalidRequest(
+                "after must be the `next` of a previous page of this list".into(),
+            )
+        };
+        match &user {
+            // A user's list only grows at its end: the count of threads already
+            // listed is a stable cursor.
+            Some(u) => {
+                let skip = after
+                    .map(|a| a.parse::<usize>().map_err(|_| bad_cursor()))
+                    .transpose()?
+                    .unwrap_or(0);
+                Ok(self.projector.read(|m| {
+                    let registry = m.registry();
+                    let page = registry.threads_of_page(u, skip, limit);
+                    let listed = skip.saturating_add(page.len());
+                    let more = (listed as u64) < registry.thread_count(u);
+                    wire::ThreadList {
+                        threads: page.into_iter().map(summary).collect(),
+                        next: more.then(|| listed.to_string()),
+                    }
+                }))
             }
-        }))
+            // Every thread, in id order: the last id listed is the cursor.
+            None => {
+                let after = after
+                    .map(|a| ThreadId::parse(&a).map_err(|_| bad_cursor()))
+                    .transpose()?;
+                Ok(self.projector.read(|m| {
+                    let mut page = m.registry().threads_after(after.as_ref(), limit + 1);
+                    let more = page.len() > limit;
+                    page.truncate(limit);
+                    wire::ThreadList {
+                        next: more
+                            .then(|| page.last().map(|t| t.thread_id.to_string()))
+                            .flatten(),
+                        threads: page.into_iter().map(summary).collect(),
+                    }
+                }))
+            }
+        }
     }
 
     pub fn get_thread(
@@ -146,7 +186,7 @@ impl AppState {
         thread_id: &str,
     ) -> Result<wire::ThreadDetail, AppError> {
         let thread_id = ThreadId::parse(thread_id)?;
-        self.projector.read(|m| {
+        let mut detail = self.projector.read(|m| {
             let registry = m.registry();
             let thread = visible(registry, &p.actor, &thread_id)?;
             let runs = thread
@@ -161,14 +201,32 @@ impl AppState {
                     last_event: r.last_event.clone(),
                 })
                 .collect();
-            Ok(wire::ThreadDetail {
+            Ok::<_, AppError>(wire::ThreadDetail {
                 summary: summary(thread),
-                metadata: thread
-                    .metadata
-                    .clone()
-                    .and_then(|m| serde_json::value::RawValue::from_string(m).ok()),
+                metadata: None,
                 runs,
             })
+        })?;
+        detail.metadata = self.metadata(&thread_id)?;
+        Ok(detail)
+    }
+
+    /// A thread's metadata, read from its first record (the registry does not hold it).
+    fn metadata(
+        &self,
+        thread_id: &ThreadId,
+    ) -> Result<Option<Box<serde_json::value::RawValue>>, AppError> {
+        let first = self
+            .log()
+            .read_stream(&format!("thread:{thread_id}"), 1, 1)?;
+        let Some(record) = first.first() else {
+            return Ok(None);
+        };
+        Ok(match wire::event_of(record)? {
+            threadline_engine::Event::ThreadCreated {
+                metadata: Some(m), ..
+            } => serde_json::value::RawValue::from_string(m).ok(),
+            _ => None,
         })
     }
 
@@ -252,11 +310,15 @@ impl AppState {
         let owner = self
             .projector
             .read(|m| visible(m.registry(), &p.actor, &thread_id).map(|t| t.owner.clone()))?;
-        let records = self.log().read_stream(
-            &format!("thread:{thread_id}"),
-            after_version + 1,
-            limit.clamp(1, MAX_LIMIT),
-        )?;
+        // Nothing comes after u64::MAX (and it must not wrap round to version 0).
+        let records = match after_version.checked_add(1) {
+            Some(from) => self.log().read_stream(
+                &format!("thread:{thread_id}"),
+                from,
+                limit.clamp(1, MAX_LIMIT),
+            )?,
+            None => Vec::new(),
+        };
         let mut events = Vec::with_capacity(records.len());
         for record in &records {
             let event = wire::event_of(record)?;

@@ -209,7 +209,8 @@ impl Authenticator {
         let leeway_secs = leeway_secs(keys)?;
         let issuer = keys.jwt_issuer.clone();
         let audience = keys.jwt_audience.clone();
-        match (&keys.jwt_secret, &keys.jwt_public_key) {
+        let secret = keys.secret()?;
+        match (&secret, &keys.jwt_public_key) {
             (Some(_), Some(_)) => {
                 bail!("configure exactly one of --jwt-secret and --jwt-public-key")
             }
@@ -373,7 +374,8 @@ impl Signer {
     /// `--jwt-secret`, `--jwt-private-key` with `--jwt-alg`, or the existing `<data>/jwt.secret`.
     /// Never creates anything.
     pub fn from_config(keys: &KeyArgs, data_dir: &Path) -> anyhow::Result<Self> {
-        let (alg, key) = match (&keys.jwt_secret, &keys.jwt_private_key) {
+        let secret = keys.secret()?;
+        let (alg, key) = match (&secret, &keys.jwt_private_key) {
             (Some(_), Some(_)) => {
                 bail!("configure exactly one of --jwt-secret and --jwt-private-key")
             }
@@ -479,9 +481,6 @@ fn leeway_secs(keys: &KeyArgs) -> anyhow::Result<u64> {
 }
 
 fn check_secret_only(keys: &KeyArgs) -> anyhow::Result<()> {
-    if keys.jwt_secret.as_deref() == Some("") {
-        bail!("--jwt-secret is empty");
-    }
     if let Some(alg) = keys.jwt_alg {
         bail!("--jwt-secret is HS256; --jwt-alg {alg} applies only to PEM keys");
     }
@@ -531,7 +530,7 @@ MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEu8hm3vbcePjdICHcv//jYFNLl6sr
 whk71KTy/KA+6n+vK0xlTQFHowYf2e0Gt5YBMfK1Ag00LaguaZnDtOlZFw==
 -----END PUBLIC KEY-----
 ";
-    const SECRET: &str = "test-secret-0123456789abcdef";
+    const SECRET: &str = "test-secret-0123456789abcdef-0123456789";
 
     struct TempDir(PathBuf);
 
@@ -897,6 +896,46 @@ whk71KTy/KA+6n+vK0xlTQFHowYf2e0Gt5YBMfK1Ag00LaguaZnDtOlZFw==
         };
         assert!(Authenticator::from_config(&private_only, &dir.0, true).is_err());
         assert!(!config::secret_file(&dir.0).exists());
+    }
+
+    #[test]
+    fn short_secrets_are_refused_and_a_secret_file_is_read() {
+        let dir = TempDir::new();
+        let short = KeyArgs {
+            jwt_secret: Some("x".repeat(config::MIN_SECRET_BYTES - 1)),
+            ..KeyArgs::default()
+        };
+        let err = Authenticator::from_config(&short, &dir.0, true).unwrap_err();
+        assert!(err.to_string().contains("at least 32 bytes"), "{err}");
+        assert!(Signer::from_config(&short, &dir.0).is_err());
+
+        let file = dir.0.join("secret");
+        std::fs::write(&file, format!("  {SECRET}\n")).unwrap();
+        let from_file = KeyArgs {
+            jwt_secret_file: Some(file.clone()),
+            ..KeyArgs::default()
+        };
+        let token = Signer::from_config(&from_file, &dir.0)
+            .unwrap()
+            .mint("alice", Role::User, Duration::from_secs(60))
+            .unwrap();
+        // The same secret, given either way, verifies the same tokens.
+        assert!(hs_auth().verify(&token).is_ok());
+        assert!(Authenticator::from_config(&from_file, &dir.0, true)
+            .unwrap()
+            .verify(&token)
+            .is_ok());
+
+        std::fs::write(&file, "too-short\n").unwrap();
+        assert!(Authenticator::from_config(&from_file, &dir.0, true).is_err());
+        let missing = KeyArgs {
+            jwt_secret_file: Some(dir.0.join("absent")),
+            ..KeyArgs::default()
+        };
+        assert!(Authenticator::from_config(&missing, &dir.0, true).is_err());
+        // A hand-written jwt.secret that is too short is refused too.
+        std::fs::write(config::secret_file(&dir.0), "short\n").unwrap();
+        assert!(Authenticator::from_config(&KeyArgs::default(), &dir.0, true).is_err());
     }
 
     #[test]

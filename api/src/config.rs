@@ -14,6 +14,9 @@ const SECRET_FILE_NAME: &str = "jwt.secret";
 /// Leeway above this would make `exp` meaningless for short-lived tokens.
 pub const MAX_JWT_LEEWAY: Duration = Duration::from_secs(60);
 
+/// Shortest HS256 secret accepted: HMAC-SHA256's own output size (RFC 7518 §3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
+
 /// Where Threadline keeps its data.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
@@ -58,20 +61,32 @@ impl fmt::Display for JwtAlg {
 }
 
 /// How tokens are signed and verified. Exactly one algorithm is in force: HS256 with
-/// `--jwt-secret`, RS256/ES256 with a PEM key, or else the HS256 secret in `<data>/jwt.secret`.
+/// `--jwt-secret` or `--jwt-secret-file`, RS256/ES256 with a PEM key, or else the HS256
+/// secret in `<data>/jwt.secret`.
 // Debug is written by hand so the secret never reaches a log line.
 #[derive(clap::Args, Clone, Default)]
 pub struct KeyArgs {
-    /// Shared secret for HS256. Without any key option, the secret generated into
-    /// `<data>/jwt.secret` on the first `serve` is used instead.
+    /// Shared secret for HS256, at least 32 bytes. Without any key option, the secret
+    /// generated into `<data>/jwt.secret` on the first `serve` is used instead. A secret on
+    /// the command line is visible to other local users (`ps`); prefer --jwt-secret-file.
     #[arg(
         long,
         env = "THREADLINE_JWT_SECRET",
         hide_env_values = true,
         value_name = "SECRET",
-        conflicts_with_all = ["jwt_public_key", "jwt_private_key"]
+        conflicts_with_all = ["jwt_secret_file", "jwt_public_key", "jwt_private_key"]
     )]
     pub jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (at least 32 bytes; surrounding whitespace and the
+    /// final newline are ignored), so the secret stands on no command line.
+    #[arg(
+        long,
+        env = "THREADLINE_JWT_SECRET_FILE",
+        value_name = "FILE",
+        conflicts_with_all = ["jwt_public_key", "jwt_private_key"]
+    )]
+    pub jwt_secret_file: Option<PathBuf>,
 
     /// PEM file with the public key (SPKI `BEGIN PUBLIC KEY`, or `BEGIN RSA PUBLIC KEY`) that
     /// verifies tokens; requires --jwt-alg.
@@ -120,6 +135,7 @@ impl fmt::Debug for KeyArgs {
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field("jwt_secret_file", &self.jwt_secret_file)
             .field("jwt_public_key", &self.jwt_public_key)
             .field("jwt_alg", &self.jwt_alg)
             .field("jwt_private_key", &self.jwt_private_key)
@@ -130,6 +146,180 @@ impl fmt::Debug for KeyArgs {
     }
 }
 
+/// Limits that keep hostile or broken clients from exhausting the server
+/// (`docs/operations.md`, "Hostile clients"): each a flag, a `THREADLINE_*` variable
+/// and a default. Only `serve` reads them.
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+pub struct LimitArgs {
+    /// Open connections in all (HTTP and sockets). One more is answered 503 `overloaded`
+    /// at once. Lowered at start, with a warning, to fit the open-file limit.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_CONNECTIONS",
+        default_value_t = 16_384,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// A request head must be complete this long after the connection opened, or after
+    /// its first byte on a kept-alive connection; otherwise the connection is dropped.
+    /// A request body must be complete this long after the server began reading it
+    /// (otherwise 408 `request_timeout`).
+    #[arg(long, env = "THREADLINE_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub header_timeout: Duration,
+
+    /// A kept-alive connection with no request for this long is closed, and so is one on
+    /// which no byte moves this long while a request is being read or answered.
+    #[arg(long, env = "THREADLINE_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub idle_timeout: Duration,
+
+    /// Open sockets allowed per user; one more is closed with 4029.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 16,
+        value_name = "N"
+    )]
+    pub max_connections_per_user: usize,
+
+    /// Each write to a socket, and its close, must complete within this; a peer that
+    /// does not read is dropped after it (and its per-user slot freed).
+    #[arg(long, env = "THREADLINE_WS_SEND_TIMEOUT", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub ws_send_timeout: Duration,
+
+    /// A client message (at most 64 KiB) that has begun to arrive must be complete
+    /// within this; otherwise the socket is closed with 1008.
+    #[arg(long, env = "THREADLINE_WS_MESSAGE_TIMEOUT", default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub ws_message_timeout: Duration,
+
+    /// Threads one user may own; one more is 409 `quota_exceeded`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_THREADS_PER_USER",
+        default_value_t = 10_000,
+        value_name = "N"
+    )]
+    pub max_threads_per_user: u64,
+
+    /// Tool calls one run may have open (`tool_executing` without its `tool_completed`);
+    /// one more is 409 `quota_exceeded`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_OPEN_TOOL_CALLS",
+        default_value_t = 128,
+        value_name = "N"
+    )]
+    pub max_open_tool_calls: usize,
+
+    /// Longest `data.tool_call_id`, in bytes; a longer one is 413 `payload_too_large`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_TOOL_CALL_ID_BYTES",
+        default_value_t = 128,
+        value_name = "BYTES"
+    )]
+    pub max_tool_call_id_bytes: usize,
+
+    /// Requests per second one user (a token of role `user`, by its `sub`) may make on
+    /// average, sockets opened included; beyond it, 429 `rate_limited` with
+    /// `Retry-After`. 0 turns it off.
+    #[arg(
+        long,
+        env = "THREADLINE_RATE_LIMIT",
+        default_value_t = 100,
+        value_name = "PER_SECOND"
+    )]
+    pub rate_limit: u32,
+
+    /// Requests one user may make at once before --rate-limit applies.
+    #[arg(
+        long,
+        env = "THREADLINE_RATE_BURST",
+        default_value_t = 200,
+        value_name = "N"
+    )]
+    pub rate_burst: u32,
+
+    /// Requests per second one agent or auditor (by its `sub`) may make on average,
+    /// twice that at once; beyond it, 429 `rate_limited`. 0, the default, is no limit:
+    /// these are the operator's own services.
+    #[arg(
+        long,
+        env = "THREADLINE_AGENT_RATE_LIMIT",
+        default_value_t = 0,
+        value_name = "PER_SECOND"
+    )]
+    pub agent_rate_limit: u32,
+}
+
+impl Default for LimitArgs {
+    /// The flags' defaults (a test checks they agree).
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            header_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections_per_user: 16,
+            ws_send_timeout: Duration::from_secs(30),
+            ws_message_timeout: Duration::from_secs(10),
+            max_threads_per_user: 10_000,
+            max_open_tool_calls: 128,
+            max_tool_call_id_bytes: 128,
+            rate_limit: 100,
+            rate_burst: 200,
+            agent_rate_limit: 0,
+        }
+    }
+}
+
+/// A humantime duration of at least a millisecond.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(1) {
+        return Err(format!("must be at least 1ms, got {s}"));
+    }
+    Ok(d)
+}
+
+impl KeyArgs {
+    /// The configured HS256 secret: `--jwt-secret`, or the contents of `--jwt-secret-file`;
+    /// `None` when neither is given. Refuses one shorter than [`MIN_SECRET_BYTES`].
+    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+        let (secret, origin) = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(_), Some(_)) => bail!("configure one of --jwt-secret and --jwt-secret-file"),
+            (Some(s), None) => (s.clone(), "--jwt-secret".to_owned()),
+            (None, Some(path)) => {
+                let text = fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --jwt-secret-file {}", path.display()))?;
+                warn_if_readable_by_others(path);
+                (
+                    text.trim().to_owned(),
+                    format!("--jwt-secret-file {}", path.display()),
+                )
+            }
+            (None, None) => return Ok(None),
+        };
+        check_secret_len(&secret, &origin)?;
+        Ok(Some(secret))
+    }
+}
+
+/// Refuses an HS256 secret shorter than [`MIN_SECRET_BYTES`]: a short one can be
+/// brute-forced offline from any token it signed.
+pub fn check_secret_len(secret: &str, origin: &str) -> anyhow::Result<()> {
+    if secret.is_empty() {
+        bail!("the HS256 secret from {origin} is empty");
+    }
+    if secret.len() < MIN_SECRET_BYTES {
+        bail!(
+            "the HS256 secret from {origin} must be at least {MIN_SECRET_BYTES} bytes (it is {}); \
+             generate one with `openssl rand -hex 32`",
+            secret.len()
+        );
+    }
+    Ok(())
+}
+
 /// Parses a humantime duration (`5s`, `1m`) no longer than [`MAX_JWT_LEEWAY`].
 pub fn parse_leeway(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
@@ -137,6 +327,52 @@ pub fn parse_leeway(s: &str) -> Result<Duration, String> {
         return Err(format!("must be at most 60s, got {s}"));
     }
     Ok(d)
+}
+
+/// Creates `dir` (and its parents) private to this user, mode 0700, and takes group and
+/// other bits off it and everything under it when it already exists, so the log and the
+/// secret are not readable by other local users (files created later are private by
+/// the binary's umask, 077).
+pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    #[cfg(unix)]
+    tighten(dir).with_context(|| format!("making {} private", dir.display()))?;
+    Ok(())
+}
+
+/// Clears group and other bits of `path` and, for a directory, of everything under it
+/// (symlinks are not followed).
+#[cfg(unix)]
+fn tighten(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = format_args!("{:o}", mode & 0o777),
+            "was accessible to other users; removing their access"
+        );
+        fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    if meta.is_dir() {
+        for entry in fs::read_dir(path)? {
+            tighten(&entry?.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Where the generated HS256 secret lives.
@@ -150,8 +386,7 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<(String, bool)> 
     if let Some(secret) = load_secret(data_dir)? {
         return Ok((secret, false));
     }
-    fs::create_dir_all(data_dir)
-        .with_context(|| format!("cannot create data dir {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let path = secret_file(data_dir);
     let secret = random_hex(32);
 
@@ -199,6 +434,10 @@ pub fn load_secret(data_dir: &Path) -> anyhow::Result<Option<String>> {
         );
     }
     warn_if_readable_by_others(&path);
+    check_secret_len(
+        secret,
+        &format!("{} (delete it to generate a new one)", path.display()),
+    )?;
     Ok(Some(secret.to_owned()))
 }
 
@@ -287,6 +526,19 @@ mod tests {
         data: DataArgs,
         #[command(flatten)]
         keys: KeyArgs,
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn limit_defaults_are_the_flags_defaults() {
+        let cli = Cli::try_parse_from(["t"]).unwrap();
+        assert_eq!(cli.limits, LimitArgs::default());
+        let cli =
+            Cli::try_parse_from(["t", "--header-timeout", "2s", "--rate-limit", "0"]).unwrap();
+        assert_eq!(cli.limits.header_timeout, Duration::from_secs(2));
+        assert_eq!(cli.limits.rate_limit, 0);
+        assert!(Cli::try_parse_from(["t", "--idle-timeout", "0s"]).is_err());
     }
 
     #[test]
@@ -314,6 +566,32 @@ mod tests {
         assert_eq!(load_secret(&dir).unwrap().as_deref(), Some(first.as_str()));
         // No temp files left behind.
         assert_eq!(fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn an_existing_data_dir_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = TempDir::new();
+        let dir = tmp.0.join("data");
+        fs::create_dir_all(dir.join("log")).unwrap();
+        fs::write(dir.join("log").join("db"), "x").unwrap();
+        for (p, mode) in [(dir.clone(), 0o755), (dir.join("log"), 0o755)] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        fs::set_permissions(
+            dir.join("log").join("db"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        create_private_dir(&dir).unwrap();
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(dir.clone()), 0o700);
+        assert_eq!(mode(dir.join("log")), 0o700);
+        assert_eq!(mode(dir.join("log").join("db")), 0o600);
+        let fresh = tmp.0.join("a").join("b");
+        create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(fresh), 0o700);
     }
 
     #[test]

@@ -29,8 +29,17 @@ pub enum AppError {
     PayloadTooLarge(String),
     #[error("no route for this path")]
     NoRoute,
+    #[error("the request body did not arrive within the header deadline")]
+    RequestTimeout,
     #[error("this method is not allowed here")]
     MethodNotAllowed,
+    /// The caller is over its request rate; it may try again after the duration.
+    #[error("too many requests; retry after {} s", retry_after_secs(.0))]
+    RateLimited(std::time::Duration),
+    /// The server is at its connection limit (not the caller's fault, but no 5xx
+    /// is ever the answer to a client mistake: this one is the server's state).
+    #[error("the server is at its connection limit; retry shortly")]
+    Overloaded,
     /// A domain rejection, optionally naming the batch index that failed.
     #[error("{error}")]
     Domain {
@@ -62,7 +71,10 @@ impl AppError {
             }
             AppError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             AppError::NoRoute => (S::NOT_FOUND, "not_found"),
+            AppError::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             AppError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            AppError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
+            AppError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
             AppError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
             AppError::Domain { error, .. } => {
@@ -73,7 +85,9 @@ impl AppError {
                     DomainError::ThreadExists(_)
                     | DomainError::RunExists(_)
                     | DomainError::RunClosed(_)
-                    | DomainError::RunExpired(_) => S::CONFLICT,
+                    | DomainError::RunExpired(_)
+                    | DomainError::EventIdConflict(_)
+                    | DomainError::QuotaExceeded { .. } => S::CONFLICT,
                     DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
                     DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,
                 };
@@ -119,6 +133,13 @@ impl AppError {
             other => other,
         }
     }
+}
+
+/// `Retry-After` is whole seconds: the wait rounded up, at least 1.
+fn retry_after_secs(wait: &std::time::Duration) -> u64 {
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
+        .max(1)
 }
 
 impl From<DomainError> for AppError {
@@ -189,6 +210,16 @@ impl IntoResponse for AppError {
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
             );
+        }
+        let retry_after = match &self {
+            AppError::RateLimited(wait) => Some(retry_after_secs(wait)),
+            AppError::Overloaded => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         response
     }

@@ -2,9 +2,11 @@
 //! authenticated principal, JSON bodies, query strings and `If-Match`.
 
 use axum::body::Bytes;
-use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::extract::{FromRef, FromRequest, FromRequestParts, MatchedPath, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 use crate::app::AppState;
@@ -23,7 +25,8 @@ where
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
-        let auth: Authenticator = AppState::from_ref(state).auth;
+        let app = AppState::from_ref(state);
+        let auth: &Authenticator = &app.auth;
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -35,29 +38,39 @@ where
         })?;
         let principal = auth.verify(token)?;
         tracing::Span::current().record("user_id", principal.actor.user.as_str());
+        app.rate
+            .check(&principal.actor)
+            .map_err(AppError::RateLimited)?;
         Ok(Auth(principal))
     }
 }
 
-/// A JSON body; anything unparsable is `400 invalid_request`, too large `413`.
+/// A JSON body; anything unparsable is `400 invalid_request`, too large `413`, and one
+/// not complete within the header deadline `408 request_timeout` (a body trickled in a
+/// byte at a time must not hold its connection for ever).
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
+    AppState: FromRef<S>,
     T: DeserializeOwned,
 {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::PayloadTooLarge("request body is over 1 MiB".into())
-            } else {
-                AppError::InvalidRequest(e.body_text())
-            }
-        })?;
+        let deadline = AppState::from_ref(state).edge.header_timeout;
+        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
+            .await
+            .map_err(|_| AppError::RequestTimeout)?
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::PayloadTooLarge("request body is over 1 MiB".into())
+                } else {
+                    AppError::InvalidRequest(e.body_text())
+                }
+            })?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| AppError::InvalidRequest(format!("invalid JSON body: {e}")))
@@ -79,6 +92,54 @@ where
         axum::extract::Query::<T>::try_from_uri(&parts.uri)
             .map(|q| QueryArgs(q.0))
             .map_err(|e| AppError::InvalidRequest(e.body_text()))
+    }
+}
+
+/// Refuses a query parameter the matched route does not know (`400 invalid_request`),
+/// so a typo such as `?usr_id=` is an error rather than a silently unfiltered answer.
+/// The known names are the route table of the OpenAPI document ([`crate::openapi::ROUTES`]),
+/// so what is documented is what is accepted. The socket checks its own query (a bad one
+/// closes the socket with 4400 after the upgrade).
+pub async fn known_query(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    if let (Some(query), Some(path)) = (req.uri().query(), matched.as_ref()) {
+        if path.as_str() != "/v1/ws" {
+            if let Err(e) = check_query(req.method().as_str(), path.as_str(), query) {
+                return e.into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
+/// Checks the names in `query` against those `method path` knows.
+pub(crate) fn check_query(method: &str, path: &str, query: &str) -> Result<(), AppError> {
+    let Some(known) = crate::openapi::query_names(method, path) else {
+        return Ok(());
+    };
+    let known: Vec<&str> = known.collect();
+    let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(
+        &format!("/?{query}")
+            .parse()
+            .map_err(|_| AppError::InvalidRequest("malformed query string".into()))?,
+    )
+    .map_err(|e| AppError::InvalidRequest(e.body_text()))?;
+    match pairs
+        .0
+        .iter()
+        .find(|(name, _)| !known.contains(&name.as_str()))
+    {
+        None => Ok(()),
+        Some((name, _)) => {
+            let name: String = name.chars().take(64).collect();
+            Err(AppError::InvalidRequest(if known.is_empty() {
+                format!("unknown query parameter {name:?}: this call takes none")
+            } else {
+                format!(
+                    "unknown query parameter {name:?}: this call takes {}",
+                    known.join(", ")
+                )
+            }))
+        }
     }
 }
 

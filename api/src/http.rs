@@ -33,6 +33,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::render))
         .route("/openapi.json", get(crate::openapi::document))
+        .route_layer(axum::middleware::from_fn(crate::extract::known_query))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -49,8 +50,11 @@ async fn create_thread(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     user_id: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
 }
 
 async fn list_threads(
@@ -58,7 +62,8 @@ async fn list_threads(
     Auth(p): Auth,
     QueryArgs(q): QueryArgs<ListQuery>,
 ) -> Result<Json<wire::ThreadList>, AppError> {
-    Ok(Json(app.list_threads(&p, q.user_id)?))
+    let limit = check_limit(q.limit)?;
+    Ok(Json(app.list_threads(&p, q.user_id, limit, q.after)?))
 }
 
 async fn get_thread(
@@ -105,6 +110,7 @@ async fn append_batch(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VersionQuery {
     #[serde(default)]
     after_version: u64,
@@ -127,6 +133,7 @@ async fn thread_events(
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AuditArgs {
     #[serde(default)]
     after: u64,

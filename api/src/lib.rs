@@ -8,11 +8,13 @@
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod extract;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod rate;
 pub mod server;
 pub mod tools;
 pub mod wire;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use threadline_api::config::{DataArgs, KeyArgs};
+use threadline_api::config::{DataArgs, KeyArgs, LimitArgs};
 use threadline_api::server::{self, ServeConfig};
 use threadline_api::tools;
 
@@ -54,14 +54,8 @@ struct ServeArgs {
     /// A run idle this long is expired (e.g. `24h`, `30m`, `2s`).
     #[arg(long, env = "THREADLINE_RUN_TTL", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     run_ttl: Duration,
-    /// Open sockets allowed per user; one more is closed with 4029.
-    #[arg(
-        long,
-        env = "THREADLINE_MAX_CONNECTIONS_PER_USER",
-        default_value_t = 16,
-        value_name = "N"
-    )]
-    max_connections_per_user: usize,
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 /// Logs go to stderr; by default `serve` logs at info and the tools only warnings, so a
@@ -78,6 +72,10 @@ fn init_tracing(default: &str) {
 }
 
 fn main() -> ExitCode {
+    // Everything this binary creates (the data dir, the log's files, the generated
+    // secret) is private to its user: no bits for group or others.
+    #[cfg(unix)]
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     let cli = Cli::parse();
     init_tracing(match cli.command {
         Cmd::Serve(_) => "info",
@@ -94,7 +92,7 @@ fn main() -> ExitCode {
                     listen: a.listen,
                     keys: a.keys,
                     run_ttl: a.run_ttl,
-                    max_connections_per_user: a.max_connections_per_user,
+                    limits: a.limits,
                 }))
             })
             .map(|()| ExitCode::SUCCESS),

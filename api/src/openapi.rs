@@ -30,19 +30,33 @@ const AUTH_ERRORS: &[u16] = &[400, 401, 403];
 /// Every HTTP operation the server serves.
 pub const ROUTES: &[Route] = &[
     Route { method: "post", path: "/v1/threads", summary: "Create a thread (owner = the token's sub; agents name user_id).", body: Some("CreateThread"), query: &[], ok: (201, "ThreadCreated"), errors: &[400, 401, 403, 409, 413], auth: true },
-    Route { method: "get", path: "/v1/threads", summary: "List the caller's threads (auditors and agents: all, or ?user_id=).", body: None, query: &[("user_id", "string", "auditor/agent only: one user's threads")], ok: (200, "ThreadList"), errors: AUTH_ERRORS, auth: true },
+    Route { method: "get", path: "/v1/threads", summary: "List the caller's threads in creation order (auditors and agents: all in id order, or ?user_id=), a page at a time: `next` is present when more remain.", body: None, query: &[("user_id", "string", "auditor/agent only: one user's threads"), ("limit", "integer", "1 to 1000, default 100"), ("after", "string", "the `next` of the previous page")], ok: (200, "ThreadList"), errors: AUTH_ERRORS, auth: true },
     Route { method: "get", path: "/v1/threads/{thread_id}", summary: "A thread with its runs. Another user's thread is 404, exactly like a missing one.", body: None, query: &[], ok: (200, "ThreadDetail"), errors: &[400, 401, 404], auth: true },
     Route { method: "post", path: "/v1/threads/{thread_id}/runs", summary: "Register a run on a thread. Optional If-Match: <thread_version>.", body: Some("RegisterRun"), query: &[], ok: (201, "RunRegistered"), errors: &[400, 401, 403, 404, 409, 413], auth: true },
     Route { method: "get", path: "/v1/threads/{thread_id}/events", summary: "A thread's events as frames, by thread version.", body: None, query: &[("after_version", "integer", "return events after this thread version (default 0)"), ("limit", "integer", "1 to 1000, default 100")], ok: (200, "Frames"), errors: &[400, 401, 404], auth: true },
-    Route { method: "post", path: "/v1/runs/{run_id}/events", summary: "Append an agent event (agents only). A repeated event_id answers 200 with the original result. Optional If-Match.", body: Some("AgentEvent"), query: &[], ok: (201, "EventAppended"), errors: &[400, 401, 403, 404, 409, 413, 422], auth: true },
+    Route { method: "post", path: "/v1/runs/{run_id}/events", summary: "Append an agent event (agents only). A repeated event_id answers 200 with the original result, after the role and visibility checks and only when run, type and data equal the original's; otherwise 409 event_id_conflict. Optional If-Match.", body: Some("AgentEvent"), query: &[], ok: (201, "EventAppended"), errors: &[400, 401, 403, 404, 409, 413, 422], auth: true },
     Route { method: "post", path: "/v1/events", summary: "Append up to 1000 agent events atomically: all or none; errors name the failing index.", body: Some("Batch"), query: &[], ok: (201, "BatchAppended"), errors: &[400, 401, 403, 404, 409, 413, 422], auth: true },
     Route { method: "get", path: "/v1/audit/events", summary: "The history as auditor envelopes (auditors only). next_after is the last position examined.", body: None, query: &[("after", "integer", "position to continue after (default 0)"), ("limit", "integer", "1 to 1000, default 100"), ("user_id", "string", "owner filter"), ("thread_id", "string", "thread filter"), ("run_id", "string", "run filter"), ("type", "string", "event type filter"), ("since", "string", "RFC 3339, recorded at or after"), ("until", "string", "RFC 3339, recorded at or before")], ok: (200, "Envelopes"), errors: AUTH_ERRORS, auth: true },
-    Route { method: "get", path: "/v1/ws", summary: "WebSocket upgrade (see docs/PROTOCOL.md): welcome, replay, caught_up, live frames.", body: None, query: &[("after", "string", "user_seq to resume after, or `latest`; default: the client's durable cursor"), ("client_id", "string", "[A-Za-z0-9._-]{1,64}, default `default`"), ("thread_id", "string", "only this thread's frames"), ("access_token", "string", "the JWT, when no header or subprotocol can carry it")], ok: (101, ""), errors: &[400, 401], auth: true },
+    Route { method: "get", path: "/v1/ws", summary: "WebSocket upgrade (see docs/PROTOCOL.md): welcome, replay, caught_up, live frames.", body: None, query: &[("after", "string", "user_seq to resume after, or `latest`; default: the client's durable cursor"), ("client_id", "string", "[A-Za-z0-9._-]{1,64}, default `default`"), ("thread_id", "string", "only this thread's frames"), ("access_token", "string", "the JWT, when no header or subprotocol can carry it")], ok: (101, ""), errors: &[400, 401, 429], auth: true },
     Route { method: "get", path: "/healthz", summary: "Liveness.", body: None, query: &[], ok: (200, "Status"), errors: &[], auth: false },
     Route { method: "get", path: "/readyz", summary: "Readiness: projections caught up at start; reports the current lag.", body: None, query: &[], ok: (200, "Ready"), errors: &[], auth: false },
     Route { method: "get", path: "/metrics", summary: "Prometheus text; every metric is named threadline_*.", body: None, query: &[], ok: (200, ""), errors: &[], auth: false },
     Route { method: "get", path: "/openapi.json", summary: "This document.", body: None, query: &[], ok: (200, ""), errors: &[], auth: false },
 ];
+
+/// The query parameters `method path` knows (`None` when the route is not in the table).
+/// A HEAD is answered by the GET route.
+pub fn query_names(method: &str, path: &str) -> Option<impl Iterator<Item = &'static str>> {
+    let method = if method.eq_ignore_ascii_case("head") {
+        "get"
+    } else {
+        method
+    };
+    ROUTES
+        .iter()
+        .find(|r| r.path == path && r.method.eq_ignore_ascii_case(method))
+        .map(|r| r.query.iter().map(|(name, _, _)| *name))
+}
 
 pub async fn document() -> Json<Value> {
     Json(spec())
@@ -103,7 +117,7 @@ fn schemas() -> Value {
         "CreateThread": obj(&[], json!({"thread_id": s("string"), "title": s("string"), "metadata": s("object"), "user_id": s("string")})),
         "ThreadCreated": obj(&["thread_id", "user_id", "position", "created_at"], json!({"thread_id": s("string"), "user_id": s("string"), "position": s("integer"), "created_at": {"type": "string", "format": "date-time"}})),
         "ThreadSummary": {"type": "object", "properties": summary},
-        "ThreadList": obj(&["threads"], json!({"threads": {"type": "array", "items": schema_ref("ThreadSummary")}})),
+        "ThreadList": obj(&["threads"], json!({"threads": {"type": "array", "items": schema_ref("ThreadSummary")}, "next": {"type": "string", "description": "present when more threads remain: pass it as `after`"}})),
         "RunSummary": obj(&["run_id", "agent_name", "status", "registered_at"], json!({"run_id": s("string"), "agent_name": s("string"), "status": {"type": "string", "enum": ["registered", "running", "completed", "failed", "expired"]}, "registered_at": {"type": "string", "format": "date-time"}, "last_event": nullable("string")})),
         "ThreadDetail": {"type": "object", "properties": detail},
         "RegisterRun": obj(&["agent_name"], json!({"run_id": s("string"), "agent_name": s("string")})),
@@ -145,8 +159,21 @@ fn operation(route: &Route) -> Value {
     if route.body == Some("AgentEvent") {
         responses.insert("200".into(), json!({"description": "repeated event_id: the original result", "content": {"application/json": {"schema": schema_ref("EventAppended")}}}));
     }
-    for code in route.errors {
-        responses.insert(code.to_string(), json!({"description": "error", "content": {"application/json": {"schema": schema_ref("Error")}}}));
+    // Every call may meet an unknown query parameter (400) and the connection limit
+    // (503 overloaded); every authenticated call the caller's request rate (429).
+    let common: &[u16] = match (route.auth, route.body.is_some()) {
+        (true, true) => &[400, 408, 429, 503],
+        (true, false) => &[400, 429, 503],
+        _ => &[400, 503],
+    };
+    for code in route.errors.iter().chain(common) {
+        let description = match code {
+            408 => "request_timeout: the body did not arrive within the header deadline",
+            429 => "rate_limited: over the caller's request rate; see Retry-After",
+            503 => "overloaded: the server is at its connection limit; see Retry-After",
+            _ => "error",
+        };
+        responses.insert(code.to_string(), json!({"description": description, "content": {"application/json": {"schema": schema_ref("Error")}}}));
     }
     let mut op = json!({"summary": route.summary, "parameters": params, "responses": responses});
     if let Some(body) = route.body {

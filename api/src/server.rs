@@ -20,7 +20,9 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::Authenticator;
-use crate::config::KeyArgs;
+use crate::config::{KeyArgs, LimitArgs};
+use crate::conn::ConnLimits;
+use crate::rate::RateLimits;
 
 /// Checkpoint the projections after this many new events (and at most every few seconds).
 const CHECKPOINT_EVENTS: u64 = 10_000;
@@ -33,7 +35,7 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub keys: KeyArgs,
     pub run_ttl: Duration,
-    pub max_connections_per_user: usize,
+    pub limits: LimitArgs,
 }
 
 /// Where the event log of a data directory lives.
@@ -44,8 +46,7 @@ pub fn log_dir(data: &std::path::Path) -> PathBuf {
 /// Opens everything and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     crate::metrics::install();
-    std::fs::create_dir_all(&config.data)
-        .with_context(|| format!("creating data dir {}", config.data.display()))?;
+    crate::config::create_private_dir(&config.data)?;
     let auth = Authenticator::from_config(&config.keys, &config.data, true)?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
     let dir = log_dir(&config.data);
@@ -54,6 +55,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .map_err(|e| crate::tools::explain_open_error(&config.data, e, ""))?;
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
+    if let Some(limit) = crate::conn::raise_nofile_limit() {
+        tracing::info!(
+            open_file_limit = limit,
+            "raised the open-file limit to the hard limit"
+        );
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -71,7 +78,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.data.display()
     );
     let limits = Limits {
-        run_ttl_ms: config.run_ttl.as_millis() as u64,
+        run_ttl_ms: u64::try_from(config.run_ttl.as_millis()).unwrap_or(u64::MAX),
+        max_threads_per_user: config.limits.max_threads_per_user,
+        max_open_tool_calls: config.limits.max_open_tool_calls,
+        max_tool_call_id_bytes: config.limits.max_tool_call_id_bytes,
         ..Limits::default()
     };
     serve(
@@ -79,7 +89,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         projector,
         auth,
         limits,
-        config.max_connections_per_user,
+        config.limits,
         shutdown_signal(),
     )
     .await
@@ -91,7 +101,7 @@ pub async fn serve(
     projector: Arc<Projector<SledLog>>,
     auth: Authenticator,
     limits: Limits,
-    max_connections_per_user: usize,
+    edge: LimitArgs,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -99,9 +109,16 @@ pub async fn serve(
         projector: projector.clone(),
         auth,
         limits,
-        max_connections_per_user,
+        rate: RateLimits::new(edge.rate_limit, edge.rate_burst, edge.agent_rate_limit),
+        edge: Arc::new(edge.clone()),
         connections: Default::default(),
         shutdown: stop_rx.clone(),
+    };
+    let conn_limits = ConnLimits {
+        max_connections: edge.max_connections,
+        header_timeout: edge.header_timeout,
+        idle_timeout: edge.idle_timeout,
+        message_timeout: edge.ws_message_timeout,
     };
     let follower = tokio::spawn(follow(projector.clone(), stop_rx.clone()));
     let sweeper = tokio::spawn(sweep(state.clone(), stop_rx.clone()));
@@ -111,9 +128,7 @@ pub async fn serve(
         tracing::info!("shutting down: closing sockets, finishing in-flight requests");
         let _ = stop_tx.send(true);
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(stop)
-        .await?;
+    crate::conn::serve(listener, app, conn_limits, stop).await?;
     // Sockets close themselves with 1001 on the signal; give them a moment to say so.
     let deadline = Instant::now() + Duration::from_secs(5);
     while !state
@@ -171,6 +186,7 @@ async fn sweep(state: AppState, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
+        state.rate.forget_idle();
         match state.expire_idle_runs().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(expired = n, "expired idle runs"),

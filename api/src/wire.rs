@@ -22,7 +22,7 @@ pub fn parse_timestamp(s: &str) -> Result<u64, String> {
         .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
         .map(|t| {
             t.duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         })
 }
 
@@ -56,6 +56,9 @@ pub struct ThreadSummary {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ThreadList {
     pub threads: Vec<ThreadSummary>,
+    /// Present when more threads remain: pass it back as `after`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

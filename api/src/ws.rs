@@ -5,10 +5,12 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Uri};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -19,15 +21,30 @@ use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::auth::{bearer_token, AuthError, Principal};
+use crate::conn::ConnHandle;
+use crate::error::AppError;
+use crate::extract::check_query;
 use crate::wire;
 
 /// Frames read from the log per step: bounds a socket's memory.
 const PAGE: usize = 64;
+/// Largest client message and frame (the contract); a larger one closes with 1009.
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// Bytes tungstenite buffers before writing to the socket (its default).
+const WRITE_BUFFER: usize = 128 * 1024;
+/// The most a socket's write buffer may hold: the buffer plus one frame (a frame
+/// carries at most 64 KiB of data) with room to spare. Sends wait for the peer to
+/// take bytes before queueing more, so this is a bound, not a working size.
+const MAX_WRITE_BUFFER: usize = 1024 * 1024;
 pub const SUBPROTOCOL: &str = "threadline.v1";
 
 pub mod close {
+    /// Not a close code: the connection is dropped without a close frame (the peer is
+    /// gone, or does not read, so nothing more can reach it).
+    pub const NONE: u16 = 0;
     pub const SHUTDOWN: u16 = 1001;
     pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
     pub const INTERNAL: u16 = 1011;
     pub const EXPIRED: u16 = 4001;
     pub const BAD_QUERY: u16 = 4400;
@@ -102,7 +119,8 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
 
 pub async fn upgrade(
     State(app): State<AppState>,
-    ws: WebSocketUpgrade,
+    conn: Option<Extension<ConnHandle>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     uri: Uri,
 ) -> Response {
@@ -112,12 +130,45 @@ pub async fn upgrade(
     let auth = token(&headers, query.as_ref())
         .ok_or(AuthError::Missing)
         .and_then(|t| app.auth.verify(t));
-    let params = parse_params(query);
+    // Opening a socket counts against the user's request rate; over it, the
+    // upgrade is refused with 429 before it happens.
+    if let Ok(p) = &auth {
+        if let Err(wait) = app.rate.check(&p.actor) {
+            return AppError::RateLimited(wait).into_response();
+        }
+    }
+    let params = match uri.query().map(|q| check_query("GET", "/v1/ws", q)) {
+        Some(Err(e)) => Err(e.to_string()),
+        _ => parse_params(query),
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        // Not an upgrade: answered like any other call, in JSON.
+        Err(_) => {
+            let error = match (auth, params) {
+                (Err(e), _) => AppError::Unauthorized(e),
+                (_, Err(e)) => AppError::InvalidRequest(e),
+                _ => AppError::InvalidRequest(
+                    "GET /v1/ws is a WebSocket upgrade (Connection: Upgrade, Upgrade: websocket)"
+                        .into(),
+                ),
+            };
+            return error.into_response();
+        }
+    };
+    let conn = conn.map(|Extension(c)| c);
     // Clients send only small acks and pings: tungstenite's default 128 KiB
     // read buffer per socket was most of an idle socket's memory (docs/benchmarks.md).
     ws.protocols([SUBPROTOCOL])
         .read_buffer_size(4 * 1024)
+        .max_message_size(MAX_CLIENT_MESSAGE)
+        .max_frame_size(MAX_CLIENT_MESSAGE)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
+            if let Some(conn) = &conn {
+                conn.upgraded();
+            }
             let user = auth
                 .as_ref()
                 .map(|p| p.actor.user.to_string())
@@ -127,15 +178,31 @@ pub async fn upgrade(
                 .map(|p| p.client.to_string())
                 .unwrap_or_default();
             let span = tracing::info_span!("socket", user_id = %user, client_id = %client);
-            Session::start(app, socket, auth, params)
+            Session::start(app, socket, conn, auth, params)
                 .instrument(span)
                 .await
         })
 }
 
+/// What this connection has delivered and acknowledged, as `user_seq`s.
+#[derive(Debug)]
+struct Progress {
+    /// Where the connection resumed: nothing up to here was delivered on it.
+    resumed_after: u64,
+    /// The last `user_seq` its pages covered (sent, or withheld by the thread filter).
+    sent: u64,
+    /// The client's durable cursor as this connection last knew it.
+    acked: u64,
+}
+
 struct Session {
     app: AppState,
     socket: WebSocket,
+    /// The per-user slot, given back only after `socket` (declared first, so dropped
+    /// first) is gone: a socket whose close cannot be delivered still counts.
+    slot: Option<Slot>,
+    conn: Option<ConnHandle>,
+    send_timeout: Duration,
 }
 
 /// Why a session ended, when the server ends it.
@@ -149,14 +216,27 @@ fn shutting_down() -> Close {
     )
 }
 
+/// The peer is gone or does not take what is sent: drop it without a close.
+fn gone(why: &str) -> Close {
+    Close(close::NONE, "", why.into())
+}
+
 impl Session {
     async fn start(
         app: AppState,
         socket: WebSocket,
+        conn: Option<ConnHandle>,
         auth: Result<Principal, AuthError>,
         params: Result<Params, String>,
     ) {
-        let mut session = Session { app, socket };
+        let send_timeout = app.edge.ws_send_timeout;
+        let mut session = Session {
+            app,
+            socket,
+            slot: None,
+            conn,
+            send_timeout,
+        };
         let result = match (auth, params) {
             (Err(e), _) => Err(Close(close::POLICY, "unauthorized", e.to_string())),
             (_, Err(e)) => Err(Close(close::BAD_QUERY, "invalid_request", e)),
@@ -165,39 +245,58 @@ impl Session {
         if let Err(Close(code, error, message)) = result {
             session.close(code, error, &message).await;
         }
+        // Dropping the session closes the connection, then frees the slot.
     }
 
+    /// Sends the error frame and the close, within the send deadline; a peer that
+    /// does not take them by then is dropped all the same.
     async fn close(&mut self, code: u16, error: &str, message: &str) {
         tracing::debug!(code, error, message, "closing socket");
-        // Every close the peer can still read is preceded by an error frame
-        // (the contract); an empty code means the peer is already gone.
-        if !error.is_empty() {
-            let frame = json!({"type": "error", "code": error, "message": message});
-            let _ = self
-                .socket
-                .send(Message::Text(frame.to_string().into()))
-                .await;
+        if code == close::NONE {
+            return;
         }
-        let reason = error.to_owned();
-        let _ = self
-            .socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.into(),
-            })))
-            .await;
+        let socket = &mut self.socket;
+        let goodbye = async {
+            // Every close the peer can still read is preceded by an error frame
+            // (the contract); an empty code means the peer is already gone.
+            if !error.is_empty() {
+                let frame = json!({"type": "error", "code": error, "message": message});
+                socket.send(Message::Text(frame.to_string().into())).await?;
+            }
+            socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: error.to_owned().into(),
+                })))
+                .await
+        };
+        match tokio::time::timeout(self.send_timeout, goodbye).await {
+            Ok(Ok(())) => {
+                if let Some(conn) = &self.conn {
+                    conn.linger();
+                }
+            }
+            Ok(Err(_)) => {}
+            Err(_) => {
+                tracing::debug!("the peer took no close within the send deadline; dropping it")
+            }
+        }
     }
 
     async fn serve(&mut self, principal: Principal, params: Params) -> Result<(), Close> {
         let app = self.app.clone();
         let user = principal.actor.user.clone();
-        let _slot = Slot::take(&app, &user).ok_or_else(|| {
+        let slot = Slot::take(&app, &user).ok_or_else(|| {
             Close(
                 close::TOO_MANY,
                 "too_many_connections",
-                format!("at most {} sockets per user", app.max_connections_per_user),
+                format!(
+                    "at most {} sockets per user",
+                    app.edge.max_connections_per_user
+                ),
             )
         })?;
+        self.slot = Some(slot);
         let (head, cursor) = app.projector.read(|m| {
             (
                 m.delivery().user_head(&user),
@@ -220,14 +319,21 @@ impl Session {
             "resume_after": resume_after, "head": head, "protocol": 1});
         self.send(vec![welcome.to_string()]).await?;
 
-        let leeway_ms = app.auth.leeway_secs() * 1000;
-        let expires_in = (principal.expires_at * 1000 + leeway_ms).saturating_sub(now_ms());
+        // Saturating: a token may carry any `exp` up to u64::MAX; a far one is simply never reached.
+        let expires_at_ms = principal
+            .expires_at
+            .saturating_add(app.auth.leeway_secs())
+            .saturating_mul(1000);
+        let expires_in = expires_at_ms.saturating_sub(now_ms());
         let expiry = tokio::time::sleep(Duration::from_millis(expires_in));
         tokio::pin!(expiry);
         let mut projected = app.projector.watch();
         let mut shutdown = app.shutdown.clone();
-        let mut next = resume_after;
-        let mut acked = cursor;
+        let mut progress = Progress {
+            resumed_after: resume_after,
+            sent: resume_after,
+            acked: cursor,
+        };
         let mut caught_up = false;
         loop {
             if *shutdown.borrow() {
@@ -236,7 +342,7 @@ impl Session {
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
             projected.borrow_and_update();
-            let (frames, last) = self.page(&user, next, params.thread.as_ref())?;
+            let (frames, last) = self.page(&user, progress.sent, params.thread.as_ref())?;
             if let Some(last) = last {
                 let send = self.send(frames);
                 tokio::select! {
@@ -244,12 +350,12 @@ impl Session {
                     _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
                     _ = shutdown.changed() => return Err(shutting_down()),
                 }
-                next = last;
+                progress.sent = last;
                 // Answer pings and acks that arrived during a long replay, and
                 // notice a peer that left, without waiting for anything.
                 while let Some(incoming) = self.socket.recv().now_or_never() {
                     if !self
-                        .on_incoming(incoming, &principal, &params.client, next, &mut acked)
+                        .on_incoming(incoming, &principal, &params, &mut progress)
                         .await?
                     {
                         return Ok(());
@@ -260,14 +366,14 @@ impl Session {
             if !caught_up {
                 caught_up = true;
                 self.send(vec![
-                    json!({"type": "caught_up", "user_seq": next}).to_string()
+                    json!({"type": "caught_up", "user_seq": progress.sent}).to_string(),
                 ])
                 .await?;
             }
             tokio::select! {
                 changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
                 incoming = self.socket.recv() => {
-                    if !self.on_incoming(incoming, &principal, &params.client, next, &mut acked).await? {
+                    if !self.on_incoming(incoming, &principal, &params, &mut progress).await? {
                         return Ok(());
                     }
                 }
@@ -282,17 +388,20 @@ impl Session {
         &mut self,
         incoming: Option<Result<Message, axum::Error>>,
         principal: &Principal,
-        client: &ClientId,
-        sent: u64,
-        acked: &mut u64,
+        params: &Params,
+        progress: &mut Progress,
     ) -> Result<bool, Close> {
+        if let (Some(Ok(_)), Some(conn)) = (&incoming, &self.conn) {
+            conn.message_received();
+        }
         match incoming {
             Some(Ok(Message::Text(text))) => {
-                self.on_message(principal, client, text.as_str(), sent, acked)
+                self.on_message(principal, params, text.as_str(), progress)
                     .await?;
                 Ok(true)
             }
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => Ok(false),
+            Some(Ok(Message::Close(_))) | None => Ok(false),
+            Some(Err(e)) => Err(read_error(e)),
             Some(Ok(_)) => Ok(true),
         }
     }
@@ -328,34 +437,76 @@ impl Session {
         }
         if let Some((seq, _)) = entries.last() {
             let head = self.app.projector.read(|m| m.delivery().user_head(user));
-            metrics::histogram!("threadline_replay_lag_events").record((head - seq) as f64);
+            metrics::histogram!("threadline_replay_lag_events")
+                .record(head.saturating_sub(*seq) as f64);
         }
         Ok((frames, entries.last().map(|(s, _)| *s)))
     }
 
+    /// Sends `texts`, each write within the send deadline: a peer that does not read
+    /// is dropped (guarantee 2 holds for a slow reader, which takes bytes within it).
     async fn send(&mut self, texts: Vec<String>) -> Result<(), Close> {
         let n = texts.len() as u64;
+        let deadline = self.send_timeout;
         for text in texts {
-            self.socket
-                .feed(Message::Text(text.into()))
-                .await
-                .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+            match tokio::time::timeout(deadline, self.socket.feed(Message::Text(text.into()))).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(gone("peer gone")),
+                Err(_) => return Err(gone("the peer did not read within the send deadline")),
+            }
         }
-        self.socket
-            .flush()
-            .await
-            .map_err(|_| Close(close::INTERNAL, "", "peer gone".into()))?;
+        match tokio::time::timeout(deadline, self.socket.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(gone("peer gone")),
+            Err(_) => return Err(gone("the peer did not read within the send deadline")),
+        }
         metrics::counter!("threadline_frames_sent_total").increment(n);
         Ok(())
+    }
+
+    /// Whether the frame with `seq` was delivered on this connection: not beyond what its
+    /// pages covered and, with a thread filter, one of that thread's frames sent after the
+    /// resume point (an ack of a withheld frame would move the cursor past an event the
+    /// client never saw, and its unfiltered reconnect would skip it).
+    fn delivered(
+        &self,
+        user: &UserId,
+        params: &Params,
+        progress: &Progress,
+        seq: u64,
+    ) -> Result<bool, Close> {
+        let Some(thread) = &params.thread else {
+            return Ok(seq <= progress.sent);
+        };
+        if seq <= progress.resumed_after || seq > progress.sent {
+            return Ok(false);
+        }
+        let internal = |e: String| Close(close::INTERNAL, "internal", e);
+        let entry = self
+            .app
+            .projector
+            .read(|m| m.delivery().read_after(user, seq - 1, 1));
+        let Some((_, position)) = entry.first().filter(|(s, _)| *s == seq) else {
+            return Ok(false);
+        };
+        let record = self
+            .app
+            .projector
+            .log()
+            .read_at(*position)
+            .map_err(|e| internal(e.to_string()))?
+            .ok_or_else(|| internal(format!("position {position} is not readable")))?;
+        let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
+        Ok(event.thread_id() == Some(thread))
     }
 
     async fn on_message(
         &mut self,
         principal: &Principal,
-        client: &ClientId,
+        params: &Params,
         text: &str,
-        sent: u64,
-        acked: &mut u64,
+        progress: &mut Progress,
     ) -> Result<(), Close> {
         #[derive(Deserialize)]
         struct ClientMessage {
@@ -376,18 +527,24 @@ impl Session {
         };
         match (msg.kind.as_str(), msg.user_seq) {
             ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
-            ("ack", Some(seq)) if seq > sent => {
-                self.send(vec![reply_error(
-                    "invalid_ack",
-                    format!("user_seq {seq} was not delivered (last sent: {sent})"),
-                )])
-                .await
+            ("ack", Some(seq))
+                if !self.delivered(&principal.actor.user, params, progress, seq)? =>
+            {
+                let message = if seq > progress.sent {
+                    format!(
+                        "user_seq {seq} was not delivered (last sent: {})",
+                        progress.sent
+                    )
+                } else {
+                    format!("user_seq {seq} was not delivered on this connection (its thread filter withheld it, or it precedes the resume point)")
+                };
+                self.send(vec![reply_error("invalid_ack", message)]).await
             }
             ("ack", Some(seq)) => {
-                if seq > *acked && principal.actor.role == Role::User {
+                if seq > progress.acked && principal.actor.role == Role::User {
                     let command = Command::AcknowledgeDelivery {
                         user_id: principal.actor.user.clone(),
-                        client_id: client.clone(),
+                        client_id: params.client.clone(),
                         user_seq: seq,
                     };
                     let result = self
@@ -403,7 +560,7 @@ impl Session {
                     if let Err(e) = result {
                         return Err(Close(close::INTERNAL, "internal", e.to_string()));
                     }
-                    *acked = seq;
+                    progress.acked = seq;
                     let head = self
                         .app
                         .projector
@@ -424,6 +581,27 @@ impl Session {
     }
 }
 
+/// How a failed read ends the session: a message over the cap closes with 1009, an
+/// unfinished one past its deadline with 1008; anything else means the peer is gone.
+fn read_error(e: axum::Error) -> Close {
+    match e.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) => match *e {
+            tungstenite::Error::Capacity(_) => Close(
+                close::TOO_BIG,
+                "message_too_big",
+                format!("client messages are at most {MAX_CLIENT_MESSAGE} bytes"),
+            ),
+            tungstenite::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut => Close(
+                close::POLICY,
+                "message_timeout",
+                "a message was left unfinished past the message deadline".into(),
+            ),
+            _ => gone("peer gone"),
+        },
+        Err(_) => gone("peer gone"),
+    }
+}
+
 /// One of a user's connection slots, given back on drop.
 struct Slot {
     app: AppState,
@@ -434,7 +612,7 @@ impl Slot {
     fn take(app: &AppState, user: &UserId) -> Option<Slot> {
         let mut map = app.connections.lock().unwrap_or_else(|p| p.into_inner());
         let count = map.entry(user.clone()).or_default();
-        if *count >= app.max_connections_per_user {
+        if *count >= app.edge.max_connections_per_user {
             return None;
         }
         *count += 1;

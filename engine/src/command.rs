@@ -1,6 +1,6 @@
 //! Commands (imperative) that `decide` turns into events, and the size limits it enforces.
 
-use crate::event::AgentEventKind;
+use crate::event::{AgentEventKind, Event};
 use crate::ids::{ClientId, RunId, ThreadId, UserId};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +32,72 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether `event` is exactly what this command records: the same thread or run, the
+    /// same type and the same data. A repeated `event_id` is answered with the original
+    /// only when this holds; otherwise the id is in conflict.
+    pub fn repeats(&self, event: &Event) -> bool {
+        match (self, event) {
+            (
+                Command::CreateThread {
+                    thread_id,
+                    owner,
+                    title,
+                    metadata,
+                },
+                Event::ThreadCreated {
+                    thread_id: t,
+                    owner: o,
+                    title: ti,
+                    metadata: m,
+                },
+            ) => thread_id == t && owner == o && title == ti && metadata == m,
+            (
+                Command::RegisterRun {
+                    thread_id,
+                    run_id,
+                    agent_name,
+                },
+                Event::RunRegistered {
+                    thread_id: t,
+                    run_id: r,
+                    agent_name: a,
+                },
+            ) => thread_id == t && run_id == r && agent_name == a,
+            (
+                Command::RecordAgentEvent {
+                    run_id,
+                    kind,
+                    data,
+                    tool_call_id,
+                },
+                Event::AgentEventRecorded {
+                    run_id: r,
+                    kind: k,
+                    data: d,
+                    tool_call_id: c,
+                    ..
+                },
+            ) => run_id == r && kind == k && data == d && tool_call_id == c,
+            (Command::ExpireRun { run_id }, Event::RunExpired { run_id: r, .. }) => run_id == r,
+            (
+                Command::AcknowledgeDelivery {
+                    user_id,
+                    client_id,
+                    user_seq,
+                },
+                Event::CursorAdvanced {
+                    user_id: u,
+                    client_id: c,
+                    user_seq: s,
+                },
+            ) => user_id == u && client_id == c && user_seq == s,
+            _ => false,
+        }
+    }
+}
+
+/// What `decide` bounds: sizes, per-user quotas and the run TTL.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub max_data_bytes: usize,
@@ -40,6 +106,12 @@ pub struct Limits {
     pub max_agent_name_chars: usize,
     /// A run idle longer than this is expired.
     pub run_ttl_ms: u64,
+    /// Threads one user may own.
+    pub max_threads_per_user: u64,
+    /// `tool_executing` calls a run may have open (not yet completed) at once.
+    pub max_open_tool_calls: usize,
+    /// Longest `data.tool_call_id`, in bytes.
+    pub max_tool_call_id_bytes: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +122,9 @@ impl Default for Limits {
             max_metadata_bytes: 16 * 1024,
             max_agent_name_chars: 128,
             run_ttl_ms: 24 * 60 * 60 * 1000,
+            max_threads_per_user: 10_000,
+            max_open_tool_calls: 128,
+            max_tool_call_id_bytes: 128,
         }
     }
 }

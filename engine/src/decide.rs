@@ -16,6 +16,39 @@ pub fn decide(
     now_ms: u64,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
+    authorize(state, actor, &command)?;
+    match command {
+        Command::CreateThread {
+            thread_id,
+            owner,
+            title,
+            metadata,
+        } => create_thread(state, thread_id, owner, title, metadata, limits),
+        Command::RegisterRun {
+            thread_id,
+            run_id,
+            agent_name,
+        } => register_run(state, thread_id, run_id, agent_name, limits),
+        Command::RecordAgentEvent {
+            run_id,
+            kind,
+            data,
+            tool_call_id,
+        } => record_agent_event(state, run_id, kind, data, tool_call_id, now_ms, limits),
+        Command::ExpireRun { run_id } => expire_run(state, run_id, now_ms, limits),
+        Command::AcknowledgeDelivery {
+            user_id,
+            client_id,
+            user_seq,
+        } => acknowledge(user_id, client_id, user_seq),
+    }
+}
+
+/// The checks that come before any other: may `actor` issue `command` at all (403), and
+/// does it see what the command names (404: another user's thread answers exactly like a
+/// missing one). [`decide`] runs them first, and a repeated `event_id` is answered only
+/// after they pass, so an idempotency key never reveals what the caller may not see.
+pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(), DomainError> {
     match actor.role {
         Role::Auditor => return Err(forbidden("auditors are read-only")),
         Role::System if !matches!(command, Command::ExpireRun { .. }) => {
@@ -24,39 +57,44 @@ pub fn decide(
         _ => {}
     }
     match command {
-        Command::CreateThread {
-            thread_id,
-            owner,
-            title,
-            metadata,
-        } => create_thread(state, actor, thread_id, owner, title, metadata, limits),
-        Command::RegisterRun {
-            thread_id,
-            run_id,
-            agent_name,
-        } => register_run(state, actor, thread_id, run_id, agent_name, limits),
-        Command::RecordAgentEvent {
-            run_id,
-            kind,
-            data,
-            tool_call_id,
-        } => record_agent_event(
-            state,
-            actor,
-            run_id,
-            kind,
-            data,
-            tool_call_id,
-            now_ms,
-            limits,
-        ),
-        Command::ExpireRun { run_id } => expire_run(state, actor, run_id, now_ms, limits),
-        Command::AcknowledgeDelivery {
-            user_id,
-            client_id,
-            user_seq,
-        } => acknowledge(actor, user_id, client_id, user_seq),
+        Command::CreateThread { owner, .. } => {
+            if actor.role == Role::User && *owner != actor.user {
+                return Err(forbidden("users may only create threads for themselves"));
+            }
+        }
+        Command::RegisterRun { thread_id, .. } => {
+            let visible = state
+                .thread(thread_id)
+                .is_some_and(|t| actor.role != Role::User || t.owner == actor.user);
+            if !visible {
+                return Err(DomainError::ThreadNotFound(thread_id.clone()));
+            }
+        }
+        Command::RecordAgentEvent { run_id, .. } => {
+            if actor.role != Role::Agent {
+                return Err(forbidden("only agents may append agent events"));
+            }
+            if state.run(run_id).is_none() {
+                return Err(DomainError::RunNotFound(run_id.clone()));
+            }
+        }
+        Command::ExpireRun { run_id } => {
+            if !matches!(actor.role, Role::System | Role::Agent) {
+                return Err(forbidden("only the system or an agent may expire runs"));
+            }
+            if state.run(run_id).is_none() {
+                return Err(DomainError::RunNotFound(run_id.clone()));
+            }
+        }
+        Command::AcknowledgeDelivery { user_id, .. } => {
+            if actor.role != Role::User || actor.user != *user_id {
+                return Err(forbidden(
+                    "only the user itself may acknowledge its delivery",
+                ));
+            }
+        }
     }
+    Ok(())
 }
 
 fn forbidden(reason: &str) -> DomainError {
@@ -65,18 +103,20 @@ fn forbidden(reason: &str) -> DomainError {
 
 fn create_thread(
     state: &Registry,
-    actor: &Actor,
     thread_id: ThreadId,
     owner: UserId,
     title: Option<String>,
     metadata: Option<String>,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    if actor.role == Role::User && owner != actor.user {
-        return Err(forbidden("users may only create threads for themselves"));
-    }
     if state.thread(&thread_id).is_some() {
         return Err(DomainError::ThreadExists(thread_id));
+    }
+    if state.thread_count(&owner) >= limits.max_threads_per_user {
+        return Err(DomainError::QuotaExceeded {
+            what: "threads per user",
+            limit: limits.max_threads_per_user,
+        });
     }
     if title
         .as_deref()
@@ -106,20 +146,11 @@ fn create_thread(
 
 fn register_run(
     state: &Registry,
-    actor: &Actor,
     thread_id: ThreadId,
     run_id: RunId,
     agent_name: String,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    let visible = match state.thread(&thread_id) {
-        // Another user's thread answers exactly like a missing one.
-        Some(thread) => actor.role != Role::User || thread.owner == actor.user,
-        None => false,
-    };
-    if !visible {
-        return Err(DomainError::ThreadNotFound(thread_id));
-    }
     if agent_name.trim().is_empty() {
         return Err(DomainError::InvalidInput(
             "agent_name must not be empty".to_owned(),
@@ -142,10 +173,8 @@ fn register_run(
     }])
 }
 
-#[allow(clippy::too_many_arguments)]
 fn record_agent_event(
     state: &Registry,
-    actor: &Actor,
     run_id: RunId,
     kind: AgentEventKind,
     data: String,
@@ -153,9 +182,6 @@ fn record_agent_event(
     now_ms: u64,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    if actor.role != Role::Agent {
-        return Err(forbidden("only agents may append agent events"));
-    }
     let Some(run) = state.run(&run_id) else {
         return Err(DomainError::RunNotFound(run_id));
     };
@@ -174,6 +200,25 @@ fn record_agent_event(
         }
         RunStatus::Registered | RunStatus::Running => {}
     }
+    if tool_call_id
+        .as_deref()
+        .is_some_and(|id| id.len() > limits.max_tool_call_id_bytes)
+    {
+        return Err(DomainError::TooLarge {
+            what: "data.tool_call_id",
+            limit: limits.max_tool_call_id_bytes,
+        });
+    }
+    // A quota is a conflict (409), judged before the lifecycle (422).
+    if kind == AgentEventKind::ToolExecuting
+        && tool_call_id.is_some()
+        && run.open_tool_calls.len() >= limits.max_open_tool_calls
+    {
+        return Err(DomainError::QuotaExceeded {
+            what: "open tool calls per run",
+            limit: limits.max_open_tool_calls as u64,
+        });
+    }
     let lifecycle = |msg: String| Err(DomainError::InvalidLifecycle(msg));
     match (run.status, kind, tool_call_id.as_deref()) {
         (RunStatus::Registered, AgentEventKind::Started, _) => {}
@@ -191,6 +236,7 @@ fn record_agent_event(
                 "tool_completed for {id} has no open tool_executing with that id"
             ))
         }
+
         _ => {}
     }
     Ok(vec![Event::AgentEventRecorded {
@@ -204,14 +250,10 @@ fn record_agent_event(
 
 fn expire_run(
     state: &Registry,
-    actor: &Actor,
     run_id: RunId,
     now_ms: u64,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    if !matches!(actor.role, Role::System | Role::Agent) {
-        return Err(forbidden("only the system or an agent may expire runs"));
-    }
     let Some(run) = state.run(&run_id) else {
         return Err(DomainError::RunNotFound(run_id));
     };
@@ -226,16 +268,10 @@ fn expire_run(
 }
 
 fn acknowledge(
-    actor: &Actor,
     user_id: UserId,
     client_id: ClientId,
     user_seq: u64,
 ) -> Result<Vec<Event>, DomainError> {
-    if actor.role != Role::User || actor.user != user_id {
-        return Err(forbidden(
-            "only the user itself may acknowledge its delivery",
-        ));
-    }
     if user_seq == 0 {
         return Err(DomainError::InvalidInput(
             "user_seq must be at least 1".to_owned(),

@@ -1,6 +1,6 @@
 //! Why `decide` rejected a command, with a stable code per reason for the edge to map.
 
-use crate::ids::{IdError, RunId, ThreadId};
+use crate::ids::{EventId, IdError, RunId, ThreadId};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum DomainError {
@@ -20,10 +20,16 @@ pub enum DomainError {
     RunClosed(RunId),
     #[error("run {0} has expired after being idle too long")]
     RunExpired(RunId),
+    /// The `event_id` was already used for another event (another run, type or data).
+    #[error("event_id {} was already used for a different event", .0.as_uuid())]
+    EventIdConflict(EventId),
     #[error("invalid lifecycle: {0}")]
     InvalidLifecycle(String),
     #[error("{what} is too large (limit {limit})")]
     TooLarge { what: &'static str, limit: usize },
+    /// A per-user or per-run quota is used up.
+    #[error("quota exceeded: at most {limit} {what}")]
+    QuotaExceeded { what: &'static str, limit: u64 },
     #[error("invalid request: {0}")]
     InvalidInput(String),
 }
@@ -40,8 +46,10 @@ impl DomainError {
             Self::RunExists(_) => "run_exists",
             Self::RunClosed(_) => "run_closed",
             Self::RunExpired(_) => "run_expired",
+            Self::EventIdConflict(_) => "event_id_conflict",
             Self::InvalidLifecycle(_) => "invalid_lifecycle",
             Self::TooLarge { .. } => "payload_too_large",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::InvalidInput(_) => "invalid_request",
         }
     }

@@ -38,7 +38,8 @@ pub struct Thread {
     pub thread_id: ThreadId,
     pub owner: UserId,
     pub title: Option<String>,
-    pub metadata: Option<String>,
+    // Metadata (up to 16 KiB a thread) is not kept here: it is read from the
+    // thread's first record when asked for, so memory does not grow with it.
     pub created_at_ms: u64,
     /// Dense per-thread version: the number of events on the thread so far.
     pub version: u64,
@@ -66,6 +67,8 @@ pub struct Registry {
     runs: BTreeMap<RunId, Run>,
     /// Each user's threads in creation order, for listing without a scan.
     by_user: BTreeMap<UserId, Vec<ThreadId>>,
+    /// How many threads each user owns (also in a [`Registry::subset`], for the quota).
+    thread_counts: BTreeMap<UserId, u64>,
 }
 
 impl Registry {
@@ -77,7 +80,7 @@ impl Registry {
                 thread_id,
                 owner,
                 title,
-                metadata,
+                ..
             } => {
                 if !self.threads.contains_key(thread_id) {
                     self.threads.insert(
@@ -86,7 +89,6 @@ impl Registry {
                             thread_id: thread_id.clone(),
                             owner: owner.clone(),
                             title: title.clone(),
-                            metadata: metadata.clone(),
                             created_at_ms: meta.recorded_at_ms,
                             version: 0,
                             runs: Vec::new(),
@@ -97,6 +99,7 @@ impl Registry {
                         .entry(owner.clone())
                         .or_default()
                         .push(thread_id.clone());
+                    *self.thread_counts.entry(owner.clone()).or_default() += 1;
                 }
             }
             Event::RunRegistered {
@@ -184,8 +187,39 @@ impl Registry {
             .filter_map(|id| self.threads.get(id))
     }
 
+    /// Up to `limit` of the user's threads after the first `skip`, in creation order
+    /// (the list only grows at its end, so an offset is a stable cursor).
+    pub fn threads_of_page(&self, user: &UserId, skip: usize, limit: usize) -> Vec<&Thread> {
+        self.by_user
+            .get(user)
+            .map(|ids| {
+                ids.iter()
+                    .skip(skip)
+                    .take(limit)
+                    .filter_map(|id| self.threads.get(id))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many threads `user` owns.
+    pub fn thread_count(&self, user: &UserId) -> u64 {
+        self.thread_counts.get(user).copied().unwrap_or(0)
+    }
+
     pub fn threads(&self) -> impl Iterator<Item = &Thread> {
         self.threads.values()
+    }
+
+    /// Up to `limit` threads in id order, after `after` when given.
+    pub fn threads_after(&self, after: Option<&ThreadId>, limit: usize) -> Vec<&Thread> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let from = after.map_or(Unbounded, Excluded);
+        self.threads
+            .range((from, Unbounded))
+            .take(limit)
+            .map(|(_, t)| t)
+            .collect()
     }
 
     pub fn users(&self) -> impl Iterator<Item = &UserId> {
@@ -197,14 +231,20 @@ impl Registry {
     }
 
     /// A registry holding only the named threads and runs (and the threads of
-    /// those runs): enough for `decide` to judge a batch of commands on a scratch
-    /// copy without cloning everything.
+    /// those runs) and the named users' thread counts: enough for `decide` to judge
+    /// a batch of commands on a scratch copy without cloning everything.
     pub fn subset<'a>(
         &self,
         threads: impl IntoIterator<Item = &'a ThreadId>,
         runs: impl IntoIterator<Item = &'a RunId>,
+        users: impl IntoIterator<Item = &'a UserId>,
     ) -> Registry {
         let mut out = Registry::default();
+        for user in users {
+            if let Some(n) = self.thread_counts.get(user) {
+                out.thread_counts.insert(user.clone(), *n);
+            }
+        }
         let add_thread = |out: &mut Registry, id: &ThreadId| {
             if let Some(t) = self.threads.get(id) {
                 out.threads.insert(id.clone(), t.clone());

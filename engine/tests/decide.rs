@@ -1,8 +1,8 @@
 //! Given/when/then tests of every rule in `decide`, and of the registry fold.
 
 use threadline_engine::{
-    decide, Actor, AgentEventKind, ClientId, Command, DomainError, Event, EventMeta, Limits,
-    Registry, Role, RunId, RunStatus, ThreadId, UserId,
+    authorize, decide, Actor, AgentEventKind, ClientId, Command, DomainError, Event, EventId,
+    EventMeta, Limits, Registry, Role, RunId, RunStatus, ThreadId, UserId,
 };
 
 const T0: u64 = 1_000_000;
@@ -708,6 +708,17 @@ fn every_error_has_its_code() {
             "payload_too_large",
         ),
         (DomainError::InvalidInput("x".into()), "invalid_request"),
+        (
+            DomainError::EventIdConflict(EventId::generate()),
+            "event_id_conflict",
+        ),
+        (
+            DomainError::QuotaExceeded {
+                what: "threads per user",
+                limit: 1,
+            },
+            "quota_exceeded",
+        ),
         (ThreadId::parse("").unwrap_err().into(), "invalid_id"),
     ];
     for (err, code) in cases {
@@ -737,4 +748,147 @@ fn event_names_and_streams() {
     }
     assert_eq!(AgentEventKind::parse("agent_paused"), None);
     assert!(AgentEventKind::Completed.is_terminal() && !AgentEventKind::Thinking.is_terminal());
+}
+
+// ---- idempotency: who may hear a repeat, and what is a repeat ----
+
+#[test]
+fn authorize_is_decides_first_step() {
+    let g = given(running());
+    let cases = [
+        (auditor(), record("run_a", AgentEventKind::Thinking, None)),
+        (
+            as_user("bob"),
+            record("run_a", AgentEventKind::Thinking, None),
+        ),
+        (
+            as_user("bob"),
+            record("run_missing", AgentEventKind::Thinking, None),
+        ),
+        (
+            agent(),
+            record("run_missing", AgentEventKind::Thinking, None),
+        ),
+        (as_user("bob"), register("thread_a", "run_new")),
+        (as_user("alice"), create("thread_new", "bob")),
+        (as_user("alice"), ack("bob", 1)),
+        (as_user("alice"), expire("run_a")),
+    ];
+    for (actor, command) in cases {
+        let refused = authorize(&g.state, &actor, &command).unwrap_err();
+        assert_eq!(g.when(actor, command).0, Err(refused));
+    }
+    // Passing authorize says nothing of the rest: an agent on a closed run is authorized.
+    let closed = given(with(
+        running(),
+        [recorded(
+            "thread_a",
+            "run_a",
+            AgentEventKind::Completed,
+            None,
+        )],
+    ));
+    let again = record("run_a", AgentEventKind::Thinking, None);
+    assert_eq!(authorize(&closed.state, &agent(), &again), Ok(()));
+    closed.when(agent(), again).then_code("run_closed");
+}
+
+#[test]
+fn a_repeat_is_the_same_run_type_and_data() {
+    let original = recorded(
+        "thread_a",
+        "run_a",
+        AgentEventKind::ToolExecuting,
+        Some("t1"),
+    );
+    let same = record("run_a", AgentEventKind::ToolExecuting, Some("t1"));
+    assert!(same.repeats(&original));
+    let other_run = record("run_b", AgentEventKind::ToolExecuting, Some("t1"));
+    let other_kind = record("run_a", AgentEventKind::Thinking, Some("t1"));
+    let other_tool = record("run_a", AgentEventKind::ToolExecuting, Some("t2"));
+    let other_data = Command::RecordAgentEvent {
+        run_id: run("run_a"),
+        kind: AgentEventKind::ToolExecuting,
+        data: "{\"x\":1}".into(),
+        tool_call_id: Some("t1".into()),
+    };
+    for c in [other_run, other_kind, other_tool, other_data] {
+        assert!(!c.repeats(&original), "{c:?}");
+    }
+    assert!(create("thread_a", "alice").repeats(&created("thread_a", "alice")));
+    assert!(!create("thread_a", "bob").repeats(&created("thread_a", "alice")));
+    assert!(register("thread_a", "run_a").repeats(&registered("thread_a", "run_a")));
+    assert!(!register("thread_a", "run_a").repeats(&original));
+    assert!(expire("run_a").repeats(&expired("thread_a", "run_a")));
+}
+
+// ---- quotas ----
+
+#[test]
+fn a_user_owns_at_most_max_threads_per_user() {
+    let mut g = given(world());
+    g.limits.max_threads_per_user = 1;
+    g.when(as_user("alice"), create("thread_c", "alice"))
+        .then_err(DomainError::QuotaExceeded {
+            what: "threads per user",
+            limit: 1,
+        });
+    g.when(agent(), create("thread_c", "alice"))
+        .then_code("quota_exceeded");
+    g.when(agent(), create("thread_c", "carol"))
+        .then_ok(vec![created("thread_c", "carol")]);
+    // The quota travels with the scratch copy decide judges batches on.
+    let scratch = g.state.subset([], [], [&user("alice")]);
+    assert_eq!(scratch.thread_count(&user("alice")), 1);
+}
+
+#[test]
+fn tool_call_ids_and_open_tool_calls_are_bounded() {
+    let mut g = given(running());
+    g.limits.max_tool_call_id_bytes = 8;
+    g.limits.max_open_tool_calls = 1;
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolExecuting, Some("123456789")),
+    )
+    .then_code("payload_too_large");
+    let g = Given {
+        state: given(with(
+            running(),
+            [recorded(
+                "thread_a",
+                "run_a",
+                AgentEventKind::ToolExecuting,
+                Some("t1"),
+            )],
+        ))
+        .state,
+        ..g
+    };
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolExecuting, Some("t2")),
+    )
+    .then_err(DomainError::QuotaExceeded {
+        what: "open tool calls per run",
+        limit: 1,
+    });
+    // Completing one, or an event without a tool call id, is not limited.
+    g.when(
+        agent(),
+        record("run_a", AgentEventKind::ToolCompleted, Some("t1")),
+    )
+    .then_ok(vec![recorded(
+        "thread_a",
+        "run_a",
+        AgentEventKind::ToolCompleted,
+        Some("t1"),
+    )]);
+    g.when(agent(), record("run_a", AgentEventKind::Thinking, None))
+        .then_ok(vec![recorded(
+            "thread_a",
+            "run_a",
+            AgentEventKind::Thinking,
+            None,
+        )]);
 }

@@ -2,10 +2,11 @@
 //! appended with the thread's expected version, then folded in before the
 //! caller hears back (so a caller always reads its own writes).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use threadline_engine::{
-    decide, Actor, Command, DomainError, Event, EventId, EventMeta, Limits, RunId, ThreadId,
+    authorize, decide, Actor, Command, DomainError, Event, EventId, EventMeta, Limits, RunId,
+    ThreadId,
 };
 use threadline_storage::{Appended, Checkpoints, EventLog, NewEvent, Position, StorageError};
 use uuid::Uuid;
@@ -73,6 +74,13 @@ struct Planned {
     new: NewEvent,
 }
 
+/// An event already stored under a submission's `event_id`.
+struct Known {
+    at: Appended,
+    event_id: Uuid,
+    event: Event,
+}
+
 fn thread_of(registry: &threadline_engine::Registry, command: &Command) -> Option<ThreadId> {
     match command {
         Command::CreateThread { thread_id, .. } | Command::RegisterRun { thread_id, .. } => {
@@ -107,10 +115,10 @@ impl<L: EventLog + Checkpoints> Projector<L> {
     ) -> Result<Vec<Option<Outcome>>, SubmitError> {
         self.settle(self.log().head()).await?;
         for _ in 0..MAX_ATTEMPTS {
-            let mut known: Vec<Option<Appended>> = Vec::with_capacity(submissions.len());
+            let mut known: Vec<Option<Known>> = Vec::with_capacity(submissions.len());
             for s in submissions {
                 known.push(match s.event_id {
-                    Some(id) => self.log().find_event(id.as_uuid())?,
+                    Some(id) => self.known(id)?,
                     None => None,
                 });
             }
@@ -154,6 +162,29 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         })
     }
 
+    /// The event stored under `id`, if any.
+    fn known(&self, id: EventId) -> Result<Option<Known>, SubmitError> {
+        let Some(at) = self.log().find_event(id.as_uuid())? else {
+            return Ok(None);
+        };
+        let record = self
+            .log()
+            .read_at(at.position)?
+            .ok_or(StorageError::Corrupt {
+                position: at.position,
+                reason: "an event id points at a missing record".into(),
+            })?;
+        let event = decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
+            position: record.position,
+            reason,
+        })?;
+        Ok(Some(Known {
+            at,
+            event_id: record.event_id,
+            event,
+        }))
+    }
+
     /// Appends `run_expired` for a run that idled out (a no-op if it is already closed).
     async fn record_expiry(
         &self,
@@ -173,7 +204,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         &self,
         actor: &Actor,
         submissions: &[Submission],
-        known: &[Option<Appended>],
+        known: &[Option<Known>],
         now_ms: u64,
         limits: &Limits,
     ) -> Result<Vec<Planned>, SubmitError> {
@@ -186,12 +217,37 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             let mut scratch = registry.subset(
                 threads.iter(),
                 submissions.iter().filter_map(|s| run_of(&s.command)),
+                submissions.iter().filter_map(|s| match &s.command {
+                    Command::CreateThread { owner, .. } => Some(owner),
+                    _ => None,
+                }),
             );
             let mut first_on_stream = HashSet::new();
             let mut planned = Vec::new();
+            let mut ids_in_batch: HashMap<EventId, &Command> = HashMap::new();
             for (index, s) in submissions.iter().enumerate() {
-                if known[index].is_some() {
+                let conflict = |id: EventId| SubmitError::Domain {
+                    index,
+                    error: DomainError::EventIdConflict(id),
+                };
+                if let Some(known) = &known[index] {
+                    // A repeat is answered only to a caller who may issue the command
+                    // and see what it names, and only when it is the same request: the
+                    // original's result must not reach anyone else.
+                    authorize(&scratch, actor, &s.command)
+                        .map_err(|error| SubmitError::Domain { index, error })?;
+                    if !s.command.repeats(&known.event) {
+                        return Err(conflict(EventId::from_uuid(known.event_id)));
+                    }
                     continue;
+                }
+                if let Some(id) = s.event_id {
+                    match ids_in_batch.get(&id) {
+                        Some(first) if **first != s.command => return Err(conflict(id)),
+                        _ => {
+                            ids_in_batch.insert(id, &s.command);
+                        }
+                    }
                 }
                 let thread = thread_of(&scratch, &s.command);
                 let decided = decide(&scratch, actor, s.command.clone(), now_ms, limits);
@@ -256,29 +312,32 @@ impl<L: EventLog + Checkpoints> Projector<L> {
     fn outcomes(
         &self,
         submissions: &[Submission],
-        known: &[Option<Appended>],
+        known: &[Option<Known>],
         planned: &[Planned],
         appended: &[Appended],
     ) -> Result<Vec<Option<Outcome>>, SubmitError> {
         let mut out: Vec<Option<Outcome>> = vec![None; submissions.len()];
         for (index, original) in known.iter().enumerate() {
-            let Some(original) = original else { continue };
-            let record = self
-                .log()
-                .read_at(original.position)?
-                .ok_or(StorageError::Corrupt {
-                    position: original.position,
-                    reason: "duplicate points at a missing record".into(),
-                })?;
-            let event =
-                decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
-                    position: record.position,
-                    reason,
-                })?;
-            out[index] = Some(self.outcome(&event, record.event_id, original, true));
+            if let Some(k) = original {
+                out[index] = Some(self.outcome(&k.event, k.event_id, &k.at, true));
+            }
         }
         for (p, a) in planned.iter().zip(appended) {
             // A duplicate inside the batch (same id twice) still reports the original.
+            if a.duplicate {
+                // Another request stored this id between our look-up and our append:
+                // answer with its result only if it is the same request.
+                let id = EventId::from_uuid(p.new.event_id);
+                let same = self
+                    .known(id)?
+                    .is_some_and(|k| submissions[p.index].command.repeats(&k.event));
+                if !same {
+                    return Err(SubmitError::Domain {
+                        index: p.index,
+                        error: DomainError::EventIdConflict(id),
+                    });
+                }
+            }
             out[p.index] = Some(self.outcome(&p.event, p.new.event_id, a, a.duplicate));
         }
         Ok(out)

@@ -44,7 +44,7 @@ impl Delivery {
         let Some(queue) = self.queues.get(user) else {
             return Vec::new();
         };
-        let start = (after as usize).min(queue.len());
+        let start = usize::try_from(after).map_or(queue.len(), |a| a.min(queue.len()));
         queue[start..]
             .iter()
             .take(limit)

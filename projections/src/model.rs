@@ -10,7 +10,11 @@ use crate::{decode_event, Delivery, ProjectionError};
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
-const CHECKPOINT_FORMAT: u8 = 1;
+/// 2: threads without metadata, per-user thread counts (issue 11).
+const CHECKPOINT_FORMAT: u8 = 2;
+/// Formats an older build wrote. Checkpoints are advisory: one of these is
+/// dropped and the model rebuilt from the log.
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
@@ -139,6 +143,13 @@ impl ReadModel {
         let mut out = vec![CHECKPOINT_FORMAT];
         out.extend(encode(self));
         out
+    }
+
+    /// Whether `bytes` is a checkpoint an older build wrote (to be rebuilt, not read).
+    pub fn is_older_checkpoint(bytes: &[u8]) -> bool {
+        bytes
+            .first()
+            .is_some_and(|f| OLDER_CHECKPOINT_FORMATS.contains(f))
     }
 
     pub fn from_checkpoint(bytes: &[u8]) -> Result<ReadModel, ProjectionError> {

@@ -26,11 +26,18 @@ pub struct Projector<L> {
 }
 
 /// The stored checkpoint, if any.
+/// One an older build wrote counts as none: the model is rebuilt from the log.
 pub fn load_checkpoint(store: &dyn Checkpoints) -> Result<Option<ReadModel>, ProjectionError> {
-    store
-        .load_checkpoint(CHECKPOINT_NAME)?
-        .map(|bytes| ReadModel::from_checkpoint(&bytes))
-        .transpose()
+    match store.load_checkpoint(CHECKPOINT_NAME)? {
+        Some(bytes) if ReadModel::is_older_checkpoint(&bytes) => {
+            tracing::warn!(
+                "the projections checkpoint is an older format; rebuilding from the log"
+            );
+            Ok(None)
+        }
+        Some(bytes) => ReadModel::from_checkpoint(&bytes).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// Replaces the stored checkpoint with `model` (one atomic, durable write).

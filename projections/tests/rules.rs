@@ -145,6 +145,66 @@ fn a_repeated_event_id_returns_the_original_and_appends_nothing() {
 }
 
 #[test]
+fn a_repeated_event_id_is_answered_only_to_a_caller_who_may_see_it_and_only_when_identical() {
+    let g = given();
+    let run_a = g.started_run(&g.thread("alice"));
+    let run_b = g.started_run(&g.thread("bob"));
+    let id = EventId::generate();
+    let with_id = |command: Command| Submission {
+        event_id: Some(id),
+        ..Submission::new(command)
+    };
+    g.when(
+        &agent(),
+        &[with_id(event(&run_a, AgentEventKind::Thinking))],
+        now(),
+    )
+    .unwrap();
+    let head = g.log.head();
+    let err = |actor: &Actor, command: Command| match g
+        .when(actor, &[with_id(command)], now())
+        .unwrap_err()
+    {
+        SubmitError::Domain { error, .. } => error.code(),
+        other => panic!("{other:?}"),
+    };
+    // Role first, then existence, then the id.
+    assert_eq!(
+        err(&user("bob"), event(&run_a, AgentEventKind::Thinking)),
+        "forbidden"
+    );
+    assert_eq!(
+        err(
+            &agent(),
+            event(&RunId::generate(), AgentEventKind::Thinking)
+        ),
+        "run_not_found"
+    );
+    assert_eq!(
+        err(&agent(), event(&run_b, AgentEventKind::Thinking)),
+        "event_id_conflict"
+    );
+    assert_eq!(
+        err(&agent(), event(&run_a, AgentEventKind::Error)),
+        "event_id_conflict"
+    );
+    // The same id twice in one batch for different events: refused whole.
+    let fresh = EventId::generate();
+    let twice = [run_a.clone(), run_b.clone()].map(|r| Submission {
+        event_id: Some(fresh),
+        ..Submission::new(event(&r, AgentEventKind::Thinking))
+    });
+    assert!(matches!(
+        g.when(&agent(), &twice, now()).unwrap_err(),
+        SubmitError::Domain {
+            index: 1,
+            error: DomainError::EventIdConflict(_)
+        }
+    ));
+    assert_eq!(g.log.head(), head, "a refused submission appended");
+}
+
+#[test]
 fn if_match_conflicts_name_the_current_version() {
     let g = given();
     let run = g.started_run(&g.thread("alice"));
@@ -363,4 +423,42 @@ fn restart_resumes_from_the_checkpoint() {
         g.projector.read(|m| m.digests())
     );
     let _ = encode_event; // the codec is exercised through submit
+}
+
+#[test]
+fn thread_metadata_stays_in_the_log_not_in_the_model() {
+    let g = given();
+    let metadata = format!("{{\"k\":\"{}\"}}", "x".repeat(16_000));
+    for _ in 0..20 {
+        g.ok(
+            &user("alice"),
+            Command::CreateThread {
+                thread_id: ThreadId::generate(),
+                owner: UserId::parse("alice").unwrap(),
+                title: Some("t".into()),
+                metadata: Some(metadata.clone()),
+            },
+        );
+    }
+    // 20 × 16 KB of metadata were appended; the model holds none of it.
+    let model = g.projector.read(|m| m.to_checkpoint()).len();
+    assert!(model < 16 * 1024, "the model is {model} bytes");
+}
+
+#[test]
+fn a_checkpoint_of_an_older_format_is_rebuilt_from_the_log() {
+    use threadline_storage::Checkpoints;
+    let g = given();
+    let run = g.started_run(&g.thread("alice"));
+    g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    g.log
+        .store_checkpoint(threadline_projections::CHECKPOINT_NAME, &[1, 0xde, 0xad])
+        .unwrap();
+    assert!(load_checkpoint(&*g.log).unwrap().is_none());
+    let reopened = Projector::open(g.log.clone()).unwrap();
+    assert_eq!(reopened.position(), g.log.head());
+    assert_eq!(
+        reopened.read(|m| m.digests()),
+        g.projector.read(|m| m.digests())
+    );
 }

@@ -75,6 +75,27 @@ pub struct Options {
     pub args: Vec<String>,
     /// Extra environment variables.
     pub env: Vec<(String, String)>,
+    /// Key arguments replacing the default `--jwt-secret SECRET` (e.g. none, to
+    /// configure the key through the environment).
+    pub keys: Option<Vec<String>>,
+    /// Shell commands run before the server is exec'd in the same process,
+    /// e.g. `umask 022; ulimit -Sn 512`.
+    pub sh: Option<String>,
+    /// Serve `<temp dir>/<data_subdir>` (created by the server) instead of the temp dir itself.
+    pub data_subdir: Option<String>,
+}
+
+impl Options {
+    /// Options with these environment variables.
+    pub fn env(vars: &[(&str, &str)]) -> Options {
+        Options {
+            env: vars
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Options::default()
+        }
+    }
 }
 
 /// A running `threadline serve` process, killed on drop.
@@ -82,6 +103,7 @@ pub struct Options {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub data: Arc<tempfile::TempDir>,
+    data_dir: PathBuf,
     child: Child,
     pub log: Arc<Mutex<Vec<String>>>,
     options: Options,
@@ -100,11 +122,26 @@ impl TestServer {
 
     /// Starts a server on `data`, waiting until it listens.
     pub fn start(data: Arc<tempfile::TempDir>, options: Options) -> Result<TestServer> {
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &options.sh {
+            Some(sh) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{sh}; exec \"$0\" \"$@\""))
+                    .arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let data_dir = match &options.data_subdir {
+            Some(sub) => data.path().join(sub),
+            None => data.path().to_owned(),
+        };
+        let default_keys = vec!["--jwt-secret".to_owned(), SECRET.to_owned()];
         cmd.arg("serve")
             .arg("--data")
-            .arg(data.path())
-            .args(["--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(options.keys.as_ref().unwrap_or(&default_keys))
             .args(&options.args)
             .env("THREADLINE_LOG", "info")
             .stdin(Stdio::null())
@@ -141,10 +178,16 @@ impl TestServer {
         Ok(TestServer {
             addr,
             data,
+            data_dir,
             child,
             log,
             options,
         })
+    }
+
+    /// The data dir the server was started on.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub fn pid(&self) -> u32 {
@@ -619,4 +662,63 @@ impl Api {
             after = next;
         }
     }
+}
+
+impl TestServer {
+    /// Opens `/v1/ws?<query>` like [`TestServer::socket`], over a TCP socket whose
+    /// receive buffer is as small as the kernel allows, so a client that stops
+    /// reading backs up the server's writes quickly. Returns the socket and its local port.
+    pub async fn socket_small_buffer(&self, token: &str, query: &str) -> Result<(Socket, u16)> {
+        let tcp = tokio::net::TcpSocket::new_v4()?;
+        tcp.set_recv_buffer_size(4096)?;
+        let stream = tcp.connect(self.addr).await?;
+        let port = stream.local_addr()?.port();
+        let mut req = self
+            .ws_url(&format!("/v1/ws?{query}"))
+            .into_client_request()?;
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+        let (ws, resp) =
+            tokio_tungstenite::client_async(req, MaybeTlsStream::Plain(stream)).await?;
+        let protocol = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        Ok((Socket { ws, protocol }, port))
+    }
+
+    /// The kernel's TCP state of the server's end of the connection from
+    /// local port `client_port` (Linux `/proc/net/tcp`; `None` once it is gone).
+    pub fn server_side_tcp_state(&self, client_port: u16) -> Option<TcpState> {
+        tcp_state(self.addr.port(), client_port)
+    }
+}
+
+/// A TCP state from `/proc/net/tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    Established,
+    /// Any other state (closing, time-wait, …): the process no longer holds it open.
+    Other(u8),
+}
+
+/// The state of the socket whose local port is `local` and remote port `remote`.
+pub fn tcp_state(local: u16, remote: u16) -> Option<TcpState> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let port = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 4 || port(f[1])? != local || port(f[2])? != remote {
+            return None;
+        }
+        match u8::from_str_radix(f[3], 16).ok()? {
+            1 => Some(TcpState::Established),
+            other => Some(TcpState::Other(other)),
+        }
+    })
 }

@@ -175,15 +175,16 @@ async fn a_repeated_event_id_returns_the_original_result_and_appends_nothing() {
     assert_eq!(before.len(), 3);
     assert_eq!(before[2]["event_id"], json!(started));
 
-    // The same call again, and again with other data: 200, the original, nothing new.
-    for again in [
-        body.clone(),
-        json!({"type": "agent_started", "data": {"n": 2}, "event_id": started}),
-    ] {
-        let r = agent.post(&path, &again).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(r.body, first.body);
-    }
+    // The same call again: 200, the original, nothing new. With other data the id is
+    // in conflict (409), and the original is not revealed (issue 11).
+    let r = agent.post(&path, &body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, first.body);
+    let other = json!({"type": "agent_started", "data": {"n": 2}, "event_id": started});
+    agent
+        .post(&path, &other)
+        .await
+        .assert_error(409, "event_id_conflict");
     assert_eq!(alice.thread_events(&thread).await, before);
 
     // A terminal event repeated after the run closed is still the original, not run_closed.

@@ -4,6 +4,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod handover;
+mod hostile;
 mod integrity;
 mod isolation;
 mod lifecycle;

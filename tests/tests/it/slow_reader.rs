@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use threadline_tests::{append_thinking, rss_of, seq, started_run, token, Api, TestServer};
+use threadline_tests::{
+    append_thinking, rss_of, seq, started_run, token, Api, Options, TestServer,
+};
 
 const TASKS: usize = 4;
 const BATCH: usize = 1000;
@@ -74,7 +76,10 @@ const MIB: u64 = 1 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_reader_is_served_from_the_log_with_bounded_server_memory() {
     let started = Instant::now();
-    let server = TestServer::spawn();
+    // These readers pause for the whole append phase. A socket that takes no byte for
+    // the send deadline is a non-reader and is dropped (issue 11); a slow reader is
+    // not. The deadline is set beyond the append phase so that the pause is "slow".
+    let server = TestServer::spawn_with(Options::env(&[("THREADLINE_WS_SEND_TIMEOUT", "10m")]));
     let agent = server.api(&token("bot", "agent"));
     let mut runs = Vec::new();
     for _ in 0..TASKS {
