@@ -419,14 +419,15 @@ impl Session {
             .read(|m| m.delivery().read_after(user, after, PAGE));
         let internal = |e: String| Close(close::INTERNAL, "internal", e);
         let mut frames = Vec::with_capacity(entries.len());
-        for (seq, position) in &entries {
-            let record = self
-                .app
-                .projector
-                .log()
-                .read_at(*position)
-                .map_err(|e| internal(e.to_string()))?
-                .ok_or_else(|| internal(format!("position {position} is not readable")))?;
+        // One read for the page: records sharing a stored frame are read together.
+        let positions: Vec<_> = entries.iter().map(|(_, p)| *p).collect();
+        let records = self
+            .app
+            .projector
+            .log()
+            .read_many(&positions)
+            .map_err(|e| internal(e.to_string()))?;
+        for ((seq, _), record) in entries.iter().zip(records) {
             let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
             if thread.is_some_and(|t| Some(t) != event.thread_id()) {
                 continue;
