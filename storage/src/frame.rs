@@ -36,14 +36,28 @@ pub(crate) const MAX_RECORD_BYTES: usize = 16 * 1024 * 1024;
 
 /// Field order is part of format 2: fixed-size fields first so an index build
 /// can decode [`IndexView`] without touching the payload. Never reorder.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct BodyV2 {
     stream_version: u64,
     event_id: [u8; 16],
     stream: String,
     actor: String,
     event_type: String,
+    /// As bytes, not a sequence of u8: the same encoding, decoded in one copy.
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
+}
+
+/// [`BodyV2`] borrowed from a record, for encoding without copies.
+#[derive(Serialize)]
+struct BodyV2Ref<'a> {
+    stream_version: u64,
+    event_id: [u8; 16],
+    stream: &'a str,
+    actor: &'a str,
+    event_type: &'a str,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
 }
 
 /// The leading fields of [`BodyV2`], all an index needs.
@@ -141,13 +155,13 @@ impl FrameWriter {
 
     /// Adds the next record (positions must be consecutive).
     pub(crate) fn push(&mut self, r: &Record) {
-        let body = BodyV2 {
+        let body = BodyV2Ref {
             stream_version: r.stream_version,
             event_id: *r.event_id.as_bytes(),
-            stream: r.stream.clone(),
-            actor: r.actor.clone(),
-            event_type: r.event_type.clone(),
-            payload: r.payload.clone(),
+            stream: &r.stream,
+            actor: &r.actor,
+            event_type: &r.event_type,
+            payload: &r.payload,
         };
         let (_, count, buf) = self
             .current
@@ -375,6 +389,63 @@ mod tests {
                 Err(other) => panic!("byte {i}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn payload_as_bytes_encodes_exactly_as_a_sequence_of_u8() {
+        // Frames written before `serde_bytes` was used must keep decoding.
+        #[derive(Serialize)]
+        struct AsSeq {
+            payload: Vec<u8>,
+        }
+        #[derive(Serialize)]
+        struct AsBytes<'a> {
+            #[serde(with = "serde_bytes")]
+            payload: &'a [u8],
+        }
+        for len in [0usize, 1, 250, 251, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let seq = bincode::serde::encode_to_vec(
+                AsSeq {
+                    payload: payload.clone(),
+                },
+                config(),
+            )
+            .unwrap();
+            let bytes =
+                bincode::serde::encode_to_vec(AsBytes { payload: &payload }, config()).unwrap();
+            assert_eq!(seq, bytes, "payload of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn golden_frame_decodes_and_reencodes_byte_for_byte() {
+        // Format 2 is frozen: these bytes must stay readable forever.
+        let golden: &[u8] = include_bytes!("../tests/fixtures/frame_v2.bin");
+        let (header, records) = decode(41, golden).unwrap();
+        assert_eq!((header.first, header.count, header.generation), (41, 3, 7));
+        let records: Vec<Record> = records.into_iter().map(Result::unwrap).collect();
+        assert_eq!(records, golden_records());
+        let mut w = FrameWriter::new(7, 1_700_000_000_000);
+        records.iter().for_each(|r| w.push(r));
+        assert_eq!(w.finish(), vec![(41, golden.to_vec())]);
+    }
+
+    fn golden_records() -> Vec<Record> {
+        (41..44)
+            .map(|p| Record {
+                position: Position(p),
+                stream: format!("thread:golden-{}", p % 2),
+                stream_version: p / 2,
+                event_id: Uuid::from_u128(
+                    0x0123_4567_89ab_cdef_0000_0000_0000_0000 + u128::from(p),
+                ),
+                recorded_at_ms: 1_700_000_000_000,
+                actor: "agent:golden".into(),
+                event_type: "agent_thinking".into(),
+                payload: format!("{{\"n\":{p},\"text\":\"golden payload\"}}").into_bytes(),
+            })
+            .collect()
     }
 
     #[test]

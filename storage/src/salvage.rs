@@ -322,20 +322,12 @@ fn refill(
     buf.drain(..keep_from);
     *base += keep_from as u64;
     let start = buf.len();
-    buf.resize(start + CHUNK, 0);
-    let mut filled = start;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => {
-                *eof = true;
-                break;
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    // Appends without zeroing the buffer first (`read_to_end` retries on EINTR).
+    let read = (&mut *file).take(CHUNK as u64).read_to_end(buf)?;
+    if read < CHUNK {
+        *eof = true;
     }
-    buf.truncate(filled);
+    let filled = start + read;
     sum.crc = crc32c::crc32c_append(sum.crc, &buf[start..filled]);
     sum.len += (filled - start) as u64;
     Ok(())
