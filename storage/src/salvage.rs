@@ -49,6 +49,20 @@ pub struct Salvage {
     pub bytes_scanned: u64,
     /// Every scanned file (relative to the log directory): its length and CRC32C.
     pub fingerprint: Fingerprint,
+    /// Every scanned file's length and modification time when it was scanned.
+    pub stamps: BTreeMap<String, Stamp>,
+}
+
+/// A file's length and modification time: unchanged, its CRC need not be read again.
+pub type Stamp = (u64, Option<std::time::SystemTime>);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.len(), meta.modified().ok()))
+}
+
+fn relative(dir: &Path, path: &Path) -> String {
+    path.strip_prefix(dir).unwrap_or(path).display().to_string()
 }
 
 /// The length and CRC32C of every file of a log directory, by relative path.
@@ -136,28 +150,46 @@ pub fn scan(dir: &Path, keep_records: bool) -> Result<Salvage, StorageError> {
     let mut files = Vec::new();
     collect_files(dir, &mut files)?;
     files.sort();
+    // One buffer for every file: a log holds many small blob files.
+    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HEADER_LEN);
     for path in files {
-        let (len, crc) = scan_file(&path, keep_records, &mut salvage)?;
-        let name = path
-            .strip_prefix(dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        buf.clear();
+        let before = stamp(&path);
+        let (len, crc) = scan_file(&path, keep_records, &mut salvage, &mut buf)?;
+        let name = relative(dir, &path);
+        // Only a file that did not change while it was read has a reusable stamp.
+        if let Some(s) = before.filter(|s| Some(*s) == stamp(&path) && s.0 == len) {
+            salvage.stamps.insert(name.clone(), s);
+        }
         salvage.fingerprint.insert(name, (len, crc));
     }
     Ok(salvage)
 }
 
-/// The length and CRC32C of every file of the log directory (what a scan records).
-pub fn fingerprint(dir: &Path) -> Result<Fingerprint, StorageError> {
+/// The length and CRC32C of every file of the log directory (what a scan
+/// records). A file whose length and modification time are those `stamps`
+/// recorded keeps its `known` CRC instead of being read again (a stale one
+/// only costs the next open a trial recovery).
+pub fn fingerprint(
+    dir: &Path,
+    known: &Fingerprint,
+    stamps: &BTreeMap<String, Stamp>,
+) -> Result<Fingerprint, StorageError> {
     let mut files = Vec::new();
     collect_files(dir, &mut files)?;
     let mut out = Fingerprint::new();
+    // One buffer for every file: a log holds many small blob files.
+    let mut buf = vec![0u8; CHUNK];
     for path in files {
+        let name = relative(dir, &path);
+        let unchanged = stamps.get(&name).is_some_and(|s| Some(*s) == stamp(&path));
+        if let (true, Some(&known)) = (unchanged, known.get(&name)) {
+            out.insert(name, known);
+            continue;
+        }
         let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
         let mut file = File::open(&path).map_err(io)?;
         let mut sum = Checksum::default();
-        let mut buf = vec![0u8; CHUNK];
         loop {
             match file.read(&mut buf) {
                 Ok(0) => break,
@@ -169,11 +201,6 @@ pub fn fingerprint(dir: &Path) -> Result<Fingerprint, StorageError> {
                 Err(e) => return Err(io(e)),
             }
         }
-        let name = path
-            .strip_prefix(dir)
-            .unwrap_or(&path)
-            .display()
-            .to_string();
         out.insert(name, (sum.len, sum.crc));
     }
     Ok(out)
@@ -202,12 +229,16 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StorageError>
 }
 
 /// Scans one file; answers its length and CRC32C.
-fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(u64, u32), StorageError> {
+fn scan_file(
+    path: &Path,
+    keep: bool,
+    salvage: &mut Salvage,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, u32), StorageError> {
     let io = |e: std::io::Error| StorageError::Io(format!("reading {}: {e}", path.display()));
     let mut file = File::open(path).map_err(io)?;
     let finder = memchr::memmem::Finder::new(&MAGIC);
     // `buf` holds the file from offset `base` on.
-    let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + HEADER_LEN);
     let mut base = 0u64;
     let mut at = 0usize;
     let mut eof = false;
@@ -223,15 +254,12 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(u64, u32
                 .len()
                 .saturating_sub(MAGIC.len() - 1)
                 .max(at.min(buf.len()));
-            refill(
-                &mut file, &mut buf, &mut base, keep_from, &mut eof, &mut sum,
-            )
-            .map_err(io)?;
+            refill(&mut file, buf, &mut base, keep_from, &mut eof, &mut sum).map_err(io)?;
             at = 0;
             continue;
         };
         if buf.len() - i < HEADER_LEN && !eof {
-            refill(&mut file, &mut buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
+            refill(&mut file, buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
             at = 0;
             continue;
         }
@@ -251,7 +279,7 @@ fn scan_file(path: &Path, keep: bool, salvage: &mut Salvage) -> Result<(u64, u32
         };
         let need = HEADER_LEN + header.body_len as usize;
         if buf.len() - i < need && !eof {
-            refill(&mut file, &mut buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
+            refill(&mut file, buf, &mut base, i, &mut eof, &mut sum).map_err(io)?;
             at = 0;
             continue;
         }

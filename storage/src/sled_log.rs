@@ -93,6 +93,11 @@ pub struct SledLog {
 struct CleanCloser {
     dir: std::path::PathBuf,
     clean: AtomicBool,
+    /// What the open's scan read, so that files sled left alone are not read again.
+    scanned: (
+        salvage::Fingerprint,
+        std::collections::BTreeMap<String, salvage::Stamp>,
+    ),
 }
 
 impl Drop for CleanCloser {
@@ -100,7 +105,7 @@ impl Drop for CleanCloser {
         if !self.clean.load(Ordering::Acquire) {
             return;
         }
-        let marked = salvage::fingerprint(&self.dir)
+        let marked = salvage::fingerprint(&self.dir, &self.scanned.0, &self.scanned.1)
             .and_then(|files| evidence::write_clean_mark(&self.dir, &files));
         if let Err(e) = marked {
             tracing::warn!(error = %e, "cannot leave the clean-close mark; the next open tries sled's recovery on a copy first");
@@ -357,6 +362,7 @@ impl SledLog {
             closer: CleanCloser {
                 dir: dir.to_owned(),
                 clean: AtomicBool::new(false),
+                scanned: (scan.fingerprint, scan.stamps),
             },
         })
     }
