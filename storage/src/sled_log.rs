@@ -891,6 +891,17 @@ struct Applied {
     replies: Vec<Reply>,
 }
 
+impl Applied {
+    /// This group merged with every group already waiting in `rx` (one flush or sync for all).
+    fn with_waiting(mut self, rx: &mpsc::Receiver<Applied>) -> Applied {
+        while let Ok(mut more) = rx.try_recv() {
+            self.replies.append(&mut more.replies);
+            self.head = self.head.max(more.head);
+        }
+        self
+    }
+}
+
 /// Stops the log: after a failed write or flush the state on disk is unknown,
 /// so nothing more is acknowledged on top of it.
 fn fail(shared: &Shared, error: &str, replies: Vec<Reply>) {
@@ -917,11 +928,7 @@ fn flush_loop(shared: &Shared, rx: mpsc::Receiver<Applied>, to_evidence: mpsc::S
             shared.failed.store(true, Ordering::Release);
         }
         while let Ok(first) = rx.recv() {
-            let mut group = first;
-            while let Ok(mut more) = rx.try_recv() {
-                group.replies.append(&mut more.replies);
-                group.head = group.head.max(more.head);
-            }
+            let group = first.with_waiting(&rx);
             if shared.failed.load(Ordering::Acquire) {
                 fail(shared, "an earlier commit failed", group.replies);
                 continue;
@@ -947,11 +954,7 @@ fn sync_loop(
     mut durable: Position,
 ) {
     while let Ok(first) = rx.recv() {
-        let mut group = first;
-        while let Ok(mut more) = rx.try_recv() {
-            group.replies.append(&mut more.replies);
-            group.head = group.head.max(more.head);
-        }
+        let group = first.with_waiting(&rx);
         if shared.failed.load(Ordering::Acquire) {
             fail(shared, "an earlier commit failed", group.replies);
             continue;
