@@ -42,6 +42,9 @@ pub enum RepairError {
         acknowledged: Position,
         missing: String,
     },
+    /// The log opens whole (every acknowledged record intact and readable): nothing was changed.
+    #[error("the log is whole up to position {head}: nothing to repair")]
+    NothingToRepair { head: Position },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -107,6 +110,20 @@ pub fn repair(dir: &Path, accept_loss: bool, operator: &str) -> Result<Repaired,
         return Err(StorageError::NotFound(dir.display().to_string()).into());
     }
     wait_unlocked(dir)?;
+    // A log that opens for serving (every acknowledged record readable, sled
+    // reaching the recorded head) needs no repair: leave it as it is.
+    let whole = crate::SledLog::open(
+        dir,
+        crate::SledOptions {
+            create: false,
+            ..crate::SledOptions::default()
+        },
+    );
+    if let Ok(log) = whole {
+        let head = crate::EventLog::head(&log);
+        log.close()?;
+        return Err(RepairError::NothingToRepair { head });
+    }
     let scan = salvage::scan(dir, true)?;
     let acknowledged = scan.acknowledged();
     let contiguous = scan.contiguous_head();

@@ -33,7 +33,7 @@ pub struct MigrateArgs {
     "Directory holding the event log (never created by this command)"
 )))]
 #[command(
-    after_help = "Without --accept-loss, repair changes nothing unless every acknowledged \
+    after_help = "A log that opens whole is left as it is. Without --accept-loss, repair changes nothing unless every acknowledged \
     position has an intact copy on disk; then the new log holds all of them and nothing is lost. \
     With --accept-loss, the new log keeps every record before the first missing position, followed \
     by a `log_loss_accepted` record (stream `$log`) naming the lost positions, the operator and the \
@@ -82,6 +82,13 @@ pub fn repair(args: RepairArgs) -> anyhow::Result<ExitCode> {
                  position and records the loss in the log",
                 data.display()
             ))
+        }
+        Err(RepairError::NothingToRepair { head }) => {
+            println!(
+                "{}: the log is whole up to position {head} (every acknowledged record intact); nothing to repair, nothing changed",
+                data.display()
+            );
+            return Ok(ExitCode::SUCCESS);
         }
         Err(RepairError::Storage(e)) => return Err(explain(data, e)),
     };

@@ -190,6 +190,14 @@ async fn a_flipped_byte_in_sleds_file_is_refused_named_and_repaired_without_loss
     let (code, stdout, _) = tl(&["verify", "--data", data.to_str().unwrap()]);
     assert_eq!(code, Some(0), "{stdout}");
 
+    // A whole log is left as it is.
+    let dirs = || std::fs::read_dir(&data).unwrap().count();
+    let before_again = dirs();
+    let (code, stdout, stderr) = tl(&["repair", "--data", data.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("nothing to repair"), "{stdout}");
+    assert_eq!(dirs(), before_again, "nothing was written beside the log");
+
     let server = TestServer::start(Arc::clone(&server.data), Options::default()).unwrap();
     assert_eq!(history(&server).await, before);
 }
