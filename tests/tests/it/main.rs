@@ -10,6 +10,7 @@ mod isolation;
 mod lifecycle;
 mod observability;
 mod openapi;
+mod refresh;
 mod replay;
 mod restart;
 mod slow_reader;
