@@ -722,3 +722,250 @@ pub fn tcp_state(local: u16, remote: u16) -> Option<TcpState> {
         }
     })
 }
+
+/// A TCP proxy in front of a server that a test can cut, stall or point elsewhere:
+/// the faults a client must survive, without touching the server.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    inner: Arc<ProxyInner>,
+}
+
+#[derive(Debug)]
+struct ProxyInner {
+    target: Mutex<SocketAddr>,
+    mode: Mutex<ProxyMode>,
+    /// Bumped by [`Proxy::cut`]: every connection opened before ends.
+    generation: tokio::sync::watch::Sender<u64>,
+    accepted: std::sync::atomic::AtomicU64,
+    /// Connections numbered below this swallow everything (see [`Proxy::freeze`]).
+    frozen_below: tokio::sync::watch::Sender<u64>,
+}
+
+/// What the proxy does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward both ways.
+    Pass,
+    /// Accept and close at once (as a server that is down would refuse).
+    Refuse,
+    /// Accept, forward nothing and close nothing: a connection gone silent.
+    Stall,
+}
+
+impl Proxy {
+    /// Listens on an ephemeral loopback port, forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let inner = Arc::new(ProxyInner {
+            target: Mutex::new(target),
+            mode: Mutex::new(ProxyMode::Pass),
+            generation: tokio::sync::watch::Sender::new(0),
+            accepted: std::sync::atomic::AtomicU64::new(0),
+            frozen_below: tokio::sync::watch::Sender::new(0),
+        });
+        let shared = inner.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = shared
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let frozen = shared.frozen_below.subscribe();
+                let mode = *shared.mode.lock().unwrap();
+                let target = *shared.target.lock().unwrap();
+                let mut cut = shared.generation.subscribe();
+                tokio::spawn(async move {
+                    match mode {
+                        ProxyMode::Refuse => {}
+                        ProxyMode::Stall => {
+                            let _held = client;
+                            let _ = cut.changed().await;
+                        }
+                        ProxyMode::Pass => {
+                            let Ok(server) = TcpStream::connect(target).await else {
+                                return;
+                            };
+                            let (client_r, client_w) = client.into_split();
+                            let (server_r, server_w) = server.into_split();
+                            tokio::select! {
+                                _ = pump(client_r, server_w, number, frozen.clone()) => {}
+                                _ = pump(server_r, client_w, number, frozen) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { addr, inner }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Ends every connection open now (both sides see the TCP connection drop).
+    pub fn cut(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every connection open now goes silent: what either side sends is swallowed and
+    /// nothing is closed, as on a link that died without a word.
+    pub fn freeze(&self) {
+        let accepted = self.accepted();
+        self.inner.frozen_below.send_modify(|f| *f = accepted);
+    }
+
+    /// How later connections are treated (open ones keep theirs until [`Proxy::cut`]).
+    pub fn set_mode(&self, mode: ProxyMode) {
+        *self.inner.mode.lock().unwrap() = mode;
+    }
+
+    /// Where later connections go (after a server restarted on another port).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.inner.target.lock().unwrap() = target;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.inner
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Copies one direction of a proxied connection until either side ends it; once the
+/// connection is frozen, what arrives is read and dropped.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u64,
+    frozen: tokio::sync::watch::Receiver<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if number < *frozen.borrow() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What a [`Relay`] does to the event frames of the first connection it relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// Drops the n-th event frame (1-based).
+    Drop(usize),
+    /// Sends the n-th event frame twice.
+    Repeat(usize),
+    /// Swaps the n-th event frame with the one after it.
+    Swap(usize),
+}
+
+/// A WebSocket relay in front of a server that tampers with the event frames of its
+/// first connection, as a faulty intermediary would; later connections pass untouched.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub addr: SocketAddr,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr, tamper: Tamper) -> Relay {
+        use tokio_tungstenite::tungstenite::handshake::server::{
+            Request as ServerRequest, Response as ServerResponse,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tamper = std::mem::take(&mut first).then_some(tamper);
+                tokio::spawn(async move {
+                    let mut upstream_req = None;
+                    // The handshake callback's error type is tungstenite's, not ours.
+                    #[allow(clippy::result_large_err)]
+                    let callback = |req: &ServerRequest, mut resp: ServerResponse| {
+                        upstream_req = Some((
+                            req.uri().to_string(),
+                            req.headers().get("authorization").cloned(),
+                        ));
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", "threadline.v1".parse().unwrap());
+                        Ok(resp)
+                    };
+                    let Ok(mut downstream) =
+                        tokio_tungstenite::accept_hdr_async(tcp, callback).await
+                    else {
+                        return;
+                    };
+                    let Some((path, auth)) = upstream_req else {
+                        return;
+                    };
+                    let Ok(mut req) = format!("ws://{target}{path}").into_client_request() else {
+                        return;
+                    };
+                    if let Some(auth) = auth {
+                        req.headers_mut().insert("authorization", auth);
+                    }
+                    let Ok((mut upstream, _)) = tokio_tungstenite::connect_async(req).await else {
+                        return;
+                    };
+                    let mut events = 0usize;
+                    let mut held: Option<Message> = None;
+                    loop {
+                        tokio::select! {
+                            m = upstream.next() => {
+                                let Some(Ok(m)) = m else { break };
+                                let is_event = m.to_text().is_ok_and(|t| t.starts_with("{\"type\":\"event\""));
+                                if is_event {
+                                    events += 1;
+                                }
+                                let mut out = vec![m.clone()];
+                                match tamper {
+                                    Some(Tamper::Drop(n)) if is_event && events == n => out.clear(),
+                                    Some(Tamper::Repeat(n)) if is_event && events == n => out.push(m),
+                                    Some(Tamper::Swap(n)) if is_event && events == n => {
+                                        held = Some(m);
+                                        out.clear();
+                                    }
+                                    Some(Tamper::Swap(n)) if is_event && events == n + 1 => {
+                                        out.extend(held.take());
+                                    }
+                                    _ => {}
+                                }
+                                for m in out {
+                                    if downstream.send(m).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            m = downstream.next() => {
+                                let Some(Ok(m)) = m else { break };
+                                if upstream.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}

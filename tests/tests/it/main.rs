@@ -3,6 +3,7 @@
 mod auth;
 mod bad_input;
 mod cli;
+mod client;
 mod handover;
 mod hostile;
 mod integrity;
