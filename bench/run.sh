@@ -16,7 +16,7 @@ fi
 # The package starts a system instance on :6379; the harness starts its own.
 
 echo "building threadline (release)…" >&2
-CARGO_TARGET_DIR="$target" cargo build --release --locked -p threadline-api --bin threadline >&2
+CARGO_TARGET_DIR="$target" cargo build --release --locked -p threadline-cli --bin threadline >&2
 echo "building threadline-bench (release, its own workspace)…" >&2
 CARGO_TARGET_DIR="$target" cargo build --release --locked --manifest-path bench/Cargo.toml >&2
 

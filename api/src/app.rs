@@ -1,17 +1,24 @@
 //! The application service: what each call does, between the wire types and
-//! the projector. Handlers extract, call one function here, and map the result.
+//! the write path ([`CommandService`]) and read model ([`Projector`]).
+//! Handlers extract, call one function here, and map the result.
+//!
+//! Nothing here blocks a runtime thread on the log: reads are served from the
+//! projections and the projector's recent records (memory), and what must
+//! touch the log (a thread's metadata or history, audit scans, an old page of a
+//! socket's replay) runs on `spawn_blocking`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use threadline_engine::{
-    Actor, AgentEventKind, Command, DomainError, EventId, Limits, Registry, Role, RunId, Thread,
-    ThreadId, UserId,
+    Actor, AgentEventKind, Command, DomainError, EventId, Limits, Registry, Role, RunId,
+    StreamName, Thread, ThreadId, UserId,
 };
-use threadline_projections::{Outcome, Projector, Submission};
-use threadline_storage::{now_ms, EventLog, Position, SledLog};
+use threadline_projections::{CommandService, Outcome, Projector, Submission, PAGE};
+use threadline_storage::{now_ms, Checkpoints, EventLog, Position, Record};
 use tokio::sync::watch;
 
+use crate::audit::{audit_page, AuditQuery};
 use crate::auth::{Authenticator, Principal};
 use crate::config::LimitArgs;
 use crate::error::AppError;
@@ -19,58 +26,168 @@ use crate::rate::RateLimits;
 use crate::wire::{self, timestamp};
 
 /// Largest page any list call returns.
-pub const MAX_LIMIT: usize = 1000;
+pub const MAX_LIMIT: usize = PAGE;
 /// Most events one batch call may carry.
 pub const MAX_BATCH: usize = 1000;
 
-/// Shared state of a running server. Cheap to clone.
-#[derive(Clone, Debug)]
-pub struct AppState {
-    pub projector: Arc<Projector<SledLog>>,
-    pub auth: Authenticator,
-    pub limits: Limits,
-    /// The edge's limits (connections, sockets, rates).
-    pub edge: Arc<LimitArgs>,
-    pub rate: RateLimits,
-    pub connections: Arc<Mutex<HashMap<UserId, usize>>>,
-    /// Flips to true when the server begins shutting down.
-    pub shutdown: watch::Receiver<bool>,
+/// What the app needs of a log: the event log and its checkpoint store.
+pub trait Log: EventLog + Checkpoints {}
+impl<T: EventLog + Checkpoints> Log for T {}
+
+/// Shared state of a running server, over any log. Cheap to clone.
+#[derive(Debug)]
+pub struct AppState<L> {
+    inner: Arc<Inner<L>>,
 }
 
-impl AppState {
-    fn log(&self) -> &SledLog {
-        self.projector.log()
+impl<L> Clone for AppState<L> {
+    fn clone(&self) -> Self {
+        AppState {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<L> {
+    projector: Arc<Projector<L>>,
+    commands: CommandService<L>,
+    gate: Gate,
+    /// The edge's limits (connections, sockets, rates).
+    edge: LimitArgs,
+    connections: Mutex<HashMap<UserId, usize>>,
+    /// Raised when the server begins shutting down.
+    shutdown: watch::Sender<bool>,
+}
+
+/// What the request extractors need of the state, whatever its log: who the
+/// caller is, whether it is within its rate, and how long a body may take.
+#[derive(Debug, Clone)]
+pub(crate) struct Gate {
+    pub(crate) auth: Authenticator,
+    pub(crate) rate: RateLimits,
+    pub(crate) header_timeout: std::time::Duration,
+}
+
+impl<L> axum::extract::FromRef<AppState<L>> for Gate {
+    fn from_ref(state: &AppState<L>) -> Gate {
+        state.inner.gate.clone()
+    }
+}
+
+impl<L> AppState<L> {
+    /// Live socket counts per user (no bound on the log: a slot frees itself on drop).
+    pub(crate) fn connections_any(&self) -> &Mutex<HashMap<UserId, usize>> {
+        &self.inner.connections
+    }
+}
+
+impl<L: Log> AppState<L> {
+    /// The state of a server over `projector`'s log. Its fold thread is started
+    /// by `serve` (or by whoever drives the router, with [`Projector::follow`]).
+    pub fn new(
+        projector: Arc<Projector<L>>,
+        auth: Authenticator,
+        limits: Limits,
+        edge: LimitArgs,
+    ) -> AppState<L> {
+        AppState {
+            inner: Arc::new(Inner {
+                commands: CommandService::new(Arc::clone(&projector), limits),
+                projector,
+                gate: Gate {
+                    auth,
+                    rate: RateLimits::new(edge.rate_limit, edge.rate_burst, edge.agent_rate_limit),
+                    header_timeout: edge.header_timeout,
+                },
+                edge,
+                connections: Mutex::default(),
+                shutdown: watch::Sender::new(false),
+            }),
+        }
     }
 
-    async fn submit(
+    pub fn projector(&self) -> &Arc<Projector<L>> {
+        &self.inner.projector
+    }
+
+    pub(crate) fn auth(&self) -> &Authenticator {
+        &self.inner.gate.auth
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        self.inner.commands.limits()
+    }
+
+    pub(crate) fn edge(&self) -> &LimitArgs {
+        &self.inner.edge
+    }
+
+    pub(crate) fn rate(&self) -> &RateLimits {
+        &self.inner.gate.rate
+    }
+
+    pub(crate) fn connections(&self) -> &Mutex<HashMap<UserId, usize>> {
+        &self.inner.connections
+    }
+
+    /// A receiver that flips to true when the server begins shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
+    /// Tells every socket and background task that the server is stopping.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Runs `f` on a blocking thread (for work that reads the log).
+    pub(crate) async fn blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Projector<L>) -> Result<R, AppError> + Send + 'static,
+    ) -> Result<R, AppError> {
+        let projector = Arc::clone(&self.inner.projector);
+        tokio::task::spawn_blocking(move || f(&projector))
+            .await
+            .map_err(|_| AppError::Internal("a blocking read was cancelled"))?
+    }
+
+    /// The records at `positions`, from memory when they are recent, else from the log
+    /// (off the runtime; records sharing a stored frame are read together).
+    pub(crate) async fn records(
+        &self,
+        positions: Vec<Position>,
+    ) -> Result<Vec<Arc<Record>>, AppError> {
+        if let Some(records) = self.inner.projector.recent(&positions) {
+            return Ok(records);
+        }
+        self.blocking(move |p| {
+            let records = p.log().read_many(&positions)?;
+            Ok(records.into_iter().map(Arc::new).collect())
+        })
+        .await
+    }
+
+    pub(crate) async fn submit(
         &self,
         actor: &Actor,
         subs: &[Submission],
     ) -> Result<Vec<Option<Outcome>>, AppError> {
         let started = std::time::Instant::now();
-        let result = self
-            .projector
-            .submit(actor, subs, now_ms(), &self.limits)
-            .await;
+        let result = self.inner.commands.submit(actor, subs, now_ms()).await;
         metrics::histogram!("threadline_append_seconds").record(started.elapsed().as_secs_f64());
         let outcomes = result?;
         metrics::counter!("threadline_appends_total")
             .increment(outcomes.iter().flatten().filter(|o| !o.duplicate).count() as u64);
         Ok(outcomes)
     }
-
     async fn submit_one(&self, actor: &Actor, sub: Submission) -> Result<Outcome, AppError> {
         self.submit(actor, &[sub])
             .await
             .map_err(AppError::without_index)?
             .pop()
             .flatten()
-            .ok_or_else(|| AppError::Internal("a command produced no event".into()))
-    }
-
-    /// Whether `actor` may read `thread` (a user reads only its own; existence must not leak).
-    fn may_read(actor: &Actor, thread: &Thread) -> bool {
-        matches!(actor.role, Role::Agent | Role::Auditor) || thread.owner == actor.user
+            .ok_or(AppError::Internal("a command produced no event"))
     }
 
     pub async fn create_thread(
@@ -107,7 +224,7 @@ impl AppState {
         };
         let outcome = self.submit_one(&p.actor, Submission::new(command)).await?;
         let created_at = self
-            .projector
+            .projector()
             .read(|m| m.registry().thread(&thread_id).map(|t| t.created_at_ms));
         Ok(wire::ThreadCreated {
             thread_id: thread_id.to_string(),
@@ -149,7 +266,7 @@ impl AppState {
                     .map(|a| a.parse::<usize>().map_err(|_| bad_cursor()))
                     .transpose()?
                     .unwrap_or(0);
-                Ok(self.projector.read(|m| {
+                Ok(self.projector().read(|m| {
                     let registry = m.registry();
                     let page = registry.threads_of_page(u, skip, limit);
                     let listed = skip.saturating_add(page.len());
@@ -165,7 +282,7 @@ impl AppState {
                 let after = after
                     .map(|a| ThreadId::parse(&a).map_err(|_| bad_cursor()))
                     .transpose()?;
-                Ok(self.projector.read(|m| {
+                Ok(self.projector().read(|m| {
                     let mut page = m.registry().threads_after(after.as_ref(), limit + 1);
                     let more = page.len() > limit;
                     page.truncate(limit);
@@ -180,13 +297,13 @@ impl AppState {
         }
     }
 
-    pub fn get_thread(
+    pub async fn get_thread(
         &self,
         p: &Principal,
         thread_id: &str,
     ) -> Result<wire::ThreadDetail, AppError> {
         let thread_id = ThreadId::parse(thread_id)?;
-        let mut detail = self.projector.read(|m| {
+        let mut detail = self.projector().read(|m| {
             let registry = m.registry();
             let thread = visible(registry, &p.actor, &thread_id)?;
             let runs = thread
@@ -207,18 +324,19 @@ impl AppState {
                 runs,
             })
         })?;
-        detail.metadata = self.metadata(&thread_id)?;
+        detail.metadata = self.metadata(&thread_id).await?;
         Ok(detail)
     }
 
     /// A thread's metadata, read from its first record (the registry does not hold it).
-    fn metadata(
+    async fn metadata(
         &self,
         thread_id: &ThreadId,
     ) -> Result<Option<Box<serde_json::value::RawValue>>, AppError> {
+        let stream = StreamName::thread(thread_id);
         let first = self
-            .log()
-            .read_stream(&format!("thread:{thread_id}"), 1, 1)?;
+            .blocking(move |p| Ok(p.log().read_stream(stream.as_str(), 1, 1)?))
+            .await?;
         let Some(record) = first.first() else {
             return Ok(None);
         };
@@ -268,7 +386,7 @@ impl AppState {
         req: wire::AgentEvent,
         if_match: Option<u64>,
     ) -> Result<(wire::EventAppended, bool), AppError> {
-        let mut sub = agent_submission(run_id, req.kind, req.data, req.event_id, &self.limits)?;
+        let mut sub = agent_submission(run_id, req.kind, req.data, req.event_id, self.limits())?;
         sub.expected_thread_version = if_match;
         let outcome = self.submit_one(&p.actor, sub).await?;
         Ok((appended(&outcome), outcome.duplicate))
@@ -289,7 +407,7 @@ impl AppState {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
-                agent_submission(&e.run_id, e.kind, e.data, e.event_id, &self.limits)
+                agent_submission(&e.run_id, e.kind, e.data, e.event_id, self.limits())
                     .map_err(|err| err.at(i))
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -299,7 +417,7 @@ impl AppState {
         })
     }
 
-    pub fn thread_events(
+    pub async fn thread_events(
         &self,
         p: &Principal,
         thread_id: &str,
@@ -308,24 +426,29 @@ impl AppState {
     ) -> Result<wire::Frames, AppError> {
         let thread_id = ThreadId::parse(thread_id)?;
         let owner = self
-            .projector
+            .projector()
             .read(|m| visible(m.registry(), &p.actor, &thread_id).map(|t| t.owner.clone()))?;
         // Nothing comes after u64::MAX (and it must not wrap round to version 0).
-        let records = match after_version.checked_add(1) {
-            Some(from) => self.log().read_stream(
-                &format!("thread:{thread_id}"),
-                from,
-                limit.clamp(1, MAX_LIMIT),
-            )?,
-            None => Vec::new(),
+        let Some(from) = after_version.checked_add(1) else {
+            return Ok(wire::Frames {
+                events: Vec::new(),
+                next_after_version: after_version,
+            });
         };
+        let stream = StreamName::thread(&thread_id);
+        let limit = limit.clamp(1, MAX_LIMIT);
+        let records = self
+            .blocking(move |p| Ok(p.log().read_stream(stream.as_str(), from, limit)?))
+            .await?;
+        let seqs: Vec<u64> = self.projector().read(|m| {
+            records
+                .iter()
+                .map(|r| m.delivery().seq_of(&owner, r.position).unwrap_or(0))
+                .collect()
+        });
         let mut events = Vec::with_capacity(records.len());
-        for record in &records {
+        for (record, seq) in records.iter().zip(seqs) {
             let event = wire::event_of(record)?;
-            let seq = self
-                .projector
-                .read(|m| m.delivery().seq_of(&owner, record.position))
-                .unwrap_or(0);
             events.extend(wire::frame(record, &event, seq));
         }
         let next_after_version = records.last().map_or(after_version, |r| r.stream_version);
@@ -335,123 +458,26 @@ impl AppState {
         })
     }
 
-    pub fn audit(&self, p: &Principal, q: &AuditQuery) -> Result<wire::Envelopes, AppError> {
+    /// One page of the audit log, scanned off the runtime and bounded in records and time.
+    pub async fn audit(&self, p: &Principal, q: AuditQuery) -> Result<wire::Envelopes, AppError> {
         if p.actor.role != Role::Auditor {
             return Err(AppError::Forbidden(
                 "only auditors read the audit log".into(),
             ));
         }
-        audit_page(&self.projector, q)
+        self.blocking(move |projector| audit_page(projector, &q))
+            .await
     }
 
     /// Appends `run_expired` for every open run idle beyond the TTL.
     pub async fn expire_idle_runs(&self) -> Result<usize, AppError> {
-        let idle = self.projector.read(|m| {
-            m.registry()
-                .expirable_runs(now_ms(), self.limits.run_ttl_ms)
-        });
-        let mut expired = 0;
-        for run_id in idle {
-            let sub = Submission::new(Command::ExpireRun { run_id });
-            expired += self
-                .submit(&Actor::system(), &[sub])
-                .await?
-                .iter()
-                .flatten()
-                .count();
-        }
-        Ok(expired)
+        Ok(self.inner.commands.expire_idle_runs(now_ms()).await?)
     }
 }
 
-/// Filters of the audit log (`GET /v1/audit/events`, `threadline audit`).
-#[derive(Debug, Clone, Default)]
-pub struct AuditQuery {
-    pub after: u64,
-    pub limit: usize,
-    pub user_id: Option<UserId>,
-    pub thread_id: Option<ThreadId>,
-    pub run_id: Option<RunId>,
-    pub event_type: Option<String>,
-    pub since_ms: Option<u64>,
-    pub until_ms: Option<u64>,
-}
-
-/// How far one audit call scans past `after` looking for matches; `next_after`
-/// tells the caller where to go on, so a rare filter never makes one call unbounded.
-const AUDIT_SCAN: usize = 100_000;
-
-/// One page of auditor envelopes after `q.after`, matching every filter.
-pub fn audit_page<L: EventLog + threadline_storage::Checkpoints>(
-    projector: &Projector<L>,
-    q: &AuditQuery,
-) -> Result<wire::Envelopes, AppError> {
-    let limit = q.limit.max(1);
-    let mut events = Vec::new();
-    let mut next = Position(q.after);
-    let mut scanned = 0;
-    let head = projector.position();
-    'scan: while next < head && scanned < AUDIT_SCAN && events.len() < limit {
-        let page = projector
-            .log()
-            .read_from(next.next(), 1000.min(AUDIT_SCAN - scanned))?;
-        if page.is_empty() {
-            break;
-        }
-        for record in &page {
-            if events.len() >= limit {
-                break 'scan;
-            }
-            next = record.position;
-            scanned += 1;
-            // The log's own records (an accepted loss, a damaged placeholder) belong to no thread.
-            if record
-                .stream
-                .starts_with(threadline_storage::SYSTEM_STREAM_PREFIX)
-            {
-                continue;
-            }
-            if q.event_type
-                .as_deref()
-                .is_some_and(|t| t != record.event_type)
-                || q.since_ms.is_some_and(|s| record.recorded_at_ms < s)
-                || q.until_ms.is_some_and(|u| record.recorded_at_ms > u)
-            {
-                continue;
-            }
-            let event = wire::event_of(record)?;
-            let Some(thread_id) = event.thread_id() else {
-                continue;
-            };
-            if q.thread_id.as_ref().is_some_and(|t| t != thread_id)
-                || q.run_id.as_ref().is_some_and(|r| Some(r) != event.run_id())
-            {
-                continue;
-            }
-            let (owner, seq) = projector.read(|m| {
-                let owner = m.registry().owner_of(thread_id).cloned();
-                let seq = owner
-                    .as_ref()
-                    .and_then(|o| m.delivery().seq_of(o, record.position));
-                (owner, seq)
-            });
-            let Some(owner) = owner else { continue };
-            if q.user_id.as_ref().is_some_and(|u| *u != owner) {
-                continue;
-            }
-            if let Some(frame) = wire::frame(record, &event, seq.unwrap_or(0)) {
-                events.push(wire::Envelope {
-                    frame,
-                    user_id: owner.to_string(),
-                    actor: wire::actor_of(record),
-                });
-            }
-        }
-    }
-    Ok(wire::Envelopes {
-        events,
-        next_after: next.0,
-    })
+/// Whether `actor` may read `thread` (a user reads only its own; existence must not leak).
+fn may_read(actor: &Actor, thread: &Thread) -> bool {
+    matches!(actor.role, Role::Agent | Role::Auditor) || thread.owner == actor.user
 }
 
 fn visible<'a>(
@@ -461,7 +487,7 @@ fn visible<'a>(
 ) -> Result<&'a Thread, AppError> {
     registry
         .thread(thread_id)
-        .filter(|t| AppState::may_read(actor, t))
+        .filter(|t| may_read(actor, t))
         .ok_or_else(|| DomainError::ThreadNotFound(thread_id.clone()).into())
 }
 

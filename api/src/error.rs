@@ -52,9 +52,18 @@ pub enum AppError {
         current: u64,
         index: Option<usize>,
     },
-    /// Storage or projection failure: the server's fault, never the client's.
+    /// Writers kept racing for one thread's version; the client may retry.
+    #[error("the thread kept changing under every attempt; retry shortly")]
+    Contended,
+    /// A storage failure: the server's fault, never the client's.
+    #[error("storage failed")]
+    Storage(#[from] StorageError),
+    /// A projection failure (a record the fold cannot read, or the fold stopped).
+    #[error("projections failed")]
+    Projection(#[from] ProjectionError),
+    /// Any other failure of the server's own.
     #[error("{0}")]
-    Internal(String),
+    Internal(&'static str),
 }
 
 impl AppError {
@@ -74,9 +83,11 @@ impl AppError {
             AppError::RequestTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             AppError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             AppError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
-            AppError::Overloaded => (S::SERVICE_UNAVAILABLE, "overloaded"),
+            AppError::Overloaded | AppError::Contended => (S::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
-            AppError::Internal(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+            AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_) => {
+                (S::INTERNAL_SERVER_ERROR, "internal")
+            }
             AppError::Domain { error, .. } => {
                 let status = match error {
                     DomainError::InvalidId(_) | DomainError::InvalidInput(_) => S::BAD_REQUEST,
@@ -154,18 +165,6 @@ impl From<threadline_engine::IdError> for AppError {
     }
 }
 
-impl From<StorageError> for AppError {
-    fn from(e: StorageError) -> Self {
-        AppError::Internal(e.to_string())
-    }
-}
-
-impl From<ProjectionError> for AppError {
-    fn from(e: ProjectionError) -> Self {
-        AppError::Internal(e.to_string())
-    }
-}
-
 impl From<SubmitError> for AppError {
     fn from(e: SubmitError) -> Self {
         match e {
@@ -182,6 +181,7 @@ impl From<SubmitError> for AppError {
                 current,
                 index: Some(index),
             },
+            SubmitError::Contended { .. } => AppError::Contended,
             SubmitError::Storage(e) => e.into(),
             SubmitError::Projection(e) => e.into(),
         }
@@ -193,8 +193,9 @@ impl IntoResponse for AppError {
         let (status, code) = self.status_and_code();
         metrics::counter!("threadline_rejected_requests_total", "code" => code).increment(1);
         let message = match (&self, self.index()) {
-            (AppError::Internal(detail), _) => {
-                tracing::error!(error = %detail, "internal error");
+            (AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_), _) => {
+                // `{:#}`-style: the whole chain of sources, for the operator only.
+                tracing::error!(error = %Chain(&self), "internal error");
                 "internal error; see the server log".to_owned()
             }
             (_, Some(i)) => format!("event {i}: {self}"),
@@ -213,7 +214,7 @@ impl IntoResponse for AppError {
         }
         let retry_after = match &self {
             AppError::RateLimited(wait) => Some(retry_after_secs(wait)),
-            AppError::Overloaded => Some(1),
+            AppError::Overloaded | AppError::Contended => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {
@@ -222,5 +223,20 @@ impl IntoResponse for AppError {
                 .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
         }
         response
+    }
+}
+
+/// An error and each of its sources, joined with `: `.
+pub(crate) struct Chain<'a>(pub(crate) &'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
+use crate::app::Gate;
 use crate::auth::{bearer_token, AuthError, Authenticator, Principal};
 use crate::error::AppError;
 
@@ -20,12 +20,12 @@ pub struct Auth(pub Principal);
 impl<S> FromRequestParts<S> for Auth
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    Gate: FromRef<S>,
 {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AppError> {
-        let app = AppState::from_ref(state);
+        let app = Gate::from_ref(state);
         let auth: &Authenticator = &app.auth;
         let value = parts
             .headers
@@ -54,13 +54,13 @@ pub struct JsonBody<T>(pub T);
 impl<S, T> FromRequest<S> for JsonBody<T>
 where
     S: Send + Sync,
-    AppState: FromRef<S>,
+    Gate: FromRef<S>,
     T: DeserializeOwned,
 {
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let deadline = AppState::from_ref(state).edge.header_timeout;
+        let deadline = Gate::from_ref(state).header_timeout;
         let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
             .await
             .map_err(|_| AppError::RequestTimeout)?

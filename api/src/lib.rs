@@ -1,21 +1,28 @@
-//! Threadline's edge: the axum HTTP + WebSocket API with JWT auth, and the
-//! pieces of the `threadline` binary.
+//! Threadline's edge: the axum HTTP + WebSocket API with JWT auth, generic
+//! over the event log. `serve(listener, state, shutdown)` is its entry point;
+//! the binary (crate `threadline-cli`) wires it over sled.
 //!
 //! Architecture invariant: this is the only crate that knows HTTP, JSON wire
 //! types and tokens; it turns requests into engine commands and projections
-//! reads, and nothing else.
+//! reads, and nothing else. It names no concrete log type: the router, the
+//! state and `serve` take any `L: EventLog + Checkpoints`.
 
-pub mod app;
+mod app;
+pub mod audit;
 pub mod auth;
 pub mod config;
-pub mod conn;
-pub mod error;
-pub mod extract;
-pub mod http;
+mod conn;
+mod error;
+mod extract;
+mod http;
 pub mod metrics;
 pub mod openapi;
-pub mod rate;
-pub mod server;
-pub mod tools;
+mod rate;
+mod server;
 pub mod wire;
-pub mod ws;
+mod ws;
+
+pub use app::{AppState, Log, MAX_BATCH, MAX_LIMIT};
+pub use error::AppError;
+pub use http::router;
+pub use server::{serve, shutdown_signal, ServeError};

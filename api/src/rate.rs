@@ -51,6 +51,7 @@ impl RateLimits {
     }
 
     /// No limit.
+    #[cfg(test)]
     pub fn off() -> RateLimits {
         RateLimits::new(0, 0, 0)
     }

@@ -5,8 +5,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use threadline_engine::Event;
-use threadline_projections::decode_event;
+use threadline_engine::{Actor, Event};
+use threadline_projections::{decode_event, ProjectionError};
 use threadline_storage::Record;
 
 use crate::error::AppError;
@@ -199,8 +199,13 @@ fn data_of(event: &Event) -> Box<RawValue> {
 
 /// Decodes a record's event, as an internal error when it cannot be read.
 pub fn event_of(record: &Record) -> Result<Event, AppError> {
-    decode_event(&record.payload)
-        .map_err(|e| AppError::Internal(format!("record {}: {e}", record.position)))
+    decode_event(&record.payload).map_err(|reason| {
+        ProjectionError::Decode {
+            position: record.position,
+            reason,
+        }
+        .into()
+    })
 }
 
 /// The frame of a thread event (None for events outside threads, like cursor moves).
@@ -220,11 +225,17 @@ pub fn frame(record: &Record, event: &Event, user_seq: u64) -> Option<Frame> {
     })
 }
 
-/// Splits the stored actor `role:sub`.
+/// Who appended `record`, from the stored form of [`threadline_engine::Actor`].
 pub fn actor_of(record: &Record) -> ActorRef {
-    let (role, sub) = record.actor.split_once(':').unwrap_or(("", &record.actor));
-    ActorRef {
-        sub: sub.to_owned(),
-        role: role.to_owned(),
+    match Actor::parse_recorded(&record.actor) {
+        Ok(actor) => ActorRef {
+            sub: actor.user.to_string(),
+            role: actor.role.to_string(),
+        },
+        // A record from before actors were stored, or a placeholder: shown as it is.
+        Err(_) => ActorRef {
+            sub: record.actor.clone(),
+            role: String::new(),
+        },
     }
 }

@@ -16,10 +16,10 @@ use serde::Deserialize;
 use serde_json::json;
 use threadline_engine::{ClientId, Command, Role, ThreadId, UserId};
 use threadline_projections::Submission;
-use threadline_storage::{now_ms, EventLog};
+use threadline_storage::now_ms;
 use tracing::Instrument;
 
-use crate::app::AppState;
+use crate::app::{AppState, Log};
 use crate::auth::{bearer_token, AuthError, Principal};
 use crate::conn::ConnHandle;
 use crate::error::AppError;
@@ -117,8 +117,8 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
     offered.or(query.and_then(|q| q.access_token.as_deref()))
 }
 
-pub async fn upgrade(
-    State(app): State<AppState>,
+pub(crate) async fn upgrade<L: Log>(
+    State(app): State<AppState<L>>,
     conn: Option<Extension<ConnHandle>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
@@ -129,11 +129,11 @@ pub async fn upgrade(
         .map(|q| q.0);
     let auth = token(&headers, query.as_ref())
         .ok_or(AuthError::Missing)
-        .and_then(|t| app.auth.verify(t));
+        .and_then(|t| app.auth().verify(t));
     // Opening a socket counts against the user's request rate; over it, the
     // upgrade is refused with 429 before it happens.
     if let Ok(p) = &auth {
-        if let Err(wait) = app.rate.check(&p.actor) {
+        if let Err(wait) = app.rate().check(&p.actor) {
             return AppError::RateLimited(wait).into_response();
         }
     }
@@ -195,12 +195,12 @@ struct Progress {
     acked: u64,
 }
 
-struct Session {
-    app: AppState,
+struct Session<L> {
+    app: AppState<L>,
     socket: WebSocket,
     /// The per-user slot, given back only after `socket` (declared first, so dropped
     /// first) is gone: a socket whose close cannot be delivered still counts.
-    slot: Option<Slot>,
+    slot: Option<Slot<L>>,
     conn: Option<ConnHandle>,
     send_timeout: Duration,
 }
@@ -221,15 +221,15 @@ fn gone(why: &str) -> Close {
     Close(close::NONE, "", why.into())
 }
 
-impl Session {
+impl<L: Log> Session<L> {
     async fn start(
-        app: AppState,
+        app: AppState<L>,
         socket: WebSocket,
         conn: Option<ConnHandle>,
         auth: Result<Principal, AuthError>,
         params: Result<Params, String>,
     ) {
-        let send_timeout = app.edge.ws_send_timeout;
+        let send_timeout = app.edge().ws_send_timeout;
         let mut session = Session {
             app,
             socket,
@@ -292,12 +292,12 @@ impl Session {
                 "too_many_connections",
                 format!(
                     "at most {} sockets per user",
-                    app.edge.max_connections_per_user
+                    app.edge().max_connections_per_user
                 ),
             )
         })?;
         self.slot = Some(slot);
-        let (head, cursor) = app.projector.read(|m| {
+        let (head, cursor) = app.projector().read(|m| {
             (
                 m.delivery().user_head(&user),
                 m.delivery().cursor(&user, &params.client),
@@ -321,8 +321,8 @@ impl Session {
 
         let expiry = tokio::time::sleep(self.expires_in(&principal));
         tokio::pin!(expiry);
-        let mut projected = app.projector.watch();
-        let mut shutdown = app.shutdown.clone();
+        let mut projected = app.projector().watch();
+        let mut shutdown = app.shutdown_signal();
         let mut progress = Progress {
             resumed_after: resume_after,
             sent: resume_after,
@@ -336,7 +336,8 @@ impl Session {
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
             projected.borrow_and_update();
-            let (frames, last) = self.page(&user, progress.sent, params.thread.as_ref())?;
+            let (frames, last) =
+                Self::page(&app, &user, progress.sent, params.thread.as_ref()).await?;
             if let Some(last) = last {
                 let send = self.send(frames);
                 tokio::select! {
@@ -392,7 +393,7 @@ impl Session {
         // Saturating: a token may carry any `exp` up to u64::MAX; a far one is simply never reached.
         let expires_at_ms = principal
             .expires_at
-            .saturating_add(self.app.auth.leeway_secs())
+            .saturating_add(self.app.auth().leeway_secs())
             .saturating_mul(1000);
         Duration::from_millis(expires_at_ms.saturating_sub(now_ms()))
     }
@@ -421,26 +422,29 @@ impl Session {
     }
 
     /// The frames of the next page after `after` and the last `user_seq` it covers.
-    fn page(
-        &self,
+    /// Live pages come from the projector's recent records; only a replay of
+    /// older events reads the log (off the runtime, one read for the page).
+    async fn page(
+        app: &AppState<L>,
         user: &UserId,
         after: u64,
         thread: Option<&ThreadId>,
     ) -> Result<(Vec<String>, Option<u64>), Close> {
-        let entries = self
-            .app
-            .projector
-            .read(|m| m.delivery().read_after(user, after, PAGE));
-        let internal = |e: String| Close(close::INTERNAL, "internal", e);
-        let mut frames = Vec::with_capacity(entries.len());
-        // One read for the page: records sharing a stored frame are read together.
+        let (entries, head) = app.projector().read(|m| {
+            (
+                m.delivery().read_after(user, after, PAGE),
+                m.delivery().user_head(user),
+            )
+        });
+        let Some(&(last, _)) = entries.last() else {
+            return Ok((Vec::new(), None));
+        };
         let positions: Vec<_> = entries.iter().map(|(_, p)| *p).collect();
-        let records = self
-            .app
-            .projector
-            .log()
-            .read_many(&positions)
+        let records = app
+            .records(positions)
+            .await
             .map_err(|e| internal(e.to_string()))?;
+        let mut frames = Vec::with_capacity(entries.len());
         for ((seq, _), record) in entries.iter().zip(records) {
             let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
             if thread.is_some_and(|t| Some(t) != event.thread_id()) {
@@ -450,12 +454,9 @@ impl Session {
                 frames.push(serde_json::to_string(&frame).map_err(|e| internal(e.to_string()))?);
             }
         }
-        if let Some((seq, _)) = entries.last() {
-            let head = self.app.projector.read(|m| m.delivery().user_head(user));
-            metrics::histogram!("threadline_replay_lag_events")
-                .record(head.saturating_sub(*seq) as f64);
-        }
-        Ok((frames, entries.last().map(|(s, _)| *s)))
+        metrics::histogram!("threadline_replay_lag_events")
+            .record(head.saturating_sub(last) as f64);
+        Ok((frames, Some(last)))
     }
 
     /// Sends `texts`, each write within the send deadline: a peer that does not read
@@ -484,8 +485,8 @@ impl Session {
     /// pages covered and, with a thread filter, one of that thread's frames sent after the
     /// resume point (an ack of a withheld frame would move the cursor past an event the
     /// client never saw, and its unfiltered reconnect would skip it).
-    fn delivered(
-        &self,
+    async fn delivered(
+        app: &AppState<L>,
         user: &UserId,
         params: &Params,
         progress: &Progress,
@@ -497,20 +498,17 @@ impl Session {
         if seq <= progress.resumed_after || seq > progress.sent {
             return Ok(false);
         }
-        let internal = |e: String| Close(close::INTERNAL, "internal", e);
-        let entry = self
-            .app
-            .projector
+        let entry = app
+            .projector()
             .read(|m| m.delivery().read_after(user, seq - 1, 1));
         let Some((_, position)) = entry.first().filter(|(s, _)| *s == seq) else {
             return Ok(false);
         };
-        let record = self
-            .app
-            .projector
-            .log()
-            .read_at(*position)
+        let record = app
+            .records(vec![*position])
+            .await
             .map_err(|e| internal(e.to_string()))?
+            .pop()
             .ok_or_else(|| internal(format!("position {position} is not readable")))?;
         let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
         Ok(event.thread_id() == Some(thread))
@@ -547,7 +545,8 @@ impl Session {
             ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
             ("refresh", _) => self.refresh(principal, msg.token.as_deref()).await,
             ("ack", Some(seq))
-                if !self.delivered(&principal.actor.user, params, progress, seq)? =>
+                if !Self::delivered(&self.app, &principal.actor.user, params, progress, seq)
+                    .await? =>
             {
                 let message = if seq > progress.sent {
                     format!(
@@ -568,13 +567,7 @@ impl Session {
                     };
                     let result = self
                         .app
-                        .projector
-                        .submit(
-                            &principal.actor,
-                            &[Submission::new(command)],
-                            now_ms(),
-                            &self.app.limits,
-                        )
+                        .submit(&principal.actor, &[Submission::new(command)])
                         .await;
                     if let Err(e) = result {
                         return Err(Close(close::INTERNAL, "internal", e.to_string()));
@@ -582,7 +575,7 @@ impl Session {
                     progress.acked = seq;
                     let head = self
                         .app
-                        .projector
+                        .projector()
                         .read(|m| m.delivery().user_head(&principal.actor.user));
                     metrics::histogram!("threadline_cursor_lag_events")
                         .record(head.saturating_sub(seq) as f64);
@@ -600,7 +593,7 @@ impl Session {
     }
 }
 
-impl Session {
+impl<L: Log> Session<L> {
     /// `refresh`: the connection's token is replaced by a new one for the same `sub` and
     /// role, whose `exp` becomes the connection's expiry. A token that does not verify (or
     /// is for another role) is an `invalid_token` error frame and the old expiry stands; a
@@ -615,7 +608,7 @@ impl Session {
         };
         let fresh = match token
             .ok_or(AuthError::Missing)
-            .and_then(|t| self.app.auth.verify(t))
+            .and_then(|t| self.app.auth().verify(t))
         {
             Ok(p) => p,
             Err(e) => {
@@ -648,6 +641,10 @@ impl Session {
     }
 }
 
+fn internal(e: String) -> Close {
+    Close(close::INTERNAL, "internal", e)
+}
+
 /// How a failed read ends the session: a message over the cap closes with 1009, an
 /// unfinished one past its deadline with 1008; anything else means the peer is gone.
 fn read_error(e: axum::Error) -> Close {
@@ -670,16 +667,16 @@ fn read_error(e: axum::Error) -> Close {
 }
 
 /// One of a user's connection slots, given back on drop.
-struct Slot {
-    app: AppState,
+struct Slot<L> {
+    app: AppState<L>,
     user: UserId,
 }
 
-impl Slot {
-    fn take(app: &AppState, user: &UserId) -> Option<Slot> {
-        let mut map = app.connections.lock().unwrap_or_else(|p| p.into_inner());
+impl<L: Log> Slot<L> {
+    fn take(app: &AppState<L>, user: &UserId) -> Option<Slot<L>> {
+        let mut map = app.connections().lock().unwrap_or_else(|p| p.into_inner());
         let count = map.entry(user.clone()).or_default();
-        if *count >= app.edge.max_connections_per_user {
+        if *count >= app.edge().max_connections_per_user {
             return None;
         }
         *count += 1;
@@ -691,11 +688,11 @@ impl Slot {
     }
 }
 
-impl Drop for Slot {
+impl<L> Drop for Slot<L> {
     fn drop(&mut self) {
         let mut map = self
             .app
-            .connections
+            .connections_any()
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(count) = map.get_mut(&self.user) {

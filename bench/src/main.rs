@@ -204,7 +204,7 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
     let has = |n: u8| a.only.contains(&n);
     let started = Instant::now();
     let bin = std::fs::canonicalize(&a.threadline_bin)
-        .with_context(|| format!("{} (build it: cargo build --release -p threadline-api --bin threadline)", a.threadline_bin.display()))?;
+        .with_context(|| format!("{} (build it: cargo build --release -p threadline-cli --bin threadline)", a.threadline_bin.display()))?;
     let max_clients = idle + live_users + storm_clients + 1000;
 
     // Server A: scenarios 1, 2, 3, 5. Redis A likewise.

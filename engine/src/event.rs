@@ -94,14 +94,14 @@ impl Event {
     }
 
     /// The stream the event belongs to; per-stream versions are counted on it.
-    pub fn stream(&self) -> String {
+    pub fn stream(&self) -> StreamName {
         match self {
             Self::CursorAdvanced {
                 user_id, client_id, ..
-            } => format!("cursor:{user_id}:{client_id}"),
+            } => StreamName::cursor(user_id, client_id),
             _ => match self.thread_id() {
-                Some(t) => format!("thread:{t}"),
-                None => String::new(),
+                Some(t) => StreamName::thread(t),
+                None => StreamName(String::new()),
             },
         }
     }
@@ -132,4 +132,40 @@ pub struct EventMeta {
     /// Global log position, dense from 1.
     pub position: u64,
     pub recorded_at_ms: u64,
+}
+
+/// The name of a log stream, built in one place: `thread:<id>` holds a
+/// thread's history (its version is the thread's version), and
+/// `cursor:<user>:<client>` a client's acknowledgements.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamName(String);
+
+impl StreamName {
+    pub fn thread(thread_id: &ThreadId) -> StreamName {
+        StreamName(format!("thread:{thread_id}"))
+    }
+
+    pub fn cursor(user_id: &UserId, client_id: &ClientId) -> StreamName {
+        StreamName(format!("cursor:{user_id}:{client_id}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl std::fmt::Display for StreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl PartialEq<&str> for StreamName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
 }

@@ -262,4 +262,26 @@ impl Actor {
             role: Role::System,
         }
     }
+
+    /// Reads the form a record keeps (`role:sub`, see the `Display` impl).
+    pub fn parse_recorded(s: &str) -> Result<Actor, IdError> {
+        let (role, sub) = s
+            .split_once(':')
+            .ok_or_else(|| IdError::new("actor", "must be role:sub"))?;
+        let role = match role {
+            "system" => Role::System,
+            other => Role::parse(other)?,
+        };
+        Ok(Actor {
+            user: UserId(sub.to_owned()),
+            role,
+        })
+    }
+}
+
+/// The form a record keeps of who appended it: `role:sub`, e.g. `agent:planner`.
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.role, self.user)
+    }
 }

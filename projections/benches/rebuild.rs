@@ -235,7 +235,7 @@ fn fill(log: &SledLog, workload: &mut Workload, count: u64, payload_bytes: &mut 
                 *payload_bytes += payload.len() as u64;
                 NewEvent {
                     event_id: workload.rng.uuid(),
-                    stream: event.stream(),
+                    stream: event.stream().into_string(),
                     expected_version: None,
                     actor: "agent:bench".into(),
                     event_type: event.type_name().into(),

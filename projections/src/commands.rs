@@ -1,14 +1,21 @@
-//! The write side: commands judged by `decide` against the live registry,
-//! appended with the thread's expected version, then folded in before the
-//! caller hears back (so a caller always reads its own writes).
+//! The write side, [`CommandService`]: commands judged by `decide` against
+//! the projected registry, appended with each thread's expected version, and
+//! answered once the fold thread has folded them (so a caller always reads its
+//! own writes). It talks to the read side only through the log and the
+//! projected position: it never folds, and it never blocks a runtime thread on
+//! the log (appends go to the log's writer thread; a rare read of a stored
+//! event goes to `spawn_blocking`).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use threadline_engine::{
     authorize, decide, Actor, Command, DomainError, Event, EventId, EventMeta, Limits, RunId,
     ThreadId,
 };
-use threadline_storage::{Appended, Checkpoints, EventLog, NewEvent, Position, StorageError};
+use threadline_storage::{
+    Appended, Checkpoints, EventLog, NewEvent, Position, Record, StorageError,
+};
 use uuid::Uuid;
 
 use crate::{decode_event, encode_event, ProjectionError, Projector};
@@ -55,13 +62,16 @@ pub enum SubmitError {
     /// `decide` rejected submission `index`.
     #[error("event {index}: {error}")]
     Domain { index: usize, error: DomainError },
-    /// The thread is not at the version the client expected (or kept moving).
+    /// The thread is not at the version the client expected.
     #[error("event {index}: thread is at version {current}, not {expected}")]
     VersionConflict {
         index: usize,
         expected: u64,
         current: u64,
     },
+    /// Other writers kept moving the thread: every attempt lost the race.
+    #[error("the thread kept changing under {attempts} attempts; retry")]
+    Contended { attempts: usize },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error(transparent)]
@@ -102,33 +112,108 @@ fn run_of(command: &Command) -> Option<&RunId> {
     }
 }
 
-impl<L: EventLog + Checkpoints> Projector<L> {
+/// The write path: owns decide, append, retries and idempotency.
+#[derive(Debug)]
+pub struct CommandService<L> {
+    log: Arc<L>,
+    projector: Arc<Projector<L>>,
+    limits: Limits,
+}
+
+impl<L> Clone for CommandService<L> {
+    fn clone(&self) -> Self {
+        CommandService {
+            log: Arc::clone(&self.log),
+            projector: Arc::clone(&self.projector),
+            limits: self.limits.clone(),
+        }
+    }
+}
+
+impl<L: EventLog + Checkpoints> CommandService<L> {
+    /// A write path over `projector`'s log. Answers wait on the projector's
+    /// fold thread ([`Projector::follow`]), which must be running.
+    pub fn new(projector: Arc<Projector<L>>, limits: Limits) -> CommandService<L> {
+        CommandService {
+            log: Arc::clone(projector.log()),
+            projector,
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn projector(&self) -> &Arc<Projector<L>> {
+        &self.projector
+    }
+
+    fn log(&self) -> &L {
+        &self.log
+    }
+
+    fn read<R>(&self, f: impl FnOnce(&crate::ReadModel) -> R) -> R {
+        self.projector.read(f)
+    }
+
+    /// Appends `run_expired` for every open run idle beyond the TTL at `now_ms`.
+    pub async fn expire_idle_runs(&self, now_ms: u64) -> Result<usize, SubmitError> {
+        let idle = self.read(|m| m.registry().expirable_runs(now_ms, self.limits.run_ttl_ms));
+        let mut expired = 0;
+        for run_id in idle {
+            let sub = Submission::new(Command::ExpireRun { run_id });
+            expired += self
+                .submit(&Actor::system(), &[sub], now_ms)
+                .await?
+                .iter()
+                .flatten()
+                .count();
+        }
+        Ok(expired)
+    }
+
     /// Judges and appends `submissions` as one atomic batch: all of their new
     /// events are appended, or none. Submissions whose `event_id` is already
     /// stored are answered with their original outcome (`duplicate`).
+    ///
+    /// The registry it judges against may trail the log by the group being
+    /// folded. That is safe: every event of a thread is appended on the
+    /// thread's expected version, so a decision on a stale thread loses with
+    /// a conflict and is judged again; and a rejection on a stale view is
+    /// judged again once the fold reaches the head. A caller that has had an
+    /// answer is never judged on a view older than that answer.
     pub async fn submit(
         &self,
         actor: &Actor,
         submissions: &[Submission],
         now_ms: u64,
-        limits: &Limits,
     ) -> Result<Vec<Option<Outcome>>, SubmitError> {
-        self.settle(self.log().head()).await?;
+        let mut judged_fresh = false;
         for _ in 0..MAX_ATTEMPTS {
             let mut known: Vec<Option<Known>> = Vec::with_capacity(submissions.len());
             for s in submissions {
                 known.push(match s.event_id {
-                    Some(id) => self.known(id)?,
+                    Some(id) => self.known(id).await?,
                     None => None,
                 });
             }
-            let planned = match self.plan(actor, submissions, &known, now_ms, limits) {
+            let seen = self.projector.position();
+            let planned = match self.plan(actor, submissions, &known, now_ms) {
                 Ok(p) => p,
+                Err(SubmitError::Domain { .. } | SubmitError::VersionConflict { .. })
+                    if !judged_fresh && seen < self.log().head() =>
+                {
+                    // Judged on a view the log has moved past: judge again on a fresh one.
+                    judged_fresh = true;
+                    self.projector.wait_for(self.log().head()).await?;
+                    continue;
+                }
                 Err(SubmitError::Domain {
                     index,
                     error: DomainError::RunExpired(run_id),
                 }) => {
-                    self.record_expiry(&run_id, now_ms, limits).await?;
+                    self.record_expiry(&run_id, now_ms).await?;
                     return Err(SubmitError::Domain {
                         index,
                         error: DomainError::RunExpired(run_id),
@@ -140,40 +225,34 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                 Vec::new()
             } else {
                 let batch = planned.iter().map(|p| p.new.clone()).collect();
-                match self.log().append(batch).await {
+                match self.log.append(batch).await {
                     Ok(a) => a,
                     Err(StorageError::Conflict { .. }) => {
-                        // Lost a race for the thread's version: re-judge on fresh state.
-                        self.settle(self.log().head()).await?;
+                        // Lost a race for the thread's version: judge again on fresh state.
+                        self.projector.wait_for(self.log().head()).await?;
                         continue;
                     }
                     Err(e) => return Err(e.into()),
                 }
             };
             if let Some(last) = appended.iter().map(|a| a.position).max() {
-                self.settle(last).await?;
+                self.projector.wait_for(last).await?;
             }
-            return self.outcomes(submissions, &known, &planned, &appended);
+            return self
+                .outcomes(submissions, &known, &planned, &appended)
+                .await;
         }
-        Err(SubmitError::VersionConflict {
-            index: 0,
-            expected: 0,
-            current: 0,
+        Err(SubmitError::Contended {
+            attempts: MAX_ATTEMPTS,
         })
     }
 
     /// The event stored under `id`, if any.
-    fn known(&self, id: EventId) -> Result<Option<Known>, SubmitError> {
+    async fn known(&self, id: EventId) -> Result<Option<Known>, SubmitError> {
         let Some(at) = self.log().find_event(id.as_uuid())? else {
             return Ok(None);
         };
-        let record = self
-            .log()
-            .read_at(at.position)?
-            .ok_or(StorageError::Corrupt {
-                position: at.position,
-                reason: "an event id points at a missing record".into(),
-            })?;
+        let record = self.record(at.position).await?;
         let event = decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
             position: record.position,
             reason,
@@ -185,17 +264,32 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         }))
     }
 
+    /// The record at `position`: from memory when recent, else read off the runtime.
+    async fn record(&self, position: Position) -> Result<Arc<Record>, SubmitError> {
+        if let Some(mut found) = self.projector.recent(&[position]) {
+            if let Some(record) = found.pop() {
+                return Ok(record);
+            }
+        }
+        let log = Arc::clone(&self.log);
+        let read = tokio::task::spawn_blocking(move || log.read_at(position))
+            .await
+            .map_err(|_| ProjectionError::Stopped)?;
+        read?.map(Arc::new).ok_or_else(|| {
+            StorageError::Corrupt {
+                position,
+                reason: "an event id points at a missing record".into(),
+            }
+            .into()
+        })
+    }
+
     /// Appends `run_expired` for a run that idled out (a no-op if it is already closed).
-    async fn record_expiry(
-        &self,
-        run_id: &RunId,
-        now_ms: u64,
-        limits: &Limits,
-    ) -> Result<(), SubmitError> {
+    async fn record_expiry(&self, run_id: &RunId, now_ms: u64) -> Result<(), SubmitError> {
         let expire = Submission::new(Command::ExpireRun {
             run_id: run_id.clone(),
         });
-        Box::pin(self.submit(&Actor::system(), &[expire], now_ms, limits))
+        Box::pin(self.submit(&Actor::system(), &[expire], now_ms))
             .await
             .map(|_| ())
     }
@@ -206,8 +300,8 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         submissions: &[Submission],
         known: &[Option<Known>],
         now_ms: u64,
-        limits: &Limits,
     ) -> Result<Vec<Planned>, SubmitError> {
+        let limits = &self.limits;
         self.read(|model| {
             let registry = model.registry();
             let threads: Vec<ThreadId> = submissions
@@ -295,9 +389,9 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                         index,
                         new: NewEvent {
                             event_id,
-                            stream,
+                            stream: stream.into_string(),
                             expected_version,
-                            actor: format!("{}:{}", actor.role.as_str(), actor.user),
+                            actor: actor.to_string(),
                             event_type: event.type_name().to_owned(),
                             payload: encode_event(&event),
                         },
@@ -309,7 +403,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         })
     }
 
-    fn outcomes(
+    async fn outcomes(
         &self,
         submissions: &[Submission],
         known: &[Option<Known>],
@@ -329,7 +423,8 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                 // answer with its result only if it is the same request.
                 let id = EventId::from_uuid(p.new.event_id);
                 let same = self
-                    .known(id)?
+                    .known(id)
+                    .await?
                     .is_some_and(|k| submissions[p.index].command.repeats(&k.event));
                 if !same {
                     return Err(SubmitError::Domain {

@@ -15,4 +15,7 @@ pub enum ProjectionError {
     /// The stored checkpoint is unreadable or ahead of the log.
     #[error("checkpoint is unusable: {0}")]
     Checkpoint(String),
+    /// The fold stopped (the server is shutting down).
+    #[error("the projections stopped folding")]
+    Stopped,
 }

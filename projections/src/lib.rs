@@ -3,7 +3,9 @@
 //! verifiable by digest.
 //!
 //! Architecture invariant: the live path ([`Projector::catch_up`]) and the
-//! tools (`rebuild`, `verify`) run the same fold, [`ReadModel::apply`].
+//! tools (`rebuild`, `verify`) run the same fold, [`ReadModel::apply`]; only
+//! the fold writes the model, and the write side ([`CommandService`]) reads it
+//! and waits on the projected position, never folding itself.
 
 mod codec;
 mod commands;
@@ -13,8 +15,10 @@ mod model;
 mod projector;
 
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
-pub use commands::{Outcome, Submission, SubmitError};
+pub use commands::{CommandService, Outcome, Submission, SubmitError};
 pub use delivery::Delivery;
 pub use error::ProjectionError;
 pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
-pub use projector::{load_checkpoint, rebuild, store_checkpoint, Projector};
+pub use projector::{
+    load_checkpoint, rebuild, store_checkpoint, CheckpointPolicy, Follower, Projector, PAGE,
+};

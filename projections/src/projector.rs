@@ -1,16 +1,45 @@
-//! [`Projector`]: the live read model, kept caught up with the log and
-//! checkpointed; plus the offline `rebuild` used by the tools.
+//! [`Projector`]: the live read model, kept caught up with the log by one fold
+//! thread and checkpointed; plus the offline `rebuild` used by the tools.
+//!
+//! Only the fold writes the model. Everyone else reads it (in memory, under a
+//! short read lock) or waits on [`Projector::wait_for`] for a position to be
+//! folded; nobody folds inline on a request's behalf.
 
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use threadline_storage::{Checkpoints, EventLog, Position};
-use tokio::sync::{watch, Notify};
+use threadline_storage::{Checkpoints, EventLog, Position, Record};
+use tokio::sync::watch;
 
 use crate::{ProjectionError, ReadModel, CHECKPOINT_NAME};
 
-/// Records read from the log per step of a catch-up or rebuild.
-const PAGE: usize = 1000;
+/// Records read from the log per step of a catch-up or rebuild (and the most
+/// one page of any list call returns).
+pub const PAGE: usize = 1000;
+
+/// The newest records kept in memory after folding, so live sockets and
+/// responses are served without reading the log: at most this many…
+const RECENT_RECORDS: usize = 65_536;
+/// …and at most this many payload bytes.
+const RECENT_BYTES: usize = 64 * 1024 * 1024;
+
+/// When the fold thread checkpoints: after this many new events, at most this often.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub min_events: u64,
+    pub min_interval: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        CheckpointPolicy {
+            min_events: 10_000,
+            min_interval: Duration::from_secs(5),
+        }
+    }
+}
 
 /// The live read model over a log.
 #[derive(Debug)]
@@ -18,11 +47,38 @@ pub struct Projector<L> {
     log: Arc<L>,
     model: RwLock<ReadModel>,
     projected: watch::Sender<Position>,
-    /// Serialises catch-ups so two callers never fold the same records.
-    catching_up: Mutex<()>,
-    /// Signalled whenever a fold releases `catching_up`.
-    released: Notify,
+    /// Set when the fold failed: waiters stop waiting and report it.
+    fault: Mutex<Option<ProjectionError>>,
+    /// Serialises folds so two threads never fold the same records.
+    folding: Mutex<()>,
+    recent: RwLock<Recent>,
     last_checkpoint: Mutex<(Position, Instant)>,
+}
+
+/// The newest folded records, by position (dense, so a lookup is an index).
+#[derive(Debug, Default)]
+struct Recent {
+    records: VecDeque<Arc<Record>>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, record: Arc<Record>) {
+        self.bytes += record.payload.len();
+        self.records.push_back(record);
+        while self.records.len() > RECENT_RECORDS || self.bytes > RECENT_BYTES {
+            match self.records.pop_front() {
+                Some(r) => self.bytes -= r.payload.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn get(&self, position: Position) -> Option<&Arc<Record>> {
+        let first = self.records.front()?.position;
+        let index = usize::try_from(position.0.checked_sub(first.0)?).ok()?;
+        self.records.get(index)
+    }
 }
 
 /// The stored checkpoint, if any.
@@ -53,16 +109,6 @@ pub fn rebuild(
 ) -> Result<ReadModel, ProjectionError> {
     let mut model = ReadModel::default();
     let head = log.head();
-    fold_until(log, &mut model, head, &mut progress)?;
-    Ok(model)
-}
-
-fn fold_until(
-    log: &dyn EventLog,
-    model: &mut ReadModel,
-    head: Position,
-    progress: &mut dyn FnMut(Position, Position),
-) -> Result<(), ProjectionError> {
     while model.position() < head {
         let page = log.read_from(model.position().next(), PAGE)?;
         if page.is_empty() {
@@ -73,7 +119,7 @@ fn fold_until(
         }
         progress(model.position(), head);
     }
-    Ok(())
+    Ok(model)
 }
 
 impl<L: EventLog + Checkpoints> Projector<L> {
@@ -92,8 +138,9 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             log,
             projected: watch::Sender::new(start),
             model: RwLock::new(model),
-            catching_up: Mutex::new(()),
-            released: Notify::new(),
+            fault: Mutex::new(None),
+            folding: Mutex::new(()),
+            recent: RwLock::new(Recent::default()),
             last_checkpoint: Mutex::new((start, Instant::now())),
         };
         projector.catch_up()?;
@@ -120,15 +167,27 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         f(&self.model.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Folds every durable record not yet applied; returns the new position.
-    /// Blocks while another thread is catching up (use [`Projector::settle`] from async code).
-    pub fn catch_up(&self) -> Result<Position, ProjectionError> {
-        let guard = self.catching_up.lock().unwrap_or_else(|p| p.into_inner());
-        self.fold_locked(guard)
+    /// The records at `positions` if every one is still held in memory.
+    pub fn recent(&self, positions: &[Position]) -> Option<Vec<Arc<Record>>> {
+        let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
+        positions.iter().map(|p| recent.get(*p).cloned()).collect()
     }
 
-    fn fold_locked(&self, guard: MutexGuard<'_, ()>) -> Result<Position, ProjectionError> {
-        let result = (|| loop {
+    /// Folds every durable record not yet applied; returns the new position.
+    /// Blocks (on the log, and on a fold already running): never call it from async code.
+    pub fn catch_up(&self) -> Result<Position, ProjectionError> {
+        let _folding = self.folding.lock().unwrap_or_else(|p| p.into_inner());
+        let result = self.fold();
+        if let Err(e) = &result {
+            *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+            // Wake every waiter, so it sees the fault instead of waiting forever.
+            self.projected.send_modify(|_| {});
+        }
+        result
+    }
+
+    fn fold(&self) -> Result<Position, ProjectionError> {
+        loop {
             let from = self.position().next();
             let page = self.log.read_from(from, PAGE)?;
             let Some(last) = page.last().map(|r| r.position) else {
@@ -140,43 +199,30 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                     model.apply(record)?;
                 }
             }
+            {
+                let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
+                for record in page {
+                    recent.push(Arc::new(record));
+                }
+            }
             self.projected.send_replace(last);
-        })();
-        drop(guard);
-        // Whoever waited for the lock re-checks: it may still have to fold
-        // records that became durable after this fold's last read.
-        self.released.notify_waiters();
-        result
-    }
-
-    /// Returns once the model has folded `target`. Never blocks a runtime
-    /// thread on another fold: it folds itself when nobody else is, and
-    /// otherwise waits for the folding thread to finish.
-    pub async fn settle(&self, target: Position) -> Result<(), ProjectionError> {
-        loop {
-            if self.position() >= target {
-                return Ok(());
-            }
-            let released = self.released.notified();
-            tokio::pin!(released);
-            // Registered before trying the lock, so a release in between is not missed.
-            released.as_mut().enable();
-            if !self.try_fold()? {
-                released.await;
-            }
         }
     }
 
-    /// Folds unless another thread is folding; false when it was busy. (Sync,
-    /// so no lock guard ever lives across an await.)
-    fn try_fold(&self) -> Result<bool, ProjectionError> {
-        let guard = match self.catching_up.try_lock() {
-            Ok(guard) => guard,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
-        };
-        self.fold_locked(guard)?;
-        Ok(true)
+    /// Returns once the model has folded `target` (or the fold has failed).
+    pub async fn wait_for(&self, target: Position) -> Result<(), ProjectionError> {
+        let mut projected = self.projected.subscribe();
+        loop {
+            if *projected.borrow_and_update() >= target {
+                return Ok(());
+            }
+            if let Some(e) = self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                return Err(e);
+            }
+            if projected.changed().await.is_err() {
+                return Err(ProjectionError::Stopped);
+            }
+        }
     }
 
     /// Stores the current model as the checkpoint.
@@ -190,21 +236,114 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         Ok(position)
     }
 
-    /// Checkpoints when at least `min_events` were folded and `min_interval`
-    /// passed since the last checkpoint (bounds both replay on restart and write cost).
-    pub fn maybe_checkpoint(
-        &self,
-        min_events: u64,
-        min_interval: Duration,
-    ) -> Result<bool, ProjectionError> {
+    /// Checkpoints when the policy says it is due (bounds both replay on restart and write cost).
+    pub fn maybe_checkpoint(&self, policy: CheckpointPolicy) -> Result<bool, ProjectionError> {
         let (at, when) = *self
             .last_checkpoint
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if self.position().0.saturating_sub(at.0) >= min_events && when.elapsed() >= min_interval {
+        if self.position().0.saturating_sub(at.0) >= policy.min_events
+            && when.elapsed() >= policy.min_interval
+        {
             self.checkpoint()?;
             return Ok(true);
         }
         Ok(false)
+    }
+}
+
+impl<L: EventLog + Checkpoints> Projector<L> {
+    /// Starts the fold thread: it folds each durable group as the log's head
+    /// moves, publishes the projected position, and checkpoints by `policy`,
+    /// until the returned [`Follower`] is stopped or dropped.
+    pub fn follow(self: &Arc<Self>, policy: CheckpointPolicy) -> std::io::Result<Follower> {
+        let projector = Arc::clone(self);
+        let mut head = projector.log.watch_head();
+        let (stop, mut stopped) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("threadline-fold".into())
+            .spawn(move || loop {
+                // Seen before folding, so a head that moves during the fold wakes the wait below.
+                head.borrow_and_update();
+                if let Err(e) = projector.catch_up() {
+                    tracing::error!(error = %e, "projection fold failed; requests waiting on it fail");
+                    return;
+                }
+                if let Err(e) = projector.maybe_checkpoint(policy) {
+                    tracing::error!(error = %e, "projection checkpoint failed");
+                }
+                metrics_gauges(&*projector.log, projector.position());
+                if !wait_changed(&mut head, &mut stopped) {
+                    return;
+                }
+            })?;
+        Ok(Follower {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The running fold thread; stopping (or dropping) it ends the thread after
+/// its current fold.
+#[derive(Debug)]
+pub struct Follower {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Follower {
+    /// Ends the fold thread and waits for it (blocking: call it off the runtime).
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        self.stop.send_replace(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+fn metrics_gauges(log: &dyn EventLog, projected: Position) {
+    metrics::gauge!("threadline_log_head").set(log.head().0 as f64);
+    metrics::gauge!("threadline_projected_position").set(projected.0 as f64);
+}
+
+/// Blocks until the head moves (true) or `stop` is raised or gone (false).
+fn wait_changed(head: &mut watch::Receiver<Position>, stop: &mut watch::Receiver<bool>) -> bool {
+    let waiter = async {
+        tokio::select! {
+            changed = head.changed() => changed.is_ok(),
+            changed = stop.changed() => changed.is_ok() && !*stop.borrow(),
+        }
+    };
+    block_on(waiter) && !*stop.borrow()
+}
+
+/// Runs a future to completion on this (non-runtime) thread.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
     }
 }

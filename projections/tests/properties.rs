@@ -7,7 +7,9 @@ use proptest::prelude::*;
 use threadline_engine::{
     Actor, AgentEventKind, ClientId, Command, DomainError, Limits, Role, RunId, ThreadId, UserId,
 };
-use threadline_projections::{rebuild, Projector, Submission, SubmitError};
+use threadline_projections::{
+    rebuild, CheckpointPolicy, CommandService, Follower, Projector, Submission, SubmitError,
+};
 use threadline_storage::{EventLog, MemoryLog, Position};
 
 const USERS: [&str; 3] = ["alice", "bob@example.com", "e2e-user-7"];
@@ -39,7 +41,9 @@ fn actor(i: usize) -> Actor {
 
 struct World {
     log: Arc<MemoryLog>,
-    projector: Projector<MemoryLog>,
+    projector: Arc<Projector<MemoryLog>>,
+    commands: CommandService<MemoryLog>,
+    _fold: Follower,
     threads: Vec<(ThreadId, usize)>,
     runs: Vec<RunId>,
     now: u64,
@@ -51,12 +55,10 @@ impl World {
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        rt.block_on(self.projector.submit(
-            actor,
-            &[Submission::new(command)],
-            self.now,
-            &self.limits,
-        ))
+        rt.block_on(
+            self.commands
+                .submit(actor, &[Submission::new(command)], self.now),
+        )
         .map(|_| ())
     }
 
@@ -229,8 +231,18 @@ proptest! {
     #[test]
     fn random_workloads_keep_isolation_and_rebuild_equality(ops in proptest::collection::vec(op(), 1..300), cut in 0usize..300) {
         let log = Arc::new(MemoryLog::new());
-        let projector = Projector::open(log.clone()).unwrap();
-        let mut world = World { log: log.clone(), projector, threads: Vec::new(), runs: Vec::new(), now: threadline_storage::now_ms(), limits: Limits::default() };
+        let projector = Arc::new(Projector::open(log.clone()).unwrap());
+        let limits = Limits::default();
+        let mut world = World {
+            log: log.clone(),
+            _fold: projector.follow(CheckpointPolicy::default()).unwrap(),
+            commands: CommandService::new(projector.clone(), limits.clone()),
+            projector,
+            threads: Vec::new(),
+            runs: Vec::new(),
+            now: threadline_storage::now_ms(),
+            limits,
+        };
         for (i, op) in ops.iter().enumerate() {
             if i == cut % ops.len() {
                 world.projector.checkpoint().unwrap();

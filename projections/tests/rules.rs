@@ -7,8 +7,8 @@ use threadline_engine::{
     UserId,
 };
 use threadline_projections::{
-    encode_event, load_checkpoint, rebuild, Outcome, ProjectionError, Projector, ReadModel,
-    Submission, SubmitError,
+    encode_event, load_checkpoint, rebuild, CheckpointPolicy, CommandService, Follower, Outcome,
+    ProjectionError, Projector, ReadModel, Submission, SubmitError,
 };
 use threadline_storage::{EventLog, MemoryLog, NewEvent, Position, Record};
 
@@ -26,16 +26,22 @@ fn agent() -> Actor {
 
 struct Given {
     log: Arc<MemoryLog>,
-    projector: Projector<MemoryLog>,
+    projector: Arc<Projector<MemoryLog>>,
+    commands: CommandService<MemoryLog>,
+    _fold: Follower,
     limits: Limits,
 }
 
 fn given() -> Given {
     let log = Arc::new(MemoryLog::new());
+    let projector = Arc::new(Projector::open(log.clone()).unwrap());
+    let limits = Limits::default();
     Given {
-        projector: Projector::open(log.clone()).unwrap(),
+        _fold: projector.follow(CheckpointPolicy::default()).unwrap(),
+        commands: CommandService::new(projector.clone(), limits.clone()),
+        projector,
         log,
-        limits: Limits::default(),
+        limits,
     }
 }
 
@@ -49,7 +55,7 @@ impl Given {
         tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap()
-            .block_on(self.projector.submit(actor, subs, now, &self.limits))
+            .block_on(self.commands.submit(actor, subs, now))
     }
     fn ok(&self, actor: &Actor, command: Command) -> Outcome {
         self.when(actor, &[Submission::new(command)], now())

@@ -102,6 +102,11 @@ pub trait EventLog: Send + Sync + 'static {
     fn stream_version(&self, stream: &str) -> Result<u64, StorageError>;
     /// Where the event with this id was durably stored, if it was.
     fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError>;
+    /// Finishes every append already accepted, makes it durable and stops the
+    /// log's threads; later appends fail. (Dropping the log does the same.)
+    fn close(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 /// Named, durable blobs beside the log (projection checkpoints).

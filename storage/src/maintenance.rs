@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::salvage::{self, format_ranges};
 use crate::sled_log::{read_v1, wait_unlocked, write_log};
-use crate::{now_ms, Position, Record, StorageError, LOG_STREAM, LOSS_ACCEPTED};
+use crate::{now_ms, EventLog, Position, Record, StorageError, LOG_STREAM, LOSS_ACCEPTED};
 
 /// What `migrate` did.
 #[derive(Debug, Clone, PartialEq, Eq)]

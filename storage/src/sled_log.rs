@@ -369,7 +369,7 @@ impl SledLog {
 
     /// Stops the writer after it has committed everything queued, then flushes.
     /// Appends after this answer [`StorageError::Closed`].
-    pub fn close(&self) -> Result<(), StorageError> {
+    fn shut(&self) -> Result<(), StorageError> {
         drop(self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take());
         if let Some(handle) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = handle.join();
@@ -1023,6 +1023,10 @@ fn evidence_loop(shared: &Shared, mut file: EvidenceFile, rx: mpsc::Receiver<Pos
 }
 
 impl EventLog for SledLog {
+    fn close(&self) -> Result<(), StorageError> {
+        self.shut()
+    }
+
     fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
         let (reply, pending) = PendingAppend::channel();
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,6 +1,9 @@
-//! The end-to-end harness: [`TestServer`] runs the real `threadline` binary on
-//! an ephemeral loopback port over a real sled data dir; [`Api`] and
-//! [`Socket`] are real HTTP and WebSocket clients carrying real JWTs.
+//! The end-to-end harness: [`TestServer`] runs the server on an ephemeral
+//! loopback port, either in this process over a `MemoryLog` (`spawn`: fast,
+//! for the many tests of the contract) or as the real `threadline` binary over
+//! a real sled data dir (`spawn_process`: for restarts, kills, the tools and
+//! anything the process owns); [`Api`] and [`Socket`] are real HTTP and
+//! WebSocket clients carrying real JWTs.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -34,7 +37,7 @@ pub fn binary() -> PathBuf {
     let bin = dir.join("threadline");
     if !bin.exists() {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "threadline-api", "--bin", "threadline"])
+            .args(["build", "-p", "threadline-cli", "--bin", "threadline"])
             .status()
             .expect("cargo build");
         assert!(status.success(), "building threadline failed");
@@ -98,26 +101,74 @@ impl Options {
     }
 }
 
-/// A running `threadline serve` process, killed on drop.
+/// A running server: in this process, or a `threadline serve` process killed on drop.
 #[derive(Debug)]
 pub struct TestServer {
     pub addr: SocketAddr,
     pub data: Arc<tempfile::TempDir>,
     data_dir: PathBuf,
-    child: Child,
+    backend: Backend,
     pub log: Arc<Mutex<Vec<String>>>,
     options: Options,
 }
 
+#[derive(Debug)]
+enum Backend {
+    Process(Child),
+    /// `serve` on this test's runtime over a `MemoryLog`; stopped on drop.
+    InProcess(Option<tokio::sync::oneshot::Sender<()>>),
+}
+
 impl TestServer {
-    /// Starts a server on a fresh data dir.
+    /// Starts a server in this process, over a `MemoryLog`, with the defaults
+    /// of `threadline serve` and the test secret. Needs a tokio runtime.
     pub fn spawn() -> TestServer {
+        use threadline_api::config::LimitArgs;
+        let log = Arc::new(threadline_storage::MemoryLog::new());
+        let projector = Arc::new(threadline_projections::Projector::open(log).expect("projector"));
+        let auth = threadline_api::auth::Authenticator::hs256(SECRET.as_bytes(), None, None, 0);
+        let state = threadline_api::AppState::new(
+            projector,
+            auth,
+            threadline_engine::Limits::default(),
+            LimitArgs::default(),
+        );
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("local addr");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(threadline_api::serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        let data = Arc::new(tempfile::tempdir().expect("tempdir"));
+        TestServer {
+            addr,
+            data_dir: data.path().to_owned(),
+            data,
+            backend: Backend::InProcess(Some(stop)),
+            log: Arc::default(),
+            options: Options::default(),
+        }
+    }
+
+    /// Starts the real binary on a fresh data dir.
+    pub fn spawn_process() -> TestServer {
         Self::spawn_with(Options::default())
     }
 
     pub fn spawn_with(options: Options) -> TestServer {
         let data = Arc::new(tempfile::tempdir().expect("tempdir"));
         Self::start(data, options).expect("server start")
+    }
+
+    fn child(&mut self) -> &mut Child {
+        match &mut self.backend {
+            Backend::Process(child) => child,
+            Backend::InProcess(_) => {
+                panic!("this test needs the real process: start it with TestServer::spawn_process")
+            }
+        }
     }
 
     /// Starts a server on `data`, waiting until it listens.
@@ -179,7 +230,7 @@ impl TestServer {
             addr,
             data,
             data_dir,
-            child,
+            backend: Backend::Process(child),
             log,
             options,
         })
@@ -191,7 +242,10 @@ impl TestServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.backend {
+            Backend::Process(child) => child.id(),
+            Backend::InProcess(_) => std::process::id(),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -230,18 +284,20 @@ impl TestServer {
 
     /// SIGKILL: no shutdown code runs.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit status.
     pub fn stop(&mut self) -> std::process::ExitStatus {
+        let child = self.child();
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &child.id().to_string()])
             .status();
         let deadline = Instant::now() + DEADLINE;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = child.try_wait() {
                 return status;
             }
             assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
@@ -257,7 +313,7 @@ impl TestServer {
 
     /// Resident memory of the server process, in bytes (Linux `/proc`).
     pub fn rss_bytes(&self) -> u64 {
-        rss_of(self.child.id())
+        rss_of(self.pid())
     }
 }
 
@@ -273,8 +329,17 @@ pub fn rss_of(pid: u32) -> u64 {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.backend {
+            Backend::Process(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Backend::InProcess(stop) => {
+                if let Some(stop) = stop.take() {
+                    let _ = stop.send(());
+                }
+            }
+        }
     }
 }
 

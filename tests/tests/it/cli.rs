@@ -283,7 +283,7 @@ async fn token_output_is_accepted_by_serve_with_its_generated_secret() {
 
 #[tokio::test]
 async fn rebuild_then_verify_pass_and_the_api_answers_the_same() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     fill(&server, "rebuilt").await;
     let before = api_view(&server).await;
     let data = server.data.path().to_owned();
@@ -339,7 +339,7 @@ async fn rebuild_then_verify_pass_and_the_api_answers_the_same() {
 
 #[tokio::test]
 async fn verify_names_every_flipped_record_position() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     fill(&server, "flipped").await;
     assert!(server.stop().success());
     let data = server.data.path().to_owned();
@@ -393,8 +393,8 @@ async fn verify_names_every_flipped_record_position() {
 async fn verify_names_the_tampered_projection() {
     // Two data dirs with the same history except one thread's title: their registries
     // differ, their delivery queues (same users, same positions) do not.
-    let mut a = TestServer::spawn();
-    let mut b = TestServer::spawn();
+    let mut a = TestServer::spawn_process();
+    let mut b = TestServer::spawn_process();
     fill(&a, "original").await;
     fill(&b, "forged").await;
     assert!(a.stop().success());
@@ -458,7 +458,7 @@ async fn verify_names_the_tampered_projection() {
 
 #[tokio::test]
 async fn audit_jsonl_is_the_audit_endpoint_and_filters_select() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     fill(&server, "audited").await;
     let auditor_jwt = token("carol", "auditor");
     let auditor = server.api(&auditor_jwt);
@@ -543,7 +543,7 @@ async fn audit_jsonl_is_the_audit_endpoint_and_filters_select() {
 
 #[tokio::test]
 async fn audit_follow_prints_new_events_until_interrupted() {
-    let server = TestServer::spawn();
+    let server = TestServer::spawn_process();
     fill(&server, "followed").await;
     let auditor_jwt = token("carol", "auditor");
     let mut child = command()

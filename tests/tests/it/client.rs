@@ -179,7 +179,7 @@ async fn the_client_replays_goes_live_and_flush_makes_its_acks_durable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_server_killed_mid_stream_and_restarted_loses_and_repeats_nothing() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     let agent = server.api(&token("bot", "agent"));
     let (_, run) = started_run(&agent, "alice").await;
     for k in 0..3 {
@@ -206,7 +206,8 @@ async fn the_server_killed_mid_stream_and_restarted_loses_and_repeats_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_tcp_connections_mid_stream_lose_and_repeat_nothing() {
-    let server = TestServer::spawn();
+    // The real binary, so that the replay runs beside the test, not on its runtime.
+    let server = TestServer::spawn_process();
     let agent = server.api(&token("bot", "agent"));
     let (_, run) = started_run(&agent, "alice").await;
     for k in 0..3 {

@@ -155,7 +155,7 @@ fn audit_count(data: &Path) -> usize {
 
 #[tokio::test]
 async fn a_flipped_byte_in_sleds_file_is_refused_named_and_repaired_without_loss() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     fill(&server).await;
     let before = history(&server).await;
     assert_eq!(before.len() as u64, HEAD);
@@ -204,7 +204,7 @@ async fn a_flipped_byte_in_sleds_file_is_refused_named_and_repaired_without_loss
 
 #[tokio::test]
 async fn a_record_with_no_intact_copy_is_named_and_its_loss_is_only_accepted_explicitly() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     fill(&server).await;
     let before = history(&server).await;
     assert!(server.stop().success());

@@ -53,7 +53,7 @@ async fn tokens_never_reach_the_log_even_at_trace_level() {
 
 #[tokio::test]
 async fn metrics_expose_appends_sockets_frames_lags_and_rejections() {
-    let server = TestServer::spawn();
+    let server = TestServer::spawn_process();
     let user = token("alice", "user");
     let agent = server.api(&token("bot", "agent"));
     let thread = agent.create_thread(json!({"user_id": "alice"})).await;

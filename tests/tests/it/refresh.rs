@@ -93,7 +93,8 @@ async fn a_refresh_may_also_shorten_the_expiry() {
 
 #[tokio::test]
 async fn a_bad_refresh_token_is_an_error_frame_and_the_old_expiry_stands() {
-    let server = TestServer::spawn();
+    // The real binary: its log is checked for tokens.
+    let server = TestServer::spawn_process();
     let exp = now_secs() + 3;
     let mut s = open(&server, &user_token("alice", exp)).await;
     let later = now_secs() + 3600;
@@ -217,7 +218,7 @@ async fn refreshes_interleave_with_a_replay_and_acks_without_a_gap() {
 /// right after the pong loses none of the acks sent before the ping.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pong_comes_only_after_every_earlier_ack_is_durable() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     let agent = server.api(&token("bot", "agent"));
     let (_, run) = started_run(&agent, "alice").await;
     append_thinking(&agent, &run, 0, 300, 0).await; // 1..=303

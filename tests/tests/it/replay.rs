@@ -96,7 +96,7 @@ async fn a_reconnect_without_after_gets_exactly_the_unseen_events_then_live_ones
 
 #[tokio::test]
 async fn acks_survive_a_restart_and_the_reconnect_resumes_after_them() {
-    let server = TestServer::spawn();
+    let server = TestServer::spawn_process();
     let agent = server.api(&token("bot", "agent"));
     let alice = token("alice", "user");
     let (_, run) = started_run(&agent, "alice").await;

@@ -33,7 +33,7 @@ async fn snapshot(server: &TestServer, threads: &[String]) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_acknowledged_survives_a_sigterm_restart() {
-    let server = TestServer::spawn();
+    let server = TestServer::spawn_process();
     let alice = server.api(&token("alice", "user"));
     let agent = server.api(&token("bot", "agent"));
     let a1 = alice
@@ -159,7 +159,7 @@ async fn everything_acknowledged_survives_a_sigterm_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_acknowledged_while_sigterm_arrives_are_kept() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     let alice = server.api(&token("alice", "user"));
     let agent = server.api(&token("bot", "agent"));
     let thread = alice.create_thread(json!({})).await;

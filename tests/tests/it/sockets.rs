@@ -334,7 +334,7 @@ async fn every_socket_of_a_user_gets_every_event_and_the_limit_answers_4029() {
 
 #[tokio::test]
 async fn graceful_shutdown_closes_open_sockets_with_1001() {
-    let mut server = TestServer::spawn();
+    let mut server = TestServer::spawn_process();
     let agent = server.api(&token("bot", "agent"));
     started_run(&agent, "alice").await;
     let mut sockets = Vec::new();

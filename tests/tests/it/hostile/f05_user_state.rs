@@ -147,7 +147,7 @@ async fn f5_per_user_quotas_and_request_rates_are_enforced() {
 // Finding 5: metadata is not held in memory but still served, from the log.
 #[tokio::test]
 async fn f5_thread_metadata_is_served_from_the_log() {
-    let server = TestServer::spawn();
+    let server = TestServer::spawn_process();
     let alice = server.api(&token("alice", "user"));
     let metadata = json!({"k": "v".repeat(16 * 1024 - 100), "n": 1});
     let thread = alice

@@ -1,14 +1,12 @@
 //! `threadline`: the one binary. Parses arguments and hands each subcommand to
 //! its module; everything is wired here and nowhere else.
 
-use std::net::SocketAddr;
+mod serve;
+mod tools;
+
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use threadline_api::config::{DataArgs, KeyArgs, LimitArgs};
-use threadline_api::server::{self, ServeConfig};
-use threadline_api::tools;
 
 /// Threadline: an event-sourced router that delivers AI agents' run events to
 /// the right user's sockets, durably and in order.
@@ -22,7 +20,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the HTTP + WebSocket server on the data directory (created if missing).
-    Serve(ServeArgs),
+    Serve(serve::ServeArgs),
     /// Print a JWT signed with the configured key (or the data dir's generated secret).
     Token(tools::token::TokenArgs),
     /// Rebuild the projections from the log and swap them in atomically.
@@ -35,27 +33,6 @@ enum Cmd {
     Migrate(tools::maintenance::MigrateArgs),
     /// Rebuild a damaged event log from the intact copies of its records.
     Repair(tools::maintenance::RepairArgs),
-}
-
-#[derive(Debug, clap::Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    data: DataArgs,
-    #[command(flatten)]
-    keys: KeyArgs,
-    /// Address to listen on.
-    #[arg(
-        long,
-        env = "THREADLINE_LISTEN",
-        default_value = "127.0.0.1:7070",
-        value_name = "ADDR"
-    )]
-    listen: SocketAddr,
-    /// A run idle this long is expired (e.g. `24h`, `30m`, `2s`).
-    #[arg(long, env = "THREADLINE_RUN_TTL", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
-    run_ttl: Duration,
-    #[command(flatten)]
-    limits: LimitArgs,
 }
 
 /// Logs go to stderr; by default `serve` logs at info and the tools only warnings, so a
@@ -86,15 +63,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| {
-                rt.block_on(server::run(ServeConfig {
-                    data: a.data.data,
-                    listen: a.listen,
-                    keys: a.keys,
-                    run_ttl: a.run_ttl,
-                    limits: a.limits,
-                }))
-            })
+            .and_then(|rt| rt.block_on(serve::run(a)))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Token(a) => tools::token::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Rebuild(a) => tools::rebuild::run(a),

@@ -9,8 +9,8 @@ use anyhow::anyhow;
 use threadline_storage::maintenance::{self, RepairError};
 use threadline_storage::StorageError;
 
-use crate::config::DataArgs;
-use crate::server::log_dir;
+use crate::tools::log_dir;
+use threadline_api::config::DataArgs;
 
 /// Rewrites a format-1 event log (written by Threadline 0.1) in the current format.
 #[derive(Debug, clap::Args)]

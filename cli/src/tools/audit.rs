@@ -16,9 +16,9 @@ use threadline_engine::{RunId, ThreadId, UserId};
 use threadline_projections::Projector;
 use threadline_storage::{salvage, EventLog, StorageError};
 
-use crate::app::{audit_page, AuditQuery};
-use crate::config::DataArgs;
-use crate::wire;
+use threadline_api::audit::{audit_page, AuditQuery};
+use threadline_api::config::DataArgs;
+use threadline_api::wire;
 
 /// Events asked for per page (the audit endpoint's largest page).
 const PAGE: u64 = 1000;
@@ -161,7 +161,7 @@ async fn offline(args: &AuditArgs, printer: &mut Printer) -> anyhow::Result<()> 
             eprintln!(
                 "threadline: {report}; reading the intact stored copies directly (`threadline repair` rebuilds the log)"
             );
-            let scan = salvage::scan(&crate::server::log_dir(data), true)
+            let scan = salvage::scan(&crate::tools::log_dir(data), true)
                 .context("scanning the stored copies")?;
             let log = salvage::SalvagedLog::new(scan);
             offline_from(super::Tolerant::new(log), args, printer).await

@@ -8,7 +8,7 @@ use anyhow::Context;
 use threadline_projections::{load_checkpoint, rebuild, store_checkpoint, ReadModel};
 use threadline_storage::{EventLog, SledLog};
 
-use crate::config::DataArgs;
+use threadline_api::config::DataArgs;
 
 /// The projections the read model holds.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ pub mod token;
 pub mod verify;
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::anyhow;
@@ -17,6 +17,11 @@ use threadline_storage::{
     Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record, SledLog,
     SledOptions, StorageError,
 };
+
+/// Where the event log of a data directory lives.
+pub fn log_dir(data: &Path) -> PathBuf {
+    data.join("log")
+}
 
 /// Opens the event log of the data dir `data` for a tool. Never creates
 /// anything; a dir held by a server is one clear line, ending in `held_hint`.
@@ -28,7 +33,7 @@ pub(crate) fn open_log(
     held_hint: &str,
     tolerate_damage: bool,
 ) -> anyhow::Result<SledLog> {
-    let dir = crate::server::log_dir(data);
+    let dir = log_dir(data);
     let options = SledOptions {
         create: false,
         tolerate_damage,
@@ -46,12 +51,12 @@ pub(crate) fn open_log_raw(data: &Path, tolerate_damage: bool) -> Result<SledLog
         lazy_indexes: true,
         ..SledOptions::default()
     };
-    SledLog::open(crate::server::log_dir(data), options)
+    SledLog::open(log_dir(data), options)
 }
 
 /// One operator-facing explanation per way opening a data dir's log can fail.
 pub fn explain_open_error(data: &Path, e: StorageError, held_hint: &str) -> anyhow::Error {
-    let dir = crate::server::log_dir(data);
+    let dir = log_dir(data);
     let d = data.display();
     match e {
         StorageError::NotFound(_) if !data.exists() => anyhow!("data dir {d} does not exist"),

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use threadline_engine::Role;
 
-use crate::auth::Signer;
-use crate::config::{DataArgs, KeyArgs};
+use threadline_api::auth::Signer;
+use threadline_api::config::{DataArgs, KeyArgs};
 
 #[derive(Debug, clap::Args)]
 pub struct TokenArgs {

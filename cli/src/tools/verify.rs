@@ -10,7 +10,7 @@ use anyhow::Context;
 use threadline_projections::{load_checkpoint, ReadModel};
 use threadline_storage::{evidence, salvage, EventLog, Position, Record, StorageError, LOG_STREAM};
 
-use crate::config::DataArgs;
+use threadline_api::config::DataArgs;
 
 /// Records read per page.
 const PAGE: u64 = 1000;
@@ -109,7 +109,7 @@ fn scan_copies(
     quiet: bool,
     report: &mut Report,
 ) -> anyhow::Result<(bool, Position)> {
-    let dir = crate::server::log_dir(data);
+    let dir = crate::tools::log_dir(data);
     if !dir.join("conf").exists() {
         // Let the open name what is wrong with the dir.
         super::open_log(data, "", true)?;
