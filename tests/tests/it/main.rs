@@ -17,4 +17,5 @@ mod restart;
 mod slow_reader;
 mod smoke;
 mod sockets;
+mod tail;
 mod tidy;
