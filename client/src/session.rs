@@ -331,12 +331,13 @@ impl Task {
             Some(Ok(Err(e))) => return connect_error(e),
             Some(Ok(Ok((ws, _)))) => ws,
         };
+        let cursor = after.is_none();
         let asked = after.and_then(|a| a.parse().ok());
-        self.session(ws, asked).await
+        self.session(ws, asked, cursor).await
     }
 
     /// Waits for `welcome`, checks it, then serves the connection.
-    async fn session(&mut self, mut ws: Ws, asked: Option<u64>) -> Outcome {
+    async fn session(&mut self, mut ws: Ws, asked: Option<u64>, cursor: bool) -> Outcome {
         let deadline = Instant::now() + self.config.connect_timeout;
         let mut held = None;
         let welcome = loop {
@@ -380,7 +381,7 @@ impl Task {
                 self.last_version = Some(0);
             }
         }
-        if asked.is_none() {
+        if cursor {
             // Resumed after the durable cursor: that much is acknowledged already.
             self.durable = self.durable.max(resumed_after);
         }
