@@ -1034,3 +1034,66 @@ impl Relay {
         format!("ws://{}", self.addr)
     }
 }
+
+impl TestServer {
+    /// A `threadline-client` on this server for `token` (client id `test`, quick
+    /// reconnects), as `configure` adjusts it: how tests read the ordinary replay/live path.
+    pub fn client(
+        &self,
+        token: &str,
+        configure: impl FnOnce(threadline_client::Config) -> threadline_client::Config,
+    ) -> threadline_client::Client {
+        let config = threadline_client::Config::new(
+            format!("ws://{}", self.addr),
+            threadline_client::TokenSource::fixed(token),
+        )
+        .client_id("test")
+        .backoff(threadline_client::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            factor: 2.0,
+        });
+        threadline_client::Client::connect(configure(config))
+    }
+}
+
+/// The next update of `client` within [`DEADLINE`]; an error update fails (the ordinary
+/// path has none).
+async fn next_update(client: &mut threadline_client::Client) -> Result<threadline_client::Update> {
+    use threadline_client::Update;
+    match tokio::time::timeout(DEADLINE, client.next()).await {
+        Err(_) => bail!("no update before the deadline"),
+        Ok(None) => bail!("the client stopped"),
+        Ok(Some(Update::Error(e))) => bail!("client error: {e}"),
+        Ok(Some(u)) => Ok(u),
+    }
+}
+
+/// Reads `client` until `n` more events arrived; returns them (each in order, checked
+/// by the client).
+pub async fn client_events(
+    client: &mut threadline_client::Client,
+    n: usize,
+) -> Result<Vec<threadline_client::Event>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        if let threadline_client::Update::Event(e) = next_update(client).await? {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `client` until its next `caught_up`; returns the events before it and its `user_seq`.
+pub async fn client_caught_up(
+    client: &mut threadline_client::Client,
+) -> Result<(Vec<threadline_client::Event>, u64)> {
+    let mut out = Vec::new();
+    loop {
+        match next_update(client).await? {
+            threadline_client::Update::Event(e) => out.push(e),
+            threadline_client::Update::CaughtUp { user_seq } => return Ok((out, user_seq)),
+            _ => {}
+        }
+    }
+}
