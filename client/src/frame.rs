@@ -1,7 +1,7 @@
 //! The socket's frames as this client reads them (docs/PROTOCOL.md): the server's
 //! messages, and events with typed payloads for the three system and six agent types.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 /// The `data` object of an agent event: free-form JSON, as the agent sent it.
@@ -142,6 +142,38 @@ impl Payload {
 }
 
 impl Event {
+    /// The event as one line of JSON in the frame's own field order
+    /// (`{"type":"event","user_seq":…}`).
+    pub fn to_frame_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Frame<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            user_seq: u64,
+            position: u64,
+            thread_id: &'a str,
+            thread_version: u64,
+            run_id: Option<&'a str>,
+            event: &'a str,
+            data: Value,
+            event_id: &'a str,
+            recorded_at: &'a str,
+        }
+        let frame = Frame {
+            kind: "event",
+            user_seq: self.user_seq,
+            position: self.position,
+            thread_id: &self.thread_id,
+            thread_version: self.thread_version,
+            run_id: self.run_id.as_deref(),
+            event: self.payload.event_type(),
+            data: self.payload.data(),
+            event_id: &self.event_id,
+            recorded_at: &self.recorded_at,
+        };
+        serde_json::to_string(&frame).unwrap_or_default()
+    }
+
     /// The event as the socket frame it came in (`{"type":"event","user_seq":…}`).
     pub fn to_frame(&self) -> Value {
         json!({
@@ -235,6 +267,9 @@ mod tests {
         let e = Event::from(e);
         assert_eq!(e.payload.tool_call_id(), Some("c1"));
         assert_eq!(e.to_frame(), frame);
+        let line = e.to_frame_json();
+        assert!(line.starts_with(r#"{"type":"event","user_seq":42,"#), "{line}");
+        assert_eq!(serde_json::from_str::<Value>(&line).unwrap(), frame);
     }
 
     #[test]

@@ -135,7 +135,7 @@ async fn follow(config: Config, format: Format) -> anyhow::Result<ExitCode> {
             None => break ExitCode::FAILURE,
             Some(Update::Event(e)) => {
                 let line = match format {
-                    Format::Jsonl => e.to_frame().to_string(),
+                    Format::Jsonl => e.to_frame_json(),
                     Format::Pretty => pretty(&e),
                 };
                 if writeln!(stdout, "{line}")
