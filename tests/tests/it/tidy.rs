@@ -94,6 +94,18 @@ fn dependency_direction_holds() {
     );
     // The API reaches storage only through the log trait: no sled.
     forbidden("api", &["sled"]);
+    // The socket client knows only the wire contract.
+    forbidden(
+        "client",
+        &[
+            "axum",
+            "sled",
+            "threadline-storage",
+            "threadline-engine",
+            "threadline-projections",
+            "threadline-api",
+        ],
+    );
 }
 
 #[test]
@@ -114,7 +126,7 @@ fn only_storage_names_sled_in_product_code() {
 
 #[test]
 fn every_module_says_what_it_is_for() {
-    for krate in ["storage", "engine", "projections", "api", "tests"] {
+    for krate in ["storage", "engine", "projections", "api", "client", "tests"] {
         let mut files = Vec::new();
         rust_files(&root().join(krate).join("src"), &mut files);
         for file in files {
@@ -149,7 +161,7 @@ fn every_route_is_in_the_openapi_table() {
 #[test]
 fn no_test_is_ignored() {
     let mut files = Vec::new();
-    for krate in ["storage", "engine", "projections", "api", "tests"] {
+    for krate in ["storage", "engine", "projections", "api", "client", "tests"] {
         rust_files(&root().join(krate), &mut files);
     }
     let marker = ["#[", "ignore]"].concat();
