@@ -327,7 +327,7 @@ impl<L: Log> Session<L> {
         let expires_in = expires_at_ms.saturating_sub(now_ms());
         let expiry = tokio::time::sleep(Duration::from_millis(expires_in));
         tokio::pin!(expiry);
-        let mut projected = app.projector().watch();
+        let mut projected = app.projector().watch_user(&user);
         let mut shutdown = app.shutdown_signal();
         let mut progress = Progress {
             resumed_after: resume_after,
@@ -372,7 +372,12 @@ impl<L: Log> Session<L> {
                 .await?;
             }
             tokio::select! {
-                changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
+                changed = projected.changed() => {
+                    if changed.is_err() { return Err(shutting_down()) }
+                    if let Some(e) = app.projector().fault() {
+                        return Err(internal(e.to_string()));
+                    }
+                },
                 incoming = self.socket.recv() => {
                     if !self.on_incoming(incoming, &principal, &params, &mut progress).await? {
                         return Ok(());

@@ -5,11 +5,12 @@
 //! short read lock) or waits on [`Projector::wait_for`] for a position to be
 //! folded; nobody folds inline on a request's behalf.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use threadline_engine::UserId;
 use threadline_storage::{Checkpoints, EventLog, Position, Record};
 use tokio::sync::watch;
 
@@ -52,7 +53,18 @@ pub struct Projector<L> {
     /// Serialises folds so two threads never fold the same records.
     folding: Mutex<()>,
     recent: RwLock<Recent>,
+    /// Per-user wake-ups: a socket waits on its own user's queue, so a fold
+    /// wakes only the sockets it has news for (never every socket).
+    users: Mutex<UserWatches>,
     last_checkpoint: Mutex<(Position, Instant)>,
+}
+
+/// The users someone waits on, each with the user's queue head.
+#[derive(Debug, Default)]
+struct UserWatches {
+    senders: HashMap<UserId, watch::Sender<u64>>,
+    /// Drop senders nobody listens to once the map reaches this size.
+    sweep_at: usize,
 }
 
 /// The newest folded records, by position (dense, so a lookup is an index).
@@ -141,6 +153,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             fault: Mutex::new(None),
             folding: Mutex::new(()),
             recent: RwLock::new(Recent::default()),
+            users: Mutex::new(UserWatches::default()),
             last_checkpoint: Mutex::new((start, Instant::now())),
         };
         projector.catch_up()?;
@@ -167,6 +180,25 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         f(&self.model.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// A receiver that sees `user`'s queue head (last `user_seq`) move.
+    pub fn watch_user(&self, user: &UserId) -> watch::Receiver<u64> {
+        let head = self.read(|m| m.delivery().user_head(user));
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = match users.senders.get(user) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(head);
+                users.senders.insert(user.clone(), sender);
+                receiver
+            }
+        };
+        if users.senders.len() >= users.sweep_at {
+            users.senders.retain(|_, s| s.receiver_count() > 0);
+            users.sweep_at = (users.senders.len() * 2).max(1024);
+        }
+        receiver
+    }
+
     /// The records at `positions` if every one is still held in memory.
     pub fn recent(&self, positions: &[Position]) -> Option<Vec<Arc<Record>>> {
         let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
@@ -182,8 +214,17 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             // Wake every waiter, so it sees the fault instead of waiting forever.
             self.projected.send_modify(|_| {});
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            for sender in users.senders.values() {
+                sender.send_modify(|_| {});
+            }
         }
         result
+    }
+
+    /// The fold has failed: nothing more will be projected.
+    pub fn fault(&self) -> Option<ProjectionError> {
+        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn fold(&self) -> Result<Position, ProjectionError> {
@@ -193,12 +234,20 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             let Some(last) = page.last().map(|r| r.position) else {
                 return Ok(self.position());
             };
-            {
+            let mut touched = HashSet::new();
+            let heads: Vec<(UserId, u64)> = {
                 let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
                 for record in &page {
-                    model.apply(record)?;
+                    touched.extend(model.apply(record)?);
                 }
-            }
+                touched
+                    .into_iter()
+                    .map(|u| {
+                        let head = model.delivery().user_head(&u);
+                        (u, head)
+                    })
+                    .collect()
+            };
             {
                 let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
                 for record in page {
@@ -206,6 +255,12 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                 }
             }
             self.projected.send_replace(last);
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            for (user, head) in heads {
+                if let Some(sender) = users.senders.get(&user) {
+                    sender.send_replace(head);
+                }
+            }
         }
     }
 
