@@ -22,7 +22,7 @@ use crate::wire;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The whole API as a router over any log (tests drive it over `MemoryLog`).
+/// The whole API as a router over any log (tests drive it over the in-memory one).
 pub fn router<L: Log>(state: AppState<L>) -> Router {
     Router::new()
         .route(
