@@ -1024,6 +1024,10 @@ impl EventLog for SledLog {
         self.shut()
     }
 
+    fn accepting(&self) -> bool {
+        !self.shared.failed.load(Ordering::Acquire)
+    }
+
     fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
         let (reply, pending) = PendingAppend::channel();
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());

@@ -3,6 +3,7 @@
 mod auth;
 mod bad_input;
 mod cli;
+mod faults;
 mod handover;
 mod hostile;
 mod integrity;
