@@ -85,6 +85,11 @@ impl AppError {
             AppError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Overloaded | AppError::Contended => (S::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
+            // The log could not make the write durable (a failed fsync, a full disk) and
+            // stopped: nothing was acknowledged; the server needs its operator.
+            AppError::Storage(StorageError::Io(_) | StorageError::Closed) => {
+                (S::SERVICE_UNAVAILABLE, "storage_unavailable")
+            }
             AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_) => {
                 (S::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -193,6 +198,11 @@ impl IntoResponse for AppError {
         let (status, code) = self.status_and_code();
         metrics::counter!("threadline_rejected_requests_total", "code" => code).increment(1);
         let message = match (&self, self.index()) {
+            (AppError::Storage(StorageError::Io(_) | StorageError::Closed), _) => {
+                tracing::error!(error = %Chain(&self), "storage unavailable");
+                "the event log cannot make writes durable; nothing was appended. See the server log"
+                    .to_owned()
+            }
             (AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_), _) => {
                 // `{:#}`-style: the whole chain of sources, for the operator only.
                 tracing::error!(error = %Chain(&self), "internal error");

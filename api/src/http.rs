@@ -22,7 +22,7 @@ use crate::wire;
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The whole API as a router over any log (tests drive it over `MemoryLog`).
+/// The whole API as a router over any log (tests drive it over the in-memory one).
 pub fn router<L: Log>(state: AppState<L>) -> Router {
     Router::new()
         .route(
@@ -160,10 +160,17 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// The server listens only after the startup catch-up, so once it answers it is
-/// ready; the lag is reported for operators (it is brief and normal under load).
-async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Json<serde_json::Value> {
+/// ready, unless its log has stopped accepting writes (a failed commit): then 503.
+/// The lag is reported for operators (it is brief and normal under load).
+async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
     let (projected, head) = (app.projector().position(), app.projector().log().head());
+    if !app.projector().log().accepting() {
+        let body = serde_json::json!({"ready": false, "projected": projected.0, "head": head.0,
+            "reason": "the event log stopped accepting writes after a failed commit"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
     Json(serde_json::json!({"ready": true, "projected": projected.0, "head": head.0}))
+        .into_response()
 }
 
 /// A span per request with method and path; never the query string, which

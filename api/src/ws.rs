@@ -321,7 +321,7 @@ impl<L: Log> Session<L> {
 
         let expiry = tokio::time::sleep(self.expires_in(&principal));
         tokio::pin!(expiry);
-        let mut projected = app.projector().watch();
+        let mut projected = app.projector().watch_user(&user);
         let mut shutdown = app.shutdown_signal();
         let mut progress = Progress {
             resumed_after: resume_after,
@@ -371,7 +371,12 @@ impl<L: Log> Session<L> {
                 .await?;
             }
             tokio::select! {
-                changed = projected.changed() => if changed.is_err() { return Err(shutting_down()) },
+                changed = projected.changed() => {
+                    if changed.is_err() { return Err(shutting_down()) }
+                    if let Some(e) = app.projector().fault() {
+                        return Err(internal(e.to_string()));
+                    }
+                },
                 incoming = self.socket.recv() => {
                     let expires_at = principal.expires_at;
                     if !self.on_incoming(incoming, &mut principal, &params, &mut progress).await? {

@@ -57,9 +57,14 @@ struct Args {
     /// Connected users in scenario 3 [default: 1000, quick 100].
     #[arg(long)]
     live_users: Option<usize>,
-    /// Target append rate of scenario 3, events/s in total.
-    #[arg(long, default_value_t = 20_000.0)]
-    live_rate: f64,
+    /// Target append rate of scenario 3, events/s in total [default: half of
+    /// Threadline's scenario-2 rate when scenario 2 ran, else 20000].
+    #[arg(long)]
+    live_rate: Option<f64>,
+    /// Another `threadline` binary (e.g. a build of the previous commit) run through
+    /// scenario 3 beside the first, for before/after rows from one run.
+    #[arg(long)]
+    baseline_bin: Option<PathBuf>,
     /// Events per append request in scenario 3 (1 = single-event calls).
     #[arg(long, default_value_t = 16)]
     live_batch: usize,
@@ -214,6 +219,7 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         redis.ready(Duration::from_secs(30)).await?;
         let http = tl::Http::new(server.base())?;
 
+        let mut batch_max: Option<f64> = None;
         if has(1) || has(2) {
             let users: Vec<String> = (0..a.agents).map(|i| format!("ingest-user-{i}")).collect();
             let setup_agent = tl::token(SECRET, "ingest-setup", "agent");
@@ -238,6 +244,9 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 eprintln!("scenario {name}: redis…");
                 let r = sc::redis_ingest(redis.port, count, batch, a.payload, ingest_secs).await?;
                 row(&name, "events/s (acknowledged durable)", Some(t.rate), Some(r.rate), 0);
+                if n == 2 {
+                    batch_max = Some(t.rate);
+                }
                 let per = if batch == 1 { "request" } else { "batch" };
                 row(&name, &format!("p50 latency per {per}, ms"), Some(t.lat.p50), Some(r.lat.p50), 2);
                 row(&name, &format!("p99 latency per {per}, ms"), Some(t.lat.p99), Some(r.lat.p99), 2);
@@ -245,27 +254,46 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         }
 
         if has(3) {
-            let name = format!(
-                "3 append→socket ({live_users} users, batches of {})",
-                a.live_batch
-            );
-            let fa = sc::FanoutArgs {
-                users: live_users,
-                appenders: a.live_appenders,
-                batch: a.live_batch,
-                rate: a.live_rate,
-                secs: live_secs,
-                payload: a.payload,
+            let paced = a.live_rate.or(batch_max.map(|m| (m / 2.0).round())).unwrap_or(20_000.0);
+            let baseline = match &a.baseline_bin {
+                Some(b) => Some(Threadline::start(&std::fs::canonicalize(b)?, &work.join("tl-baseline"), SECRET)?),
+                None => None,
             };
-            eprintln!("scenario {name}: threadline…");
-            let t = sc::tl_fanout(&server, &http, SECRET, &fa).await?;
-            eprintln!("scenario {name}: redis (XREAD BLOCK per user)…");
-            let r = sc::redis_fanout(redis.port, &fa).await?;
-            row(&name, &format!("achieved append rate, events/s (target {:.0})", t.target_rate), Some(t.achieved_rate), Some(r.achieved_rate), 0);
-            row(&name, "frames received / appended", Some(t.received as f64 / t.appended.max(1) as f64), Some(r.received as f64 / r.appended.max(1) as f64), 4);
-            row(&name, "p50 append→frame, ms", Some(t.lat.p50), Some(r.lat.p50), 2);
-            row(&name, "p99 append→frame, ms", Some(t.lat.p99), Some(r.lat.p99), 2);
-            row(&name, "max append→frame, ms", Some(t.lat.max), Some(r.lat.max), 2);
+            // 3: half the maximum ingest over many sockets; 3b: a light, steady load.
+            let runs = [
+                ("3", live_users, a.live_batch, paced),
+                ("3b", live_users.min(200), 1, 1000.0),
+            ];
+            for (tag, users, batch, rate) in runs {
+                let name = format!("{tag} append→socket ({users} users, {rate:.0} events/s, batches of {batch})");
+                let fa = sc::FanoutArgs {
+                    tag: tag.to_owned(),
+                    users,
+                    appenders: a.live_appenders,
+                    batch,
+                    rate,
+                    secs: live_secs,
+                    payload: a.payload,
+                };
+                eprintln!("scenario {name}: threadline…");
+                let t = sc::tl_fanout(&server, &http, SECRET, &fa).await?;
+                eprintln!("scenario {name}: redis (XREAD BLOCK per user)…");
+                let r = sc::redis_fanout(redis.port, &fa).await?;
+                row(&name, "achieved append rate, events/s", Some(t.achieved_rate), Some(r.achieved_rate), 0);
+                row(&name, "frames received / appended", Some(t.received as f64 / t.appended.max(1) as f64), Some(r.received as f64 / r.appended.max(1) as f64), 4);
+                row(&name, "p50 append→frame, ms", Some(t.lat.p50), Some(r.lat.p50), 2);
+                row(&name, "p99 append→frame, ms", Some(t.lat.p99), Some(r.lat.p99), 2);
+                row(&name, "max append→frame, ms", Some(t.lat.max), Some(r.lat.max), 2);
+                if let Some(base) = &baseline {
+                    eprintln!("scenario {name}: baseline threadline…");
+                    let bhttp = tl::Http::new(base.base())?;
+                    let b = sc::tl_fanout(base, &bhttp, SECRET, &fa).await?;
+                    row(&name, "baseline build: p50 append→frame, ms", Some(b.lat.p50), Some(r.lat.p50), 2);
+                    row(&name, "baseline build: p99 append→frame, ms", Some(b.lat.p99), Some(r.lat.p99), 2);
+                    row(&name, "baseline build: achieved rate, events/s", Some(b.achieved_rate), Some(r.achieved_rate), 0);
+                }
+            }
+            drop(baseline);
         }
 
         if has(5) {

@@ -164,7 +164,6 @@ pub async fn redis_ingest(
 /// Outcome of the append→delivery run.
 #[derive(Debug, Clone, Copy)]
 pub struct Fanout {
-    pub target_rate: f64,
     pub achieved_rate: f64,
     pub appended: u64,
     pub received: u64,
@@ -241,6 +240,8 @@ fn record(h: &mut Histogram<u64>, got: &mut u64, sent_at: Option<u64>) {
 }
 
 pub struct FanoutArgs {
+    /// Names this run's users and keys, so runs on one server never share them.
+    pub tag: String,
     pub users: usize,
     pub appenders: usize,
     pub batch: usize,
@@ -256,7 +257,7 @@ pub async fn tl_fanout(
     a: &FanoutArgs,
 ) -> Result<Fanout> {
     let agent = tl::token(secret, "live-agent", "agent");
-    let users: Vec<String> = (0..a.users).map(|i| format!("live-user-{i}")).collect();
+    let users: Vec<String> = (0..a.users).map(|i| format!("live-{}-user-{i}", a.tag)).collect();
     let runs = Arc::new(http.started_runs(&agent, &users).await?);
     let addr = server.addr;
     let sockets = stream::iter(users.iter().cloned())
@@ -336,7 +337,6 @@ async fn fanout_result(
         hists.push(h);
     }
     Ok(Fanout {
-        target_rate: a.rate,
         achieved_rate: appended as f64 / spent.as_secs_f64(),
         appended,
         received,
@@ -352,8 +352,8 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
     for i in 0..a.users {
         let mut conn = Conn::connect(port).await?;
         let (acked, done) = (acked.clone(), done.clone());
+        let key = format!("live:{}:{i}", a.tag);
         readers.push(tokio::spawn(async move {
-            let key = format!("live:{i}");
             let mut last = b"0-0".to_vec();
             let (mut h, mut got) = (hist(), 0u64);
             while !reader_done(i, got, &acked, &done, hard) {
@@ -376,14 +376,14 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
         conns.push(Arc::new(tokio::sync::Mutex::new(Conn::connect(port).await?)));
     }
     let conns = Arc::new(conns);
-    let (n, batch, payload) = (a.users, a.batch, a.payload);
+    let (n, batch, payload, tag) = (a.users, a.batch, a.payload, a.tag.clone());
     let send = move |k: usize, first: usize, t: u64| {
-        let conns = conns.clone();
+        let (conns, tag) = (conns.clone(), tag.clone());
         async move {
             let mut conn = conns[k].lock().await;
             let mut buf = Vec::new();
             for j in 0..batch {
-                let key = format!("live:{}", (first + j) % n);
+                let key = format!("live:{tag}:{}", (first + j) % n);
                 let data = tl::payload(payload, t);
                 resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
             }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use threadline_engine::{Event, EventMeta, Registry};
+use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
 use crate::{decode_event, Delivery, ProjectionError};
@@ -82,7 +82,8 @@ impl ReadModel {
 
     /// Folds the next record in. Records must come in order, each once:
     /// anything else is refused, so replay can never apply an event twice.
-    pub fn apply(&mut self, record: &Record) -> Result<(), ProjectionError> {
+    /// Returns the user whose delivery queue grew, if one did.
+    pub fn apply(&mut self, record: &Record) -> Result<Option<UserId>, ProjectionError> {
         if record.position != self.position.next() {
             return Err(ProjectionError::OutOfOrder {
                 at: self.position,
@@ -95,39 +96,45 @@ impl ReadModel {
         {
             // The log's own records (an accepted loss) change no projection.
             self.position = record.position;
-            return Ok(());
+            return Ok(None);
         }
         let event = decode_event(&record.payload).map_err(|reason| ProjectionError::Decode {
             position: record.position,
             reason,
         })?;
-        self.apply_event(&event, record.position, record.recorded_at_ms);
-        Ok(())
+        Ok(self.apply_event(&event, record.position, record.recorded_at_ms))
     }
 
-    fn apply_event(&mut self, event: &Event, position: Position, recorded_at_ms: u64) {
+    fn apply_event(
+        &mut self,
+        event: &Event,
+        position: Position,
+        recorded_at_ms: u64,
+    ) -> Option<UserId> {
         let meta = EventMeta {
             position: position.0,
             recorded_at_ms,
         };
         self.registry.apply(event, &meta);
+        self.position = position;
         match event {
             Event::CursorAdvanced {
                 user_id,
                 client_id,
                 user_seq,
-            } => self.delivery.advance(user_id, client_id, *user_seq),
+            } => {
+                self.delivery.advance(user_id, client_id, *user_seq);
+                None
+            }
             other => {
                 let owner = other
                     .thread_id()
                     .and_then(|t| self.registry.owner_of(t))
-                    .cloned();
-                if let Some(owner) = owner {
-                    self.delivery.enqueue(&owner, position);
-                }
+                    .cloned()?;
+                self.delivery.enqueue(&owner, position);
+                Some(owner)
             }
         }
-        self.position = position;
     }
 
     pub fn digests(&self) -> Digests {

@@ -5,11 +5,12 @@
 //! short read lock) or waits on [`Projector::wait_for`] for a position to be
 //! folded; nobody folds inline on a request's behalf.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use threadline_engine::UserId;
 use threadline_storage::{Checkpoints, EventLog, Position, Record};
 use tokio::sync::watch;
 
@@ -52,7 +53,18 @@ pub struct Projector<L> {
     /// Serialises folds so two threads never fold the same records.
     folding: Mutex<()>,
     recent: RwLock<Recent>,
+    /// Per-user wake-ups: a socket waits on its own user's queue, so a fold
+    /// wakes only the sockets it has news for (never every socket).
+    users: Mutex<UserWatches>,
     last_checkpoint: Mutex<(Position, Instant)>,
+}
+
+/// The users someone waits on, each with the user's queue head.
+#[derive(Debug, Default)]
+struct UserWatches {
+    senders: HashMap<UserId, watch::Sender<u64>>,
+    /// Drop senders nobody listens to once the map reaches this size.
+    sweep_at: usize,
 }
 
 /// The newest folded records, by position (dense, so a lookup is an index).
@@ -141,6 +153,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             fault: Mutex::new(None),
             folding: Mutex::new(()),
             recent: RwLock::new(Recent::default()),
+            users: Mutex::new(UserWatches::default()),
             last_checkpoint: Mutex::new((start, Instant::now())),
         };
         projector.catch_up()?;
@@ -167,6 +180,25 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         f(&self.model.read().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// A receiver that sees `user`'s queue head (last `user_seq`) move.
+    pub fn watch_user(&self, user: &UserId) -> watch::Receiver<u64> {
+        let head = self.read(|m| m.delivery().user_head(user));
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        let receiver = match users.senders.get(user) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(head);
+                users.senders.insert(user.clone(), sender);
+                receiver
+            }
+        };
+        if users.senders.len() >= users.sweep_at {
+            users.senders.retain(|_, s| s.receiver_count() > 0);
+            users.sweep_at = (users.senders.len() * 2).max(1024);
+        }
+        receiver
+    }
+
     /// The records at `positions` if every one is still held in memory.
     pub fn recent(&self, positions: &[Position]) -> Option<Vec<Arc<Record>>> {
         let recent = self.recent.read().unwrap_or_else(|p| p.into_inner());
@@ -182,8 +214,17 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
             // Wake every waiter, so it sees the fault instead of waiting forever.
             self.projected.send_modify(|_| {});
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            for sender in users.senders.values() {
+                sender.send_modify(|_| {});
+            }
         }
         result
+    }
+
+    /// The fold has failed: nothing more will be projected.
+    pub fn fault(&self) -> Option<ProjectionError> {
+        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn fold(&self) -> Result<Position, ProjectionError> {
@@ -193,12 +234,20 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             let Some(last) = page.last().map(|r| r.position) else {
                 return Ok(self.position());
             };
-            {
+            let mut touched = HashSet::new();
+            let heads: Vec<(UserId, u64)> = {
                 let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
                 for record in &page {
-                    model.apply(record)?;
+                    touched.extend(model.apply(record)?);
                 }
-            }
+                touched
+                    .into_iter()
+                    .map(|u| {
+                        let head = model.delivery().user_head(&u);
+                        (u, head)
+                    })
+                    .collect()
+            };
             {
                 let mut recent = self.recent.write().unwrap_or_else(|p| p.into_inner());
                 for record in page {
@@ -206,6 +255,12 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                 }
             }
             self.projected.send_replace(last);
+            let users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+            for (user, head) in heads {
+                if let Some(sender) = users.senders.get(&user) {
+                    sender.send_replace(head);
+                }
+            }
         }
     }
 
@@ -227,28 +282,29 @@ impl<L: EventLog + Checkpoints> Projector<L> {
 
     /// Stores the current model as the checkpoint.
     pub fn checkpoint(&self) -> Result<Position, ProjectionError> {
-        let (bytes, position) = self.read(|m| (m.to_checkpoint(), m.position()));
-        self.log.store_checkpoint(CHECKPOINT_NAME, &bytes)?;
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = (position, Instant::now());
-        Ok(position)
+        let copy = self.read(ReadModel::clone);
+        self.store(&copy)
     }
 
-    /// Checkpoints when the policy says it is due (bounds both replay on restart and write cost).
-    pub fn maybe_checkpoint(&self, policy: CheckpointPolicy) -> Result<bool, ProjectionError> {
+    /// Whether the policy says a checkpoint is due (bounds both replay on restart and write cost).
+    fn checkpoint_due(&self, policy: CheckpointPolicy) -> bool {
         let (at, when) = *self
             .last_checkpoint
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if self.position().0.saturating_sub(at.0) >= policy.min_events
+        self.position().0.saturating_sub(at.0) >= policy.min_events
             && when.elapsed() >= policy.min_interval
-        {
-            self.checkpoint()?;
-            return Ok(true);
-        }
-        Ok(false)
+    }
+
+    /// Encodes and stores `model` as the checkpoint.
+    fn store(&self, model: &ReadModel) -> Result<Position, ProjectionError> {
+        self.log
+            .store_checkpoint(CHECKPOINT_NAME, &model.to_checkpoint())?;
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (model.position(), Instant::now());
+        Ok(model.position())
     }
 }
 
@@ -256,11 +312,25 @@ impl<L: EventLog + Checkpoints> Projector<L> {
     /// Starts the fold thread: it folds each durable group as the log's head
     /// moves, publishes the projected position, and checkpoints by `policy`,
     /// until the returned [`Follower`] is stopped or dropped.
+    ///
+    /// Checkpoints are written by a second thread from a copy of the model taken
+    /// between folds, so encoding and storing one never holds up delivery.
     pub fn follow(self: &Arc<Self>, policy: CheckpointPolicy) -> std::io::Result<Follower> {
+        let (snapshots, pending) = std::sync::mpsc::sync_channel::<ReadModel>(1);
+        let writer = Arc::clone(self);
+        let checkpointer = std::thread::Builder::new()
+            .name("threadline-ckpt".into())
+            .spawn(move || {
+                for model in pending {
+                    if let Err(e) = writer.store(&model) {
+                        tracing::error!(error = %e, "projection checkpoint failed");
+                    }
+                }
+            })?;
         let projector = Arc::clone(self);
         let mut head = projector.log.watch_head();
         let (stop, mut stopped) = watch::channel(false);
-        let thread = std::thread::Builder::new()
+        let fold = std::thread::Builder::new()
             .name("threadline-fold".into())
             .spawn(move || loop {
                 // Seen before folding, so a head that moves during the fold wakes the wait below.
@@ -269,8 +339,22 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                     tracing::error!(error = %e, "projection fold failed; requests waiting on it fail");
                     return;
                 }
-                if let Err(e) = projector.maybe_checkpoint(policy) {
-                    tracing::error!(error = %e, "projection checkpoint failed");
+                if projector.checkpoint_due(policy) {
+                    // A copy is a memcpy of the queues; the encoding happens elsewhere.
+                    // While the last copy is still being stored, this one waits a fold.
+                    let copy = projector.read(ReadModel::clone);
+                    match snapshots.try_send(copy) {
+                        Ok(()) => {
+                            // Counted from now, so a slow store is not offered a copy per fold.
+                            *projector
+                                .last_checkpoint
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) =
+                                (projector.position(), Instant::now());
+                        }
+                        Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                    }
                 }
                 metrics_gauges(&*projector.log, projector.position());
                 if !wait_changed(&mut head, &mut stopped) {
@@ -279,7 +363,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             })?;
         Ok(Follower {
             stop,
-            thread: Some(thread),
+            threads: vec![fold, checkpointer],
         })
     }
 }
@@ -289,7 +373,9 @@ impl<L: EventLog + Checkpoints> Projector<L> {
 #[derive(Debug)]
 pub struct Follower {
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    /// The fold thread, then the checkpoint thread (which ends when the fold
+    /// thread drops its sender).
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Follower {
@@ -300,7 +386,7 @@ impl Follower {
 
     fn end(&mut self) {
         self.stop.send_replace(true);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }

@@ -115,16 +115,24 @@ pub struct TestServer {
 #[derive(Debug)]
 enum Backend {
     Process(Child),
-    /// `serve` on this test's runtime over a `MemoryLog`; stopped on drop.
-    InProcess(Option<tokio::sync::oneshot::Sender<()>>),
+    /// `serve` on this test's runtime; stopped on drop.
+    InProcess {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        served: Option<tokio::task::JoinHandle<Result<(), threadline_api::ServeError>>>,
+    },
 }
 
 impl TestServer {
     /// Starts a server in this process, over a `MemoryLog`, with the defaults
     /// of `threadline serve` and the test secret. Needs a tokio runtime.
     pub fn spawn() -> TestServer {
+        Self::spawn_on(Arc::new(threadline_storage::MemoryLog::new()))
+    }
+
+    /// Starts a server in this process over `log` (any log: a fault-injecting
+    /// wrapper, a `SledLog` in a temp dir…). Needs a tokio runtime.
+    pub fn spawn_on<L: threadline_api::Log>(log: Arc<L>) -> TestServer {
         use threadline_api::config::LimitArgs;
-        let log = Arc::new(threadline_storage::MemoryLog::new());
         let projector = Arc::new(threadline_projections::Projector::open(log).expect("projector"));
         let auth = threadline_api::auth::Authenticator::hs256(SECRET.as_bytes(), None, None, 0);
         let state = threadline_api::AppState::new(
@@ -138,7 +146,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(threadline_api::serve(listener, state, async move {
+        let served = tokio::spawn(threadline_api::serve(listener, state, async move {
             let _ = stopped.await;
         }));
         let data = Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -146,9 +154,27 @@ impl TestServer {
             addr,
             data_dir: data.path().to_owned(),
             data,
-            backend: Backend::InProcess(Some(stop)),
+            backend: Backend::InProcess {
+                stop: Some(stop),
+                served: Some(served),
+            },
             log: Arc::default(),
             options: Options::default(),
+        }
+    }
+
+    /// Shuts an in-process server down as a signal would (sockets closed, the
+    /// log checkpointed and closed) and returns how `serve` ended.
+    pub async fn shut_down(mut self) -> Result<(), threadline_api::ServeError> {
+        let Backend::InProcess { stop, served } = &mut self.backend else {
+            panic!("shut_down is for in-process servers; stop a process with stop()")
+        };
+        if let Some(stop) = stop.take() {
+            let _ = stop.send(());
+        }
+        match served.take() {
+            Some(served) => served.await.expect("serve task"),
+            None => Ok(()),
         }
     }
 
@@ -165,7 +191,7 @@ impl TestServer {
     fn child(&mut self) -> &mut Child {
         match &mut self.backend {
             Backend::Process(child) => child,
-            Backend::InProcess(_) => {
+            Backend::InProcess { .. } => {
                 panic!("this test needs the real process: start it with TestServer::spawn_process")
             }
         }
@@ -244,7 +270,7 @@ impl TestServer {
     pub fn pid(&self) -> u32 {
         match &self.backend {
             Backend::Process(child) => child.id(),
-            Backend::InProcess(_) => std::process::id(),
+            Backend::InProcess { .. } => std::process::id(),
         }
     }
 
@@ -334,7 +360,7 @@ impl Drop for TestServer {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Backend::InProcess(stop) => {
+            Backend::InProcess { stop, .. } => {
                 if let Some(stop) = stop.take() {
                     let _ = stop.send(());
                 }
