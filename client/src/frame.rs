@@ -268,7 +268,10 @@ mod tests {
         assert_eq!(e.payload.tool_call_id(), Some("c1"));
         assert_eq!(e.to_frame(), frame);
         let line = e.to_frame_json();
-        assert!(line.starts_with(r#"{"type":"event","user_seq":42,"#), "{line}");
+        assert!(
+            line.starts_with(r#"{"type":"event","user_seq":42,"#),
+            "{line}"
+        );
         assert_eq!(serde_json::from_str::<Value>(&line).unwrap(), frame);
     }
 

@@ -164,7 +164,15 @@ fn only_storage_names_sled_in_product_code() {
 
 #[test]
 fn every_module_says_what_it_is_for() {
-    for krate in ["storage", "engine", "projections", "api", "cli", "client", "tests"] {
+    for krate in [
+        "storage",
+        "engine",
+        "projections",
+        "api",
+        "cli",
+        "client",
+        "tests",
+    ] {
         let mut files = Vec::new();
         rust_files(&root().join(krate).join("src"), &mut files);
         for file in files {
@@ -199,7 +207,15 @@ fn every_route_is_in_the_openapi_table() {
 #[test]
 fn no_test_is_ignored() {
     let mut files = Vec::new();
-    for krate in ["storage", "engine", "projections", "api", "cli", "client", "tests"] {
+    for krate in [
+        "storage",
+        "engine",
+        "projections",
+        "api",
+        "cli",
+        "client",
+        "tests",
+    ] {
         rust_files(&root().join(krate), &mut files);
     }
     let marker = ["#[", "ignore]"].concat();
