@@ -242,6 +242,8 @@ impl Task {
             tokio::select! {
                 out = &mut fut => return Some(out),
                 command = self.commands.recv() => if !self.command_offline(command) { return None },
+                // The stream was dropped: nobody will read what comes.
+                _ = self.updates.closed() => return None,
             }
         }
     }
@@ -451,6 +453,7 @@ impl Task {
                     }
                     None => return Outcome::Stop,
                 },
+                _ = updates.closed() => return Outcome::Stop,
                 _ = self.shared.wake.notified() => {
                     if let Err(o) = self.consider_ack(conn).await { return o; }
                 }

@@ -514,3 +514,39 @@ async fn what_cannot_work_ends_the_stream_with_the_reason() {
         assert_eq!(c.count(), 0, "{what}");
     }
 }
+
+#[tokio::test]
+async fn dropping_the_stream_stops_the_client_and_frees_its_socket() {
+    let server = TestServer::spawn_with(Options {
+        args: vec!["--max-connections-per-user".into(), "1".into()],
+        ..Options::default()
+    });
+    let agent = server.api(&token("bot", "agent"));
+    started_run(&agent, "alice").await;
+    let alice = token("alice", "user");
+    let c = Consumer::start(Client::connect(config(server.ws_url(""), &alice)));
+    c.events(3).await;
+    let handle = c.handle.clone();
+    c.handle.close().await;
+    drop(c);
+    // A client whose stream is gone, with only a handle left, stops too, even when it
+    // has nothing more to hand over (caught up and idle).
+    let mut client = Client::connect(config(server.ws_url(""), &alice));
+    let h = client.handle();
+    threadline_tests::client_caught_up(&mut client)
+        .await
+        .unwrap();
+    assert_eq!(h.state(), State::Live);
+    drop(client);
+    eventually("the client to stop", || async {
+        (h.state() == State::Closed).then_some(())
+    })
+    .await;
+    assert_eq!(handle.state(), State::Closed);
+    // Its per-user slot (one allowed) is free again.
+    eventually("a free slot", || async {
+        let mut s = server.socket(&alice, "after=latest").await.ok()?;
+        (s.frame().await.ok()?["type"] == "welcome").then_some(())
+    })
+    .await;
+}
