@@ -87,9 +87,7 @@ impl AppError {
             AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
             // The log could not make the write durable (a failed fsync, a full disk) and
             // stopped: nothing was acknowledged; the server needs its operator.
-            AppError::Storage(StorageError::Io(_) | StorageError::Closed) => {
-                (S::SERVICE_UNAVAILABLE, "storage_unavailable")
-            }
+            _ if self.storage_unavailable() => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
             AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_) => {
                 (S::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -110,6 +108,18 @@ impl AppError {
                 (status, error.code())
             }
         }
+    }
+
+    /// The log cannot take or serve writes (I/O failed, or it stopped after a failed
+    /// commit), whether the write path or the fold met it first.
+    fn storage_unavailable(&self) -> bool {
+        matches!(
+            self,
+            AppError::Storage(StorageError::Io(_) | StorageError::Closed)
+                | AppError::Projection(ProjectionError::Storage(
+                    StorageError::Io(_) | StorageError::Closed
+                ))
+        )
     }
 
     fn index(&self) -> Option<usize> {
@@ -198,7 +208,7 @@ impl IntoResponse for AppError {
         let (status, code) = self.status_and_code();
         metrics::counter!("threadline_rejected_requests_total", "code" => code).increment(1);
         let message = match (&self, self.index()) {
-            (AppError::Storage(StorageError::Io(_) | StorageError::Closed), _) => {
+            _ if self.storage_unavailable() => {
                 tracing::error!(error = %Chain(&self), "storage unavailable");
                 "the event log cannot make writes durable; nothing was appended. See the server log"
                     .to_owned()

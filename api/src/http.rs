@@ -164,9 +164,16 @@ async fn healthz() -> Json<serde_json::Value> {
 /// The lag is reported for operators (it is brief and normal under load).
 async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
     let (projected, head) = (app.projector().position(), app.projector().log().head());
-    if !app.projector().log().accepting() {
+    let reason = if !app.projector().log().accepting() {
+        Some("the event log stopped accepting writes after a failed commit".to_owned())
+    } else {
+        app.projector()
+            .fault()
+            .map(|e| format!("the projections stopped: {e}"))
+    };
+    if let Some(reason) = reason {
         let body = serde_json::json!({"ready": false, "projected": projected.0, "head": head.0,
-            "reason": "the event log stopped accepting writes after a failed commit"});
+            "reason": reason});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
     Json(serde_json::json!({"ready": true, "projected": projected.0, "head": head.0}))

@@ -26,23 +26,29 @@ pub const SECRET: &str = "threadline-test-secret-0123456789abcdef";
 /// How long any wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The built `threadline` binary (built by `cargo test --workspace`).
+/// The `threadline` binary: `THREADLINE_BIN`, or this workspace's build of it,
+/// brought up to date once per test run (a no-op under `cargo test --workspace`,
+/// which built it; it keeps `cargo test -p threadline-tests` from testing a stale one).
 pub fn binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     if let Ok(p) = std::env::var("THREADLINE_BIN") {
         return p.into();
     }
-    // target/<profile>/deps/it-<hash> → target/<profile>/threadline
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("threadline");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "threadline-cli", "--bin", "threadline"])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building threadline failed");
-    }
-    bin
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/it-<hash> → target/<profile>/threadline
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().and_then(Path::parent).expect("target dir");
+            let mut build = Command::new(env!("CARGO"));
+            build.args(["build", "-q", "-p", "threadline-cli", "--bin", "threadline"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo build");
+            assert!(status.success(), "building threadline failed");
+            dir.join("threadline")
+        })
+        .clone()
 }
 
 pub fn now_secs() -> u64 {

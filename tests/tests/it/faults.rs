@@ -228,3 +228,122 @@ async fn a_full_disk_is_answered_503_and_nothing_refused_is_stored() {
 async fn a_commit_that_fails_after_writing_is_never_acknowledged_and_a_retry_is_idempotent() {
     acknowledged_then_fault(Fault::AfterWrite).await;
 }
+
+/// A real full disk: the real binary on a small tmpfs the test mounts itself.
+/// Needs the right to mount (root in a container that allows it); without it the
+/// test says so and checks nothing.
+#[tokio::test]
+async fn a_real_full_disk_stops_writes_without_acknowledging_and_loses_nothing() {
+    use threadline_tests::Options;
+    let root = tempfile::tempdir().unwrap();
+    let mount = root.path().join("small");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mount)
+        .output();
+    match &mounted {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED a_real_full_disk…: cannot mount a 24 MiB tmpfs here ({other:?}); \
+                 the injected faults above still run"
+            );
+            return;
+        }
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+
+    let data = Arc::new(tempfile::tempdir_in(&mount).unwrap());
+    let mut server = TestServer::start(data.clone(), Options::default()).expect("start");
+    let agent = server.api(&token("planner", "agent"));
+    let (thread, run) = started_run(&agent, "alice").await;
+    let pad = "x".repeat(60 * 1024);
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut refused = None;
+    for n in 0..2000 {
+        let id = Uuid::now_v7().to_string();
+        let reply = agent
+            .post(
+                &format!("/v1/runs/{run}/events"),
+                &json!({"type": "agent_thinking", "data": {"n": n, "pad": pad}, "event_id": id}),
+            )
+            .await;
+        match reply.status {
+            201 => acked.push((id, reply.body["position"].as_u64().unwrap())),
+            _ => {
+                refused = Some(reply);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("24 MiB filled without a refusal");
+    if refused.status != 503 {
+        eprintln!("server log: {:#?}", server.log.lock().unwrap());
+    }
+    refused.assert_error(503, "storage_unavailable");
+    assert!(acked.len() > 10, "only {} events fit", acked.len());
+    let again = agent
+        .post(
+            &format!("/v1/runs/{run}/events"),
+            &json!({"type": "agent_thinking", "data": {}}),
+        )
+        .await;
+    again.assert_error(503, "storage_unavailable");
+
+    // The fault clears: the disk grows, the server restarts on the same data dir.
+    server.kill();
+    let grown = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(grown.success());
+    let server = TestServer::start(data.clone(), Options::default()).expect("restart");
+    let agent = server.api(&token("planner", "agent"));
+    let mut stored = std::collections::HashMap::new();
+    let mut after = 0;
+    loop {
+        let page = agent
+            .get(&format!(
+                "/v1/threads/{thread}/events?after_version={after}&limit=1000"
+            ))
+            .await;
+        assert_eq!(page.status, 200, "{:?}", page.body);
+        let events = page.body["events"].as_array().unwrap().clone();
+        if events.is_empty() {
+            break;
+        }
+        for e in &events {
+            stored.insert(
+                e["event_id"].as_str().unwrap().to_owned(),
+                e["position"].as_u64().unwrap(),
+            );
+        }
+        after = page.body["next_after_version"].as_u64().unwrap();
+    }
+    for (id, position) in &acked {
+        assert_eq!(
+            stored.get(id),
+            Some(position),
+            "acknowledged event {id} is missing after the disk filled"
+        );
+    }
+    // And the server takes writes again.
+    let reply = agent
+        .post(
+            &format!("/v1/runs/{run}/events"),
+            &json!({"type": "agent_thinking", "data": {}}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+}
