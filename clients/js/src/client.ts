@@ -95,6 +95,8 @@ interface Conn {
     keepalive?: ReturnType<typeof setTimeout>;
     ack?: ReturnType<typeof setTimeout>;
     renew?: ReturnType<typeof setTimeout>;
+    /** close(): how long the last acks may take to be confirmed. */
+    closing?: ReturnType<typeof setTimeout>;
   };
   ended: boolean;
 }
@@ -253,7 +255,7 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
       this.#sendAck(conn);
       if (conn.acked > this.#durable) {
         this.#ping(conn);
-        setTimeout(() => this.#endConn(conn, { kind: 'stop' }), 2000);
+        conn.timers.closing = setTimeout(() => this.#endConn(conn, { kind: 'stop' }), 2000);
         return promise;
       }
     }
