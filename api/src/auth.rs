@@ -5,13 +5,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use threadline_engine::{Actor, Role, UserId};
 
-use crate::config::{self, KeyArgs, MAX_JWT_LEEWAY};
+use crate::config::{self, bail, ConfigError, Context, KeyArgs, MAX_JWT_LEEWAY};
 
 /// Longer tokens are refused before any parsing; real ones are a few hundred bytes.
 const MAX_TOKEN_LEN: usize = 8 * 1024;
@@ -175,7 +174,7 @@ impl Authenticator {
         issuer: Option<String>,
         audience: Option<String>,
         leeway_secs: u64,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ConfigError> {
         let key = match alg {
             Algorithm::RS256 => {
                 DecodingKey::from_rsa_pem(pem).context("not an RSA public key PEM")?
@@ -205,7 +204,7 @@ impl Authenticator {
         keys: &KeyArgs,
         data_dir: &Path,
         create_secret: bool,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ConfigError> {
         let leeway_secs = leeway_secs(keys)?;
         let issuer = keys.jwt_issuer.clone();
         let audience = keys.jwt_audience.clone();
@@ -373,7 +372,7 @@ impl fmt::Debug for Signer {
 impl Signer {
     /// `--jwt-secret`, `--jwt-private-key` with `--jwt-alg`, or the existing `<data>/jwt.secret`.
     /// Never creates anything.
-    pub fn from_config(keys: &KeyArgs, data_dir: &Path) -> anyhow::Result<Self> {
+    pub fn from_config(keys: &KeyArgs, data_dir: &Path) -> Result<Self, ConfigError> {
         let secret = keys.secret()?;
         let (alg, key) = match (&secret, &keys.jwt_private_key) {
             (Some(_), Some(_)) => {
@@ -436,7 +435,7 @@ impl Signer {
 
     /// A token for `sub` with `role`, `iat` = now, `exp` = now + `ttl` (at least 1 s), and
     /// `iss`/`aud` when configured. No `nbf`: a verifier whose clock lags must still accept it.
-    pub fn mint(&self, sub: &str, role: Role, ttl: Duration) -> anyhow::Result<String> {
+    pub fn mint(&self, sub: &str, role: Role, ttl: Duration) -> Result<String, ConfigError> {
         UserId::parse(sub)?;
         if role == Role::System {
             bail!("the system role is never granted by a token");
@@ -460,7 +459,7 @@ impl Signer {
     }
 
     /// Signs `claims` exactly as given (tests use it for expired or odd tokens).
-    pub fn sign(&self, claims: &Claims) -> anyhow::Result<String> {
+    pub fn sign(&self, claims: &Claims) -> Result<String, ConfigError> {
         Ok(jsonwebtoken::encode(
             &Header::new(self.alg),
             claims,
@@ -473,21 +472,21 @@ impl Signer {
     }
 }
 
-fn leeway_secs(keys: &KeyArgs) -> anyhow::Result<u64> {
+fn leeway_secs(keys: &KeyArgs) -> Result<u64, ConfigError> {
     if keys.jwt_leeway > MAX_JWT_LEEWAY {
         bail!("--jwt-leeway must be at most 60s");
     }
     Ok(keys.jwt_leeway.as_secs())
 }
 
-fn check_secret_only(keys: &KeyArgs) -> anyhow::Result<()> {
+fn check_secret_only(keys: &KeyArgs) -> Result<(), ConfigError> {
     if let Some(alg) = keys.jwt_alg {
         bail!("--jwt-secret is HS256; --jwt-alg {alg} applies only to PEM keys");
     }
     Ok(())
 }
 
-fn pem_alg(keys: &KeyArgs, flag: &str) -> anyhow::Result<Algorithm> {
+fn pem_alg(keys: &KeyArgs, flag: &str) -> Result<Algorithm, ConfigError> {
     keys.jwt_alg
         .map(config::JwtAlg::algorithm)
         .with_context(|| format!("{flag} needs --jwt-alg RS256 or ES256"))

@@ -6,7 +6,88 @@ use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+/// Why the keys or the data dir cannot be set up (start-up and `threadline token` only).
+/// Each variant's message is for the operator; `{:#}` adds the source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A bad option, or a bad combination of options.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{context}")]
+    Key {
+        context: String,
+        #[source]
+        source: jsonwebtoken::errors::Error,
+    },
+    #[error("{context}")]
+    In {
+        context: String,
+        #[source]
+        source: Box<ConfigError>,
+    },
+    #[error(transparent)]
+    Id(#[from] threadline_engine::IdError),
+    #[error("signing the token failed")]
+    Sign(#[from] jsonwebtoken::errors::Error),
+}
+
+/// Returns early with [`ConfigError::Invalid`] and a formatted message.
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err($crate::config::ConfigError::Invalid(format!($($t)*)))
+    };
+}
+pub(crate) use bail;
+
+/// Adds what was being done to an error (or turns a `None` into an error), keeping the source.
+pub(crate) trait Context<T> {
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T, ConfigError>;
+    fn context(self, context: &str) -> Result<T, ConfigError>
+    where
+        Self: Sized,
+    {
+        self.with_context(|| context)
+    }
+}
+
+impl<T> Context<T> for Result<T, std::io::Error> {
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T, ConfigError> {
+        self.map_err(|source| ConfigError::Io {
+            context: context().into(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for Result<T, jsonwebtoken::errors::Error> {
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T, ConfigError> {
+        self.map_err(|source| ConfigError::Key {
+            context: context().into(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for Result<T, ConfigError> {
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T, ConfigError> {
+        self.map_err(|source| ConfigError::In {
+            context: context().into(),
+            source: Box::new(source),
+        })
+    }
+}
+
+impl<T> Context<T> for Option<T> {
+    fn with_context<S: Into<String>>(self, context: impl FnOnce() -> S) -> Result<T, ConfigError> {
+        self.ok_or_else(|| ConfigError::Invalid(context().into()))
+    }
+}
 
 /// Name of the generated HS256 secret inside the data dir.
 const SECRET_FILE_NAME: &str = "jwt.secret";
@@ -284,7 +365,7 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
 impl KeyArgs {
     /// The configured HS256 secret: `--jwt-secret`, or the contents of `--jwt-secret-file`;
     /// `None` when neither is given. Refuses one shorter than [`MIN_SECRET_BYTES`].
-    pub fn secret(&self) -> anyhow::Result<Option<String>> {
+    pub fn secret(&self) -> Result<Option<String>, ConfigError> {
         let (secret, origin) = match (&self.jwt_secret, &self.jwt_secret_file) {
             (Some(_), Some(_)) => bail!("configure one of --jwt-secret and --jwt-secret-file"),
             (Some(s), None) => (s.clone(), "--jwt-secret".to_owned()),
@@ -306,7 +387,7 @@ impl KeyArgs {
 
 /// Refuses an HS256 secret shorter than [`MIN_SECRET_BYTES`]: a short one can be
 /// brute-forced offline from any token it signed.
-pub fn check_secret_len(secret: &str, origin: &str) -> anyhow::Result<()> {
+pub fn check_secret_len(secret: &str, origin: &str) -> Result<(), ConfigError> {
     if secret.is_empty() {
         bail!("the HS256 secret from {origin} is empty");
     }
@@ -333,7 +414,7 @@ pub fn parse_leeway(s: &str) -> Result<Duration, String> {
 /// other bits off it and everything under it when it already exists, so the log and the
 /// secret are not readable by other local users (files created later are private by
 /// the binary's umask, 077).
-pub fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+pub fn create_private_dir(dir: &Path) -> Result<(), ConfigError> {
     let mut builder = fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -382,7 +463,7 @@ pub fn secret_file(data_dir: &Path) -> PathBuf {
 
 /// Reads `<data>/jwt.secret`, or creates the data dir and a fresh random secret (mode 0600).
 /// Returns the secret and whether it was created by this call.
-pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<(String, bool)> {
+pub fn load_or_create_secret(data_dir: &Path) -> Result<(String, bool), ConfigError> {
     if let Some(secret) = load_secret(data_dir)? {
         return Ok((secret, false));
     }
@@ -398,28 +479,25 @@ pub fn load_or_create_secret(data_dir: &Path) -> anyhow::Result<(String, bool)> 
         uuid::Uuid::new_v4().simple()
     ));
     let written = write_private(&tmp, secret.as_bytes());
-    let linked = written.and_then(|()| fs::hard_link(&tmp, &path).map_err(anyhow::Error::from));
+    let linked = written.and_then(|()| fs::hard_link(&tmp, &path));
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => {
             sync_dir(data_dir);
             Ok((secret, true))
         }
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == ErrorKind::AlreadyExists) =>
-        {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
             // Lost a race with another process: use its secret.
             let secret = load_secret(data_dir)?
                 .with_context(|| format!("{} vanished while being created", path.display()))?;
             Ok((secret, false))
         }
-        Err(e) => Err(e.context(format!("cannot create {}", path.display()))),
+        Err(e) => Err(e).with_context(|| format!("cannot create {}", path.display())),
     }
 }
 
 /// Reads `<data>/jwt.secret` if it exists; never creates the file or the dir.
-pub fn load_secret(data_dir: &Path) -> anyhow::Result<Option<String>> {
+pub fn load_secret(data_dir: &Path) -> Result<Option<String>, ConfigError> {
     let path = secret_file(data_dir);
     let text = match fs::read_to_string(&path) {
         Ok(text) => text,
@@ -454,7 +532,7 @@ fn random_hex(bytes: usize) -> String {
     hex
 }
 
-fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

@@ -35,6 +35,7 @@ pub const CODES: &[&str] = &[
     "rate_limited",
     "internal",
     "overloaded",
+    "storage_unavailable",
 ];
 
 /// Everything a handler can answer instead of a success.
@@ -112,6 +113,9 @@ impl AppError {
             AppError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
             AppError::Overloaded | AppError::Contended => (S::SERVICE_UNAVAILABLE, "overloaded"),
             AppError::VersionConflict { .. } => (S::CONFLICT, "version_conflict"),
+            // The log could not make the write durable (a failed fsync, a full disk) and
+            // stopped: nothing was acknowledged; the server needs its operator.
+            _ if self.storage_unavailable() => (S::SERVICE_UNAVAILABLE, "storage_unavailable"),
             AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_) => {
                 (S::INTERNAL_SERVER_ERROR, "internal")
             }
@@ -132,6 +136,18 @@ impl AppError {
                 (status, error.code())
             }
         }
+    }
+
+    /// The log cannot take or serve writes (I/O failed, or it stopped after a failed
+    /// commit), whether the write path or the fold met it first.
+    fn storage_unavailable(&self) -> bool {
+        matches!(
+            self,
+            AppError::Storage(StorageError::Io(_) | StorageError::Closed)
+                | AppError::Projection(ProjectionError::Storage(
+                    StorageError::Io(_) | StorageError::Closed
+                ))
+        )
     }
 
     fn index(&self) -> Option<usize> {
@@ -220,6 +236,11 @@ impl IntoResponse for AppError {
         let (status, code) = self.status_and_code();
         metrics::counter!("threadline_rejected_requests_total", "code" => code).increment(1);
         let message = match (&self, self.index()) {
+            _ if self.storage_unavailable() => {
+                tracing::error!(error = %Chain(&self), "storage unavailable");
+                "the event log cannot make writes durable; nothing was appended. See the server log"
+                    .to_owned()
+            }
             (AppError::Storage(_) | AppError::Projection(_) | AppError::Internal(_), _) => {
                 // `{:#}`-style: the whole chain of sources, for the operator only.
                 tracing::error!(error = %Chain(&self), "internal error");
@@ -322,7 +343,8 @@ mod tests {
                 index: None,
             },
             AppError::Contended,
-            // Storage and Projection answer as Internal does.
+            AppError::Storage(threadline_storage::StorageError::Closed),
+            // Other storage and projection failures answer as Internal does.
             AppError::Internal("x"),
         ]);
         all

@@ -37,7 +37,7 @@ const IF_MATCH: &str = "the thread version the thread must be at (else 409 versi
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The whole API as a router over any log (tests drive it over `MemoryLog`).
+/// The whole API as a router over any log (tests drive it over the in-memory one).
 pub fn router<L: Log>(state: AppState<L>) -> Router {
     Router::new()
         .route(
@@ -299,16 +299,36 @@ async fn healthz() -> Json<wire::Status> {
 /// Readiness: projections caught up at start; reports the current lag.
 ///
 /// The server listens only after the startup catch-up, so once it answers it is
-/// ready; the lag is reported for operators (it is brief and normal under load).
+/// ready, unless its log has stopped accepting writes (a failed commit) or its
+/// projections stopped: then 503, with the reason. The lag is reported for
+/// operators (it is brief and normal under load).
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "ready", body = wire::Ready)))]
-async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Json<wire::Ready> {
+    responses(
+        (status = 200, description = "ready", body = wire::Ready),
+        (status = 503, description = "not ready: the log stopped accepting writes after a failed commit, \
+            or the projections stopped (`reason` says which)", body = wire::Ready),
+    ))]
+async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
     let (projected, head) = (app.projector().position(), app.projector().log().head());
-    Json(wire::Ready {
-        ready: true,
+    let reason = if !app.projector().log().accepting() {
+        Some("the event log stopped accepting writes after a failed commit".to_owned())
+    } else {
+        app.projector()
+            .fault()
+            .map(|e| format!("the projections stopped: {e}"))
+    };
+    let status = if reason.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let ready = wire::Ready {
+        ready: reason.is_none(),
         projected: projected.0,
         head: head.0,
-    })
+        reason,
+    };
+    (status, Json(ready)).into_response()
 }
 
 /// A span per request with method and path; never the query string, which

@@ -12,6 +12,7 @@ use std::sync::LazyLock;
 
 use axum::Json;
 use serde_json::Value;
+use utoipa::openapi::schema::{OneOfBuilder, Schema};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
 use utoipa::{Modify, OpenApi, ToSchema};
@@ -133,19 +134,41 @@ impl Modify for CommonAnswers {
                         "rate_limited: over the caller's request rate; see Retry-After",
                     );
                 }
-                add(503, "overloaded: the server is at its connection limit, or a thread kept changing under every attempt; see Retry-After");
+                add(503, UNAVAILABLE);
+                // An operation that documents its own 503 (`/readyz`) still meets the
+                // connection limit: that answer is either body.
+                if let Some(RefOr::T(own)) = answers.get_mut("503") {
+                    if let Some(json) = own.content.get_mut("application/json") {
+                        if let Some(schema) = json.schema.take().filter(|s| *s != error_schema()) {
+                            json.schema =
+                                Some(OneOfBuilder::new().item(schema).item(error_schema()).into());
+                            own.description =
+                                format!("{}; or (the Error body) {UNAVAILABLE}", own.description);
+                        } else {
+                            json.schema = Some(error_schema());
+                        }
+                    }
+                }
             }
         }
     }
 }
 
+/// What any call may answer with 503.
+const UNAVAILABLE: &str = "overloaded: the server is at its connection limit, or a thread kept \
+    changing under every attempt; storage_unavailable: the event log cannot make writes durable. \
+    See Retry-After where given";
+
+fn error_schema() -> RefOr<Schema> {
+    Ref::from_schema_name(wire::ErrorBody::name()).into()
+}
+
 fn error_response(description: &str) -> RefOr<Response> {
-    let schema = Ref::from_schema_name(wire::ErrorBody::name());
     ResponseBuilder::new()
         .description(description)
         .content(
             "application/json",
-            ContentBuilder::new().schema(Some(schema)).build(),
+            ContentBuilder::new().schema(Some(error_schema())).build(),
         )
         .build()
         .into()
@@ -241,6 +264,25 @@ mod tests {
                 "{name} is not in {frame:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_503_of_readyz_is_either_body() {
+        let answer = &operation("get", "/readyz")["responses"]["503"];
+        let choices = &answer["content"]["application/json"]["schema"]["oneOf"];
+        assert_eq!(
+            choices,
+            &serde_json::json!([
+                {"$ref": "#/components/schemas/Ready"},
+                {"$ref": "#/components/schemas/Error"}
+            ]),
+            "{answer}"
+        );
+        let ready = &operation("get", "/readyz")["responses"]["200"]["content"];
+        assert_eq!(
+            ready["application/json"]["schema"]["$ref"],
+            "#/components/schemas/Ready"
+        );
     }
 
     #[test]

@@ -255,6 +255,9 @@ pub struct Ready {
     pub projected: u64,
     /// The durable head of the log.
     pub head: u64,
+    /// Why the server is not ready (present only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A string schema that takes one of `values`.

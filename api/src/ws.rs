@@ -303,7 +303,7 @@ impl<L: Log> Session<L> {
         }
     }
 
-    async fn serve(&mut self, principal: Principal, params: Params) -> Result<(), Close> {
+    async fn serve(&mut self, mut principal: Principal, params: Params) -> Result<(), Close> {
         let app = self.app.clone();
         let user = principal.actor.user.clone();
         let slot = Slot::take(&app, &user).ok_or_else(|| {
@@ -339,13 +339,7 @@ impl<L: Log> Session<L> {
             "resume_after": resume_after, "head": head, "protocol": 1});
         self.send(vec![welcome.to_string()]).await?;
 
-        // Saturating: a token may carry any `exp` up to u64::MAX; a far one is simply never reached.
-        let expires_at_ms = principal
-            .expires_at
-            .saturating_add(app.auth().leeway_secs())
-            .saturating_mul(1000);
-        let expires_in = expires_at_ms.saturating_sub(now_ms());
-        let expiry = tokio::time::sleep(Duration::from_millis(expires_in));
+        let expiry = tokio::time::sleep(self.expires_in(&principal));
         tokio::pin!(expiry);
         let mut projected = app.projector().watch_user(&user);
         let mut shutdown = app.shutdown_signal();
@@ -375,11 +369,16 @@ impl<L: Log> Session<L> {
                 // Answer pings and acks that arrived during a long replay, and
                 // notice a peer that left, without waiting for anything.
                 while let Some(incoming) = self.socket.recv().now_or_never() {
+                    let expires_at = principal.expires_at;
                     if !self
-                        .on_incoming(incoming, &principal, &params, &mut progress)
+                        .on_incoming(incoming, &mut principal, &params, &mut progress)
                         .await?
                     {
                         return Ok(());
+                    }
+                    if principal.expires_at != expires_at {
+                        let deadline = tokio::time::Instant::now() + self.expires_in(&principal);
+                        expiry.as_mut().reset(deadline);
                     }
                 }
                 continue;
@@ -399,8 +398,13 @@ impl<L: Log> Session<L> {
                     }
                 },
                 incoming = self.socket.recv() => {
-                    if !self.on_incoming(incoming, &principal, &params, &mut progress).await? {
+                    let expires_at = principal.expires_at;
+                    if !self.on_incoming(incoming, &mut principal, &params, &mut progress).await? {
                         return Ok(());
+                    }
+                    if principal.expires_at != expires_at {
+                        let deadline = tokio::time::Instant::now() + self.expires_in(&principal);
+                        expiry.as_mut().reset(deadline);
                     }
                 }
                 _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
@@ -409,11 +413,21 @@ impl<L: Log> Session<L> {
         }
     }
 
+    /// How long until the connection's token expires (with the leeway), from now.
+    fn expires_in(&self, principal: &Principal) -> Duration {
+        // Saturating: a token may carry any `exp` up to u64::MAX; a far one is simply never reached.
+        let expires_at_ms = principal
+            .expires_at
+            .saturating_add(self.app.auth().leeway_secs())
+            .saturating_mul(1000);
+        Duration::from_millis(expires_at_ms.saturating_sub(now_ms()))
+    }
+
     /// Handles one thing the peer sent; false when the peer has gone.
     async fn on_incoming(
         &mut self,
         incoming: Option<Result<Message, axum::Error>>,
-        principal: &Principal,
+        principal: &mut Principal,
         params: &Params,
         progress: &mut Progress,
     ) -> Result<bool, Close> {
@@ -527,7 +541,7 @@ impl<L: Log> Session<L> {
 
     async fn on_message(
         &mut self,
-        principal: &Principal,
+        principal: &mut Principal,
         params: &Params,
         text: &str,
         progress: &mut Progress,
@@ -537,6 +551,7 @@ impl<L: Log> Session<L> {
             #[serde(rename = "type")]
             kind: String,
             user_seq: Option<u64>,
+            token: Option<String>,
         }
         let reply_error = |code: &str, message: String| {
             json!({"type": "error", "code": code, "message": message}).to_string()
@@ -550,7 +565,10 @@ impl<L: Log> Session<L> {
             }
         };
         match (msg.kind.as_str(), msg.user_seq) {
+            // Every earlier ack was submitted and awaited (durable) before this
+            // message was read: a pong tells the client its cursor is safe.
             ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
+            ("refresh", _) => self.refresh(principal, msg.token.as_deref()).await,
             ("ack", Some(seq))
                 if !Self::delivered(&self.app, &principal.actor.user, params, progress, seq)
                     .await? =>
@@ -592,11 +610,59 @@ impl<L: Log> Session<L> {
             _ => {
                 self.send(vec![reply_error(
                     "invalid_message",
-                    "expected {\"type\":\"ack\",\"user_seq\":N} or {\"type\":\"ping\"}".into(),
+                    "expected {\"type\":\"ack\",\"user_seq\":N}, {\"type\":\"ping\"} or {\"type\":\"refresh\",\"token\":\"<jwt>\"}".into(),
                 )])
                 .await
             }
         }
+    }
+}
+
+impl<L: Log> Session<L> {
+    /// `refresh`: the connection's token is replaced by a new one for the same `sub` and
+    /// role, whose `exp` becomes the connection's expiry. A token that does not verify (or
+    /// is for another role) is an `invalid_token` error frame and the old expiry stands; a
+    /// token for another `sub` ends the session with 1008.
+    async fn refresh(
+        &mut self,
+        principal: &mut Principal,
+        token: Option<&str>,
+    ) -> Result<(), Close> {
+        let invalid = |message: String| {
+            json!({"type": "error", "code": "invalid_token", "message": message}).to_string()
+        };
+        let fresh = match token
+            .ok_or(AuthError::Missing)
+            .and_then(|t| self.app.auth().verify(t))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return self
+                    .send(vec![invalid(format!("{e}; the old expiry stands"))])
+                    .await
+            }
+        };
+        if fresh.actor.user != principal.actor.user {
+            return Err(Close(
+                close::POLICY,
+                "token_subject_changed",
+                "a refresh token must be for the connection's own sub".into(),
+            ));
+        }
+        if fresh.actor.role != principal.actor.role {
+            return self
+                .send(vec![invalid(
+                    "a refresh token must carry the connection's role; the old expiry stands"
+                        .into(),
+                )])
+                .await;
+        }
+        principal.expires_at = fresh.expires_at;
+        tracing::debug!(exp = fresh.expires_at, "token refreshed");
+        self.send(vec![
+            json!({"type": "refreshed", "exp": fresh.expires_at}).to_string()
+        ])
+        .await
     }
 }
 

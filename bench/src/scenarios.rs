@@ -12,7 +12,8 @@ use hdrhistogram::Histogram;
 use tokio::time::timeout;
 
 use crate::resp::{self, Conn};
-use crate::tl::{self, Http, Kind};
+use crate::tl::{self, Http};
+use threadline_client::{Resume, Update};
 
 /// Most requests one loop may send, whatever its time limit.
 const MAX_REQUESTS_PER_TASK: u64 = 5_000_000;
@@ -261,8 +262,8 @@ pub async fn tl_fanout(
     let addr = server.addr;
     let sockets = stream::iter(users.iter().cloned())
         .map(|u| async move {
-            let mut ws = tl::connect(addr, &tl::token(secret, &u, "user"), "after=latest").await?;
-            wait_caught_up(&mut ws).await?;
+            let mut ws = tl::connect(addr, &tl::token(secret, &u, "user"), Resume::Latest);
+            tl::wait_caught_up(&mut ws).await?;
             anyhow::Ok(ws)
         })
         .buffered(100)
@@ -283,14 +284,10 @@ pub async fn tl_fanout(
                 while !reader_done(i, got, &acked, &done, hard) {
                     match timeout(Duration::from_millis(200), ws.next()).await {
                         Err(_) => {}
-                        Ok(Some(Ok(m))) if m.is_text() => {
-                            let text = m.to_text()?;
-                            if tl::kind(text) == Kind::Event {
-                                record(&mut h, &mut got, tl::embedded_t(text));
-                            }
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        Ok(other) => bail!("socket ended: {other:?}"),
+                        Ok(Some(Update::Event(e))) => record(&mut h, &mut got, tl::event_t(&e)),
+                        Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
+                        Ok(Some(_)) => {}
+                        Ok(None) => bail!("socket ended"),
                     }
                 }
                 anyhow::Ok((got, h))
@@ -345,22 +342,6 @@ async fn fanout_result(
         received,
         lat: (&merge(hists)).into(),
     })
-}
-
-async fn wait_caught_up(ws: &mut tl::Ws) -> Result<u64> {
-    let mut events = 0;
-    loop {
-        match timeout(Duration::from_secs(300), ws.next()).await {
-            Err(_) => bail!("no caught_up within 300 s"),
-            Ok(Some(Ok(m))) if m.is_text() => match tl::kind(m.to_text()?) {
-                Kind::Event => events += 1,
-                Kind::CaughtUp => return Ok(events),
-                _ => {}
-            },
-            Ok(Some(Ok(_))) => {}
-            Ok(other) => bail!("socket ended before caught_up: {other:?}"),
-        }
-    }
 }
 
 pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
@@ -591,10 +572,10 @@ pub async fn tl_storm(
         .into_iter()
         .map(|t| {
             tokio::spawn(async move {
-                let mut ws = tl::connect(addr, &t, "after=3").await?;
-                let n = wait_caught_up(&mut ws).await?;
+                let mut ws = tl::connect(addr, &t, Resume::After(3));
+                let n = tl::wait_caught_up(&mut ws).await?;
                 let at = started.elapsed();
-                let _ = ws.close(None).await;
+                ws.close().await;
                 anyhow::Ok((n, at))
             })
         })
@@ -661,8 +642,8 @@ pub async fn tl_idle(server: &crate::procs::Threadline, secret: &str, k: usize) 
     let sockets = stream::iter(0..k)
         .map(|i| async move {
             let token = tl::token(secret, &format!("idle-user-{i}"), "user");
-            let mut ws = tl::connect(addr, &token, "after=latest").await?;
-            wait_caught_up(&mut ws).await?;
+            let mut ws = tl::connect(addr, &token, Resume::Latest);
+            tl::wait_caught_up(&mut ws).await?;
             anyhow::Ok(ws)
         })
         .buffer_unordered(128)

@@ -6,11 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use futures_util::{stream, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use threadline_client::{AckMode, Client, Config, Event, Resume, TokenSource, Update};
 
 /// Microseconds since the Unix epoch (16 digits for centuries to come).
 pub fn now_us() -> u64 {
@@ -155,42 +151,34 @@ pub fn batch_body<'a>(events: impl Iterator<Item = (&'a str, String)>) -> String
     body
 }
 
-/// Opens `/v1/ws?<query>` with the token in `Authorization`.
-pub async fn connect(addr: std::net::SocketAddr, token: &str, query: &str) -> Result<Ws> {
-    let mut req = format!("ws://{addr}/v1/ws?{query}").into_client_request()?;
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse()?);
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio_tungstenite::connect_async(req),
-    )
-    .await
-    .context("socket connect timed out")??;
-    Ok(ws)
+/// Opens a socket with the project's client (`threadline-client`): acks off (the
+/// figures are the server's delivery, not cursor writes). It would reconnect as a chat
+/// client does, but a run that needs to has already failed to measure what it meant.
+pub fn connect(addr: std::net::SocketAddr, token: &str, resume: Resume) -> Client {
+    let mut config = Config::new(format!("ws://{addr}"), TokenSource::fixed(token))
+        .resume(resume)
+        .ack_mode(AckMode::Off);
+    config.connect_timeout = Duration::from_secs(60);
+    Client::connect(config)
 }
 
-/// What a frame is, judged by its prefix (frames are serialized `type` first).
-#[derive(Debug, PartialEq, Eq)]
-pub enum Kind {
-    Event,
-    CaughtUp,
-    Welcome,
-    Other,
-}
-
-pub fn kind(text: &str) -> Kind {
-    if text.starts_with(r#"{"type":"event""#) {
-        Kind::Event
-    } else if text.starts_with(r#"{"type":"caught_up""#) {
-        Kind::CaughtUp
-    } else if text.starts_with(r#"{"type":"welcome""#) {
-        Kind::Welcome
-    } else {
-        match serde_json::from_str::<Value>(text).ok().as_ref().and_then(|v| v["type"].as_str()) {
-            Some("event") => Kind::Event,
-            Some("caught_up") => Kind::CaughtUp,
-            Some("welcome") => Kind::Welcome,
-            _ => Kind::Other,
+/// Reads a client until its `caught_up`; returns the events before it. A reported
+/// error (a reconnect, a gap) fails: the run would not measure what it says.
+pub async fn wait_caught_up(client: &mut Client) -> Result<u64> {
+    let mut events = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(300), client.next()).await {
+            Err(_) => bail!("no caught_up within 300 s"),
+            Ok(Some(Update::Event(_))) => events += 1,
+            Ok(Some(Update::CaughtUp { .. })) => return Ok(events),
+            Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
+            Ok(Some(Update::State(_))) => {}
+            Ok(None) => bail!("socket ended before caught_up"),
         }
     }
+}
+
+/// The send time [`payload`] embedded in an event's `data`.
+pub fn event_t(e: &Event) -> Option<u64> {
+    e.payload.agent_data()?.get("t")?.as_u64()
 }

@@ -33,6 +33,8 @@ enum Cmd {
     Migrate(tools::maintenance::MigrateArgs),
     /// Rebuild a damaged event log from the intact copies of its records.
     Repair(tools::maintenance::RepairArgs),
+    /// Follow one user's events from a running server, acknowledging what is printed.
+    Tail(tools::tail::TailArgs),
 }
 
 /// Logs go to stderr; by default `serve` logs at info and the tools only warnings, so a
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
         Cmd::Audit(a) => tools::audit::run(a),
         Cmd::Migrate(a) => tools::maintenance::migrate(a),
         Cmd::Repair(a) => tools::maintenance::repair(a),
+        Cmd::Tail(a) => tools::tail::run(a),
     };
     match result {
         Ok(code) => code,

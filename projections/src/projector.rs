@@ -282,28 +282,29 @@ impl<L: EventLog + Checkpoints> Projector<L> {
 
     /// Stores the current model as the checkpoint.
     pub fn checkpoint(&self) -> Result<Position, ProjectionError> {
-        let (bytes, position) = self.read(|m| (m.to_checkpoint(), m.position()));
-        self.log.store_checkpoint(CHECKPOINT_NAME, &bytes)?;
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = (position, Instant::now());
-        Ok(position)
+        let copy = self.read(ReadModel::clone);
+        self.store(&copy)
     }
 
-    /// Checkpoints when the policy says it is due (bounds both replay on restart and write cost).
-    pub fn maybe_checkpoint(&self, policy: CheckpointPolicy) -> Result<bool, ProjectionError> {
+    /// Whether the policy says a checkpoint is due (bounds both replay on restart and write cost).
+    fn checkpoint_due(&self, policy: CheckpointPolicy) -> bool {
         let (at, when) = *self
             .last_checkpoint
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if self.position().0.saturating_sub(at.0) >= policy.min_events
+        self.position().0.saturating_sub(at.0) >= policy.min_events
             && when.elapsed() >= policy.min_interval
-        {
-            self.checkpoint()?;
-            return Ok(true);
-        }
-        Ok(false)
+    }
+
+    /// Encodes and stores `model` as the checkpoint.
+    fn store(&self, model: &ReadModel) -> Result<Position, ProjectionError> {
+        self.log
+            .store_checkpoint(CHECKPOINT_NAME, &model.to_checkpoint())?;
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = (model.position(), Instant::now());
+        Ok(model.position())
     }
 }
 
@@ -311,11 +312,25 @@ impl<L: EventLog + Checkpoints> Projector<L> {
     /// Starts the fold thread: it folds each durable group as the log's head
     /// moves, publishes the projected position, and checkpoints by `policy`,
     /// until the returned [`Follower`] is stopped or dropped.
+    ///
+    /// Checkpoints are written by a second thread from a copy of the model taken
+    /// between folds, so encoding and storing one never holds up delivery.
     pub fn follow(self: &Arc<Self>, policy: CheckpointPolicy) -> std::io::Result<Follower> {
+        let (snapshots, pending) = std::sync::mpsc::sync_channel::<ReadModel>(1);
+        let writer = Arc::clone(self);
+        let checkpointer = std::thread::Builder::new()
+            .name("threadline-ckpt".into())
+            .spawn(move || {
+                for model in pending {
+                    if let Err(e) = writer.store(&model) {
+                        tracing::error!(error = %e, "projection checkpoint failed");
+                    }
+                }
+            })?;
         let projector = Arc::clone(self);
         let mut head = projector.log.watch_head();
         let (stop, mut stopped) = watch::channel(false);
-        let thread = std::thread::Builder::new()
+        let fold = std::thread::Builder::new()
             .name("threadline-fold".into())
             .spawn(move || loop {
                 // Seen before folding, so a head that moves during the fold wakes the wait below.
@@ -324,8 +339,22 @@ impl<L: EventLog + Checkpoints> Projector<L> {
                     tracing::error!(error = %e, "projection fold failed; requests waiting on it fail");
                     return;
                 }
-                if let Err(e) = projector.maybe_checkpoint(policy) {
-                    tracing::error!(error = %e, "projection checkpoint failed");
+                if projector.checkpoint_due(policy) {
+                    // A copy is a memcpy of the queues; the encoding happens elsewhere.
+                    // While the last copy is still being stored, this one waits a fold.
+                    let copy = projector.read(ReadModel::clone);
+                    match snapshots.try_send(copy) {
+                        Ok(()) => {
+                            // Counted from now, so a slow store is not offered a copy per fold.
+                            *projector
+                                .last_checkpoint
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner()) =
+                                (projector.position(), Instant::now());
+                        }
+                        Err(std::sync::mpsc::TrySendError::Full(_)) => {}
+                        Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+                    }
                 }
                 metrics_gauges(&*projector.log, projector.position());
                 if !wait_changed(&mut head, &mut stopped) {
@@ -334,7 +363,7 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             })?;
         Ok(Follower {
             stop,
-            thread: Some(thread),
+            threads: vec![fold, checkpointer],
         })
     }
 }
@@ -344,7 +373,9 @@ impl<L: EventLog + Checkpoints> Projector<L> {
 #[derive(Debug)]
 pub struct Follower {
     stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    /// The fold thread, then the checkpoint thread (which ends when the fold
+    /// thread drops its sender).
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Follower {
@@ -355,7 +386,7 @@ impl Follower {
 
     fn end(&mut self) {
         self.stop.send_replace(true);
-        if let Some(thread) = self.thread.take() {
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }

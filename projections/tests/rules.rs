@@ -1,6 +1,6 @@
 //! Given/when/then tests of the projection and submission rules.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use threadline_engine::{
     Actor, AgentEventKind, ClientId, Command, DomainError, EventId, Limits, Role, RunId, ThreadId,
@@ -467,4 +467,146 @@ fn a_checkpoint_of_an_older_format_is_rebuilt_from_the_log() {
         reopened.read(|m| m.digests()),
         g.projector.read(|m| m.digests())
     );
+}
+
+/// A log on which another writer always lands on the thread first: every append
+/// of ours is preceded by a rival event on the same stream, so ours conflicts.
+#[derive(Debug)]
+struct Rivalled {
+    inner: MemoryLog,
+    rival: Mutex<Option<(ThreadId, RunId)>>,
+}
+
+impl EventLog for Rivalled {
+    fn append(&self, events: Vec<NewEvent>) -> threadline_storage::PendingAppend {
+        let rival = self.rival.lock().unwrap().clone();
+        if let (Some((thread_id, run_id)), Some(first)) = (rival, events.first()) {
+            let event = threadline_engine::Event::AgentEventRecorded {
+                thread_id,
+                run_id,
+                kind: AgentEventKind::Thinking,
+                data: "{}".into(),
+                tool_call_id: None,
+            };
+            let rival = NewEvent {
+                event_id: uuid::Uuid::now_v7(),
+                stream: first.stream.clone(),
+                expected_version: None,
+                actor: "agent:rival".into(),
+                event_type: event.type_name().into(),
+                payload: encode_event(&event),
+            };
+            let pending = self.inner.append(vec![rival]);
+            // Waited for off the runtime thread this is called on.
+            std::thread::scope(|s| s.spawn(|| pending.wait()).join())
+                .unwrap()
+                .unwrap();
+        }
+        self.inner.append(events)
+    }
+    fn head(&self) -> Position {
+        self.inner.head()
+    }
+    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
+        self.inner.watch_head()
+    }
+    fn read_from(
+        &self,
+        from: Position,
+        limit: usize,
+    ) -> Result<Vec<Record>, threadline_storage::StorageError> {
+        self.inner.read_from(from, limit)
+    }
+    fn read_at(
+        &self,
+        position: Position,
+    ) -> Result<Option<Record>, threadline_storage::StorageError> {
+        self.inner.read_at(position)
+    }
+    fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<Record>, threadline_storage::StorageError> {
+        self.inner.read_stream(stream, from, limit)
+    }
+    fn stream_version(&self, stream: &str) -> Result<u64, threadline_storage::StorageError> {
+        self.inner.stream_version(stream)
+    }
+    fn find_event(
+        &self,
+        id: uuid::Uuid,
+    ) -> Result<Option<threadline_storage::Appended>, threadline_storage::StorageError> {
+        self.inner.find_event(id)
+    }
+}
+
+impl threadline_storage::Checkpoints for Rivalled {
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, threadline_storage::StorageError> {
+        self.inner.load_checkpoint(name)
+    }
+    fn store_checkpoint(
+        &self,
+        name: &str,
+        bytes: &[u8],
+    ) -> Result<(), threadline_storage::StorageError> {
+        self.inner.store_checkpoint(name, bytes)
+    }
+}
+
+#[test]
+fn a_write_that_loses_every_race_is_contended_and_appends_nothing() {
+    let log = Arc::new(Rivalled {
+        inner: MemoryLog::new(),
+        rival: Mutex::new(None),
+    });
+    let projector = Arc::new(Projector::open(log.clone()).unwrap());
+    let _fold = projector.follow(CheckpointPolicy::default()).unwrap();
+    let commands = CommandService::new(projector.clone(), Limits::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let submit = |actor: &Actor, command: Command| {
+        rt.block_on(commands.submit(actor, &[Submission::new(command)], now()))
+    };
+    let thread_id = ThreadId::generate();
+    let run_id = RunId::generate();
+    submit(
+        &user("alice"),
+        Command::CreateThread {
+            thread_id: thread_id.clone(),
+            owner: UserId::parse("alice").unwrap(),
+            title: None,
+            metadata: None,
+        },
+    )
+    .unwrap();
+    submit(
+        &agent(),
+        Command::RegisterRun {
+            thread_id: thread_id.clone(),
+            run_id: run_id.clone(),
+            agent_name: "a".into(),
+        },
+    )
+    .unwrap();
+    submit(&agent(), event(&run_id, AgentEventKind::Started)).unwrap();
+    let before = log.head();
+
+    *log.rival.lock().unwrap() = Some((thread_id, run_id.clone()));
+    let result = submit(&agent(), event(&run_id, AgentEventKind::Completed));
+
+    assert!(
+        matches!(result, Err(SubmitError::Contended { attempts: 64 })),
+        "{result:?}"
+    );
+    // Only the rivals landed: one per attempt, none of ours.
+    let after = log.head();
+    assert_eq!(after.0 - before.0, 64);
+    let landed = log.read_from(before.next(), 100).unwrap();
+    assert!(landed.iter().all(|r| r.actor == "agent:rival"));
 }

@@ -19,7 +19,7 @@ mod sled_log;
 
 pub use error::{LossReport, StorageError};
 pub use frame::FRAME_FORMAT;
-pub use log::{Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position};
+pub use log::{AppendResult, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position};
 pub use memory::MemoryLog;
 pub use record::{Record, FORMAT_VERSION};
 pub use sled_log::{write_log, SledLog, SledOptions};

@@ -107,6 +107,11 @@ pub trait EventLog: Send + Sync + 'static {
     fn close(&self) -> Result<(), StorageError> {
         Ok(())
     }
+    /// Whether the log still accepts appends: false once a failed commit has
+    /// stopped it (fail-stop) or it was closed.
+    fn accepting(&self) -> bool {
+        true
+    }
 }
 
 /// Named, durable blobs beside the log (projection checkpoints).
@@ -117,7 +122,8 @@ pub trait Checkpoints: Send + Sync + 'static {
     fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError>;
 }
 
-type AppendResult = Result<Vec<Appended>, StorageError>;
+/// What an append is answered: where each event landed, or why none did.
+pub type AppendResult = Result<Vec<Appended>, StorageError>;
 
 /// An append on its way to disk: `.await` it, or `wait()` for it from a
 /// thread that is not running an async runtime.
@@ -127,12 +133,16 @@ pub struct PendingAppend {
 }
 
 impl PendingAppend {
-    pub(crate) fn channel() -> (oneshot::Sender<AppendResult>, PendingAppend) {
+    /// An append answered later through the sender (for a log implementation or a
+    /// wrapper around one, such as a fault-injecting test log). A dropped sender
+    /// answers [`StorageError::Closed`].
+    pub fn channel() -> (oneshot::Sender<AppendResult>, PendingAppend) {
         let (tx, rx) = oneshot::channel();
         (tx, PendingAppend { rx })
     }
 
-    pub(crate) fn ready(result: AppendResult) -> PendingAppend {
+    /// An append answered at once.
+    pub fn ready(result: AppendResult) -> PendingAppend {
         let (tx, pending) = Self::channel();
         let _ = tx.send(result);
         pending

@@ -152,7 +152,8 @@ impl Shared {
 /// The in-memory indexes: every applied record's event id and stream version.
 #[derive(Debug, Default)]
 struct Index {
-    ids: HashMap<Uuid, u64>,
+    /// Event id → (position, stream version): a repeat is answered from memory.
+    ids: HashMap<Uuid, (u64, u64)>,
     /// Positions of each stream's versions 1, 2, … (non-decreasing: a version
     /// whose record was unreadable holds the next readable one's position).
     streams: HashMap<String, Vec<u64>>,
@@ -163,13 +164,17 @@ struct Index {
 
 impl Index {
     fn add(&mut self, position: u64, event_id: Uuid, stream: &str) {
-        self.ids.insert(event_id, position);
-        match self.streams.get_mut(stream) {
-            Some(v) => v.push(position),
+        let version = match self.streams.get_mut(stream) {
+            Some(v) => {
+                v.push(position);
+                v.len()
+            }
             None => {
                 self.streams.insert(stream.to_owned(), vec![position]);
+                1
             }
-        }
+        };
+        self.ids.insert(event_id, (position, version as u64));
     }
 }
 
@@ -741,7 +746,6 @@ struct Writer {
 
 /// The writer's view of committed state: everything applied, durable or not.
 struct Lookup<'a> {
-    log: &'a sled::Tree,
     index: &'a Index,
 }
 
@@ -751,20 +755,16 @@ impl Committed for Lookup<'_> {
     }
 
     fn find_event(&mut self, id: Uuid) -> Result<Option<Appended>, StorageError> {
-        match self.index.ids.get(&id) {
-            Some(&p) => appended_at(self.log, Position(p)).map(Some),
-            None => Ok(None),
-        }
+        Ok(self.index.ids.get(&id).map(|&(p, v)| appended_at(p, v)))
     }
 }
 
-fn appended_at(log: &sled::Tree, position: Position) -> Result<Appended, StorageError> {
-    let record = read_record(log, position)?;
-    Ok(Appended {
-        position,
-        stream_version: record.stream_version,
+fn appended_at(position: u64, stream_version: u64) -> Appended {
+    Appended {
+        position: Position(position),
+        stream_version,
         duplicate: true,
-    })
+    }
 }
 
 impl Writer {
@@ -841,10 +841,7 @@ impl Writer {
         {
             let index = index_lock.read().unwrap_or_else(|p| p.into_inner());
             for job in jobs {
-                let mut lookup = Lookup {
-                    log: &self.shared.log,
-                    index: &index,
-                };
+                let mut lookup = Lookup { index: &index };
                 let outcome = planner
                     .plan(&mut lookup, job.events)
                     .map(|(results, records)| {
@@ -1027,6 +1024,10 @@ impl EventLog for SledLog {
         self.shut()
     }
 
+    fn accepting(&self) -> bool {
+        !self.shared.failed.load(Ordering::Acquire)
+    }
+
     fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
         let (reply, pending) = PendingAppend::channel();
         let jobs = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
@@ -1207,9 +1208,7 @@ impl EventLog for SledLog {
             index.ids.get(&event_id).copied()
         };
         match position {
-            Some(p) if p <= self.durable().0 => {
-                appended_at(&self.shared.log, Position(p)).map(Some)
-            }
+            Some((p, v)) if p <= self.durable().0 => Ok(Some(appended_at(p, v))),
             _ => Ok(None),
         }
     }

@@ -26,23 +26,29 @@ pub const SECRET: &str = "threadline-test-secret-0123456789abcdef";
 /// How long any wait in a test may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// The built `threadline` binary (built by `cargo test --workspace`).
+/// The `threadline` binary: `THREADLINE_BIN`, or this workspace's build of it,
+/// brought up to date once per test run (a no-op under `cargo test --workspace`,
+/// which built it; it keeps `cargo test -p threadline-tests` from testing a stale one).
 pub fn binary() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     if let Ok(p) = std::env::var("THREADLINE_BIN") {
         return p.into();
     }
-    // target/<profile>/deps/it-<hash> → target/<profile>/threadline
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("threadline");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "threadline-cli", "--bin", "threadline"])
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building threadline failed");
-    }
-    bin
+    BUILT
+        .get_or_init(|| {
+            // target/<profile>/deps/it-<hash> → target/<profile>/threadline
+            let exe = std::env::current_exe().expect("current exe");
+            let dir = exe.parent().and_then(Path::parent).expect("target dir");
+            let mut build = Command::new(env!("CARGO"));
+            build.args(["build", "-q", "-p", "threadline-cli", "--bin", "threadline"]);
+            if dir.ends_with("release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo build");
+            assert!(status.success(), "building threadline failed");
+            dir.join("threadline")
+        })
+        .clone()
 }
 
 pub fn now_secs() -> u64 {
@@ -115,16 +121,24 @@ pub struct TestServer {
 #[derive(Debug)]
 enum Backend {
     Process(Child),
-    /// `serve` on this test's runtime over a `MemoryLog`; stopped on drop.
-    InProcess(Option<tokio::sync::oneshot::Sender<()>>),
+    /// `serve` on this test's runtime; stopped on drop.
+    InProcess {
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        served: Option<tokio::task::JoinHandle<Result<(), threadline_api::ServeError>>>,
+    },
 }
 
 impl TestServer {
     /// Starts a server in this process, over a `MemoryLog`, with the defaults
     /// of `threadline serve` and the test secret. Needs a tokio runtime.
     pub fn spawn() -> TestServer {
+        Self::spawn_on(Arc::new(threadline_storage::MemoryLog::new()))
+    }
+
+    /// Starts a server in this process over `log` (any log: a fault-injecting
+    /// wrapper, a `SledLog` in a temp dir…). Needs a tokio runtime.
+    pub fn spawn_on<L: threadline_api::Log>(log: Arc<L>) -> TestServer {
         use threadline_api::config::LimitArgs;
-        let log = Arc::new(threadline_storage::MemoryLog::new());
         let projector = Arc::new(threadline_projections::Projector::open(log).expect("projector"));
         let auth = threadline_api::auth::Authenticator::hs256(SECRET.as_bytes(), None, None, 0);
         let state = threadline_api::AppState::new(
@@ -138,7 +152,7 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(threadline_api::serve(listener, state, async move {
+        let served = tokio::spawn(threadline_api::serve(listener, state, async move {
             let _ = stopped.await;
         }));
         let data = Arc::new(tempfile::tempdir().expect("tempdir"));
@@ -146,9 +160,27 @@ impl TestServer {
             addr,
             data_dir: data.path().to_owned(),
             data,
-            backend: Backend::InProcess(Some(stop)),
+            backend: Backend::InProcess {
+                stop: Some(stop),
+                served: Some(served),
+            },
             log: Arc::default(),
             options: Options::default(),
+        }
+    }
+
+    /// Shuts an in-process server down as a signal would (sockets closed, the
+    /// log checkpointed and closed) and returns how `serve` ended.
+    pub async fn shut_down(mut self) -> Result<(), threadline_api::ServeError> {
+        let Backend::InProcess { stop, served } = &mut self.backend else {
+            panic!("shut_down is for in-process servers; stop a process with stop()")
+        };
+        if let Some(stop) = stop.take() {
+            let _ = stop.send(());
+        }
+        match served.take() {
+            Some(served) => served.await.expect("serve task"),
+            None => Ok(()),
         }
     }
 
@@ -165,7 +197,7 @@ impl TestServer {
     fn child(&mut self) -> &mut Child {
         match &mut self.backend {
             Backend::Process(child) => child,
-            Backend::InProcess(_) => {
+            Backend::InProcess { .. } => {
                 panic!("this test needs the real process: start it with TestServer::spawn_process")
             }
         }
@@ -244,7 +276,7 @@ impl TestServer {
     pub fn pid(&self) -> u32 {
         match &self.backend {
             Backend::Process(child) => child.id(),
-            Backend::InProcess(_) => std::process::id(),
+            Backend::InProcess { .. } => std::process::id(),
         }
     }
 
@@ -334,7 +366,7 @@ impl Drop for TestServer {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Backend::InProcess(stop) => {
+            Backend::InProcess { stop, .. } => {
                 if let Some(stop) = stop.take() {
                     let _ = stop.send(());
                 }
@@ -786,4 +818,314 @@ pub fn tcp_state(local: u16, remote: u16) -> Option<TcpState> {
             other => Some(TcpState::Other(other)),
         }
     })
+}
+
+/// A TCP proxy in front of a server that a test can cut, stall or point elsewhere:
+/// the faults a client must survive, without touching the server.
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    inner: Arc<ProxyInner>,
+}
+
+#[derive(Debug)]
+struct ProxyInner {
+    target: Mutex<SocketAddr>,
+    mode: Mutex<ProxyMode>,
+    /// Bumped by [`Proxy::cut`]: every connection opened before ends.
+    generation: tokio::sync::watch::Sender<u64>,
+    accepted: std::sync::atomic::AtomicU64,
+    /// Connections numbered below this swallow everything (see [`Proxy::freeze`]).
+    frozen_below: tokio::sync::watch::Sender<u64>,
+}
+
+/// What the proxy does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Forward both ways.
+    Pass,
+    /// Accept and close at once (as a server that is down would refuse).
+    Refuse,
+    /// Accept, forward nothing and close nothing: a connection gone silent.
+    Stall,
+}
+
+impl Proxy {
+    /// Listens on an ephemeral loopback port, forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let inner = Arc::new(ProxyInner {
+            target: Mutex::new(target),
+            mode: Mutex::new(ProxyMode::Pass),
+            generation: tokio::sync::watch::Sender::new(0),
+            accepted: std::sync::atomic::AtomicU64::new(0),
+            frozen_below: tokio::sync::watch::Sender::new(0),
+        });
+        let shared = inner.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = shared
+                    .accepted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let frozen = shared.frozen_below.subscribe();
+                let mode = *shared.mode.lock().unwrap();
+                let target = *shared.target.lock().unwrap();
+                let mut cut = shared.generation.subscribe();
+                tokio::spawn(async move {
+                    match mode {
+                        ProxyMode::Refuse => {}
+                        ProxyMode::Stall => {
+                            let _held = client;
+                            let _ = cut.changed().await;
+                        }
+                        ProxyMode::Pass => {
+                            let Ok(server) = TcpStream::connect(target).await else {
+                                return;
+                            };
+                            let (client_r, client_w) = client.into_split();
+                            let (server_r, server_w) = server.into_split();
+                            tokio::select! {
+                                _ = pump(client_r, server_w, number, frozen.clone()) => {}
+                                _ = pump(server_r, client_w, number, frozen) => {}
+                                _ = cut.changed() => {}
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { addr, inner }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Ends every connection open now (both sides see the TCP connection drop).
+    pub fn cut(&self) {
+        self.inner.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every connection open now goes silent: what either side sends is swallowed and
+    /// nothing is closed, as on a link that died without a word.
+    pub fn freeze(&self) {
+        let accepted = self.accepted();
+        self.inner.frozen_below.send_modify(|f| *f = accepted);
+    }
+
+    /// How later connections are treated (open ones keep theirs until [`Proxy::cut`]).
+    pub fn set_mode(&self, mode: ProxyMode) {
+        *self.inner.mode.lock().unwrap() = mode;
+    }
+
+    /// Where later connections go (after a server restarted on another port).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.inner.target.lock().unwrap() = target;
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.inner
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Copies one direction of a proxied connection until either side ends it; once the
+/// connection is frozen, what arrives is read and dropped.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    number: u64,
+    frozen: tokio::sync::watch::Receiver<u64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if number < *frozen.borrow() {
+            continue;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// What a [`Relay`] does to the event frames of the first connection it relays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tamper {
+    /// Drops the n-th event frame (1-based).
+    Drop(usize),
+    /// Sends the n-th event frame twice.
+    Repeat(usize),
+    /// Swaps the n-th event frame with the one after it.
+    Swap(usize),
+}
+
+/// A WebSocket relay in front of a server that tampers with the event frames of its
+/// first connection, as a faulty intermediary would; later connections pass untouched.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub addr: SocketAddr,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr, tamper: Tamper) -> Relay {
+        use tokio_tungstenite::tungstenite::handshake::server::{
+            Request as ServerRequest, Response as ServerResponse,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((tcp, _)) = listener.accept().await {
+                let tamper = std::mem::take(&mut first).then_some(tamper);
+                tokio::spawn(async move {
+                    let mut upstream_req = None;
+                    // The handshake callback's error type is tungstenite's, not ours.
+                    #[allow(clippy::result_large_err)]
+                    let callback = |req: &ServerRequest, mut resp: ServerResponse| {
+                        upstream_req = Some((
+                            req.uri().to_string(),
+                            req.headers().get("authorization").cloned(),
+                        ));
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", "threadline.v1".parse().unwrap());
+                        Ok(resp)
+                    };
+                    let Ok(mut downstream) =
+                        tokio_tungstenite::accept_hdr_async(tcp, callback).await
+                    else {
+                        return;
+                    };
+                    let Some((path, auth)) = upstream_req else {
+                        return;
+                    };
+                    let Ok(mut req) = format!("ws://{target}{path}").into_client_request() else {
+                        return;
+                    };
+                    if let Some(auth) = auth {
+                        req.headers_mut().insert("authorization", auth);
+                    }
+                    let Ok((mut upstream, _)) = tokio_tungstenite::connect_async(req).await else {
+                        return;
+                    };
+                    let mut events = 0usize;
+                    let mut held: Option<Message> = None;
+                    loop {
+                        tokio::select! {
+                            m = upstream.next() => {
+                                let Some(Ok(m)) = m else { break };
+                                let is_event = m.to_text().is_ok_and(|t| t.starts_with("{\"type\":\"event\""));
+                                if is_event {
+                                    events += 1;
+                                }
+                                let mut out = vec![m.clone()];
+                                match tamper {
+                                    Some(Tamper::Drop(n)) if is_event && events == n => out.clear(),
+                                    Some(Tamper::Repeat(n)) if is_event && events == n => out.push(m),
+                                    Some(Tamper::Swap(n)) if is_event && events == n => {
+                                        held = Some(m);
+                                        out.clear();
+                                    }
+                                    Some(Tamper::Swap(n)) if is_event && events == n + 1 => {
+                                        out.extend(held.take());
+                                    }
+                                    _ => {}
+                                }
+                                for m in out {
+                                    if downstream.send(m).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                            m = downstream.next() => {
+                                let Some(Ok(m)) = m else { break };
+                                if upstream.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Relay { addr }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+}
+
+impl TestServer {
+    /// A `threadline-client` on this server for `token` (client id `test`, quick
+    /// reconnects), as `configure` adjusts it: how tests read the ordinary replay/live path.
+    pub fn client(
+        &self,
+        token: &str,
+        configure: impl FnOnce(threadline_client::Config) -> threadline_client::Config,
+    ) -> threadline_client::Client {
+        let config = threadline_client::Config::new(
+            format!("ws://{}", self.addr),
+            threadline_client::TokenSource::fixed(token),
+        )
+        .client_id("test")
+        .backoff(threadline_client::Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_millis(500),
+            factor: 2.0,
+        });
+        threadline_client::Client::connect(configure(config))
+    }
+}
+
+/// The next update of `client` within [`DEADLINE`]; an error update fails (the ordinary
+/// path has none).
+async fn next_update(client: &mut threadline_client::Client) -> Result<threadline_client::Update> {
+    use threadline_client::Update;
+    match tokio::time::timeout(DEADLINE, client.next()).await {
+        Err(_) => bail!("no update before the deadline"),
+        Ok(None) => bail!("the client stopped"),
+        Ok(Some(Update::Error(e))) => bail!("client error: {e}"),
+        Ok(Some(u)) => Ok(u),
+    }
+}
+
+/// Reads `client` until `n` more events arrived; returns them (each in order, checked
+/// by the client).
+pub async fn client_events(
+    client: &mut threadline_client::Client,
+    n: usize,
+) -> Result<Vec<threadline_client::Event>> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        if let threadline_client::Update::Event(e) = next_update(client).await? {
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `client` until its next `caught_up`; returns the events before it and its `user_seq`.
+pub async fn client_caught_up(
+    client: &mut threadline_client::Client,
+) -> Result<(Vec<threadline_client::Event>, u64)> {
+    let mut out = Vec::new();
+    loop {
+        match next_update(client).await? {
+            threadline_client::Update::Event(e) => out.push(e),
+            threadline_client::Update::CaughtUp { user_seq } => return Ok((out, user_seq)),
+            _ => {}
+        }
+    }
 }

@@ -21,7 +21,7 @@ use threadline_api::config::DataArgs;
 use threadline_api::wire;
 
 /// Events asked for per page (the audit endpoint's largest page).
-const PAGE: u64 = 1000;
+const PAGE: u64 = threadline_api::MAX_LIMIT as u64;
 /// How often `--follow` looks for new events.
 const POLL: Duration = Duration::from_millis(200);
 

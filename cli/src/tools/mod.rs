@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod maintenance;
 pub mod rebuild;
+pub mod tail;
 pub mod token;
 pub mod verify;
 

@@ -112,7 +112,7 @@ fn caught_up(log: &SledLog, mut model: ReadModel) -> anyhow::Result<ReadModel> {
         model.position()
     );
     while model.position() < head {
-        let page = log.read_from(model.position().next(), 1000)?;
+        let page = log.read_from(model.position().next(), threadline_projections::PAGE)?;
         if page.is_empty() {
             break;
         }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::json;
-use threadline_tests::{append_thinking, seq, started_run, token, TestServer};
+use threadline_client::Resume;
+use threadline_tests::{append_thinking, client_caught_up, seq, started_run, token, TestServer};
 
 const APPENDERS: usize = 4;
 const PER_APPENDER: usize = 5_000;
@@ -167,16 +168,14 @@ async fn every_connection_sees_consecutive_user_seq_across_the_hand_over() {
     }
     assert_eq!(head.load(Ordering::Relaxed), FINAL);
 
-    // Afterwards one more replay from 0 sees the whole history, dense.
-    let mut s = server.socket(&user, "after=0").await.unwrap();
-    let w = s.welcome().await.unwrap();
-    assert_eq!(w["head"], FINAL);
-    let (all, caught_up) = s.until("caught_up").await.unwrap();
+    // Afterwards one more replay from 0, with the client, sees the whole history, dense.
+    let mut client = server.client(&user, |c| c.resume(Resume::After(0)));
+    let (all, caught_up) = client_caught_up(&mut client).await.unwrap();
     assert_eq!(
-        all.iter().map(seq).collect::<Vec<_>>(),
+        all.iter().map(|e| e.user_seq).collect::<Vec<_>>(),
         (1..=FINAL).collect::<Vec<_>>()
     );
-    assert_eq!(seq(&caught_up), FINAL);
+    assert_eq!(caught_up, FINAL);
 
     let connections = tally.connections.load(Ordering::Relaxed);
     let handovers = tally.handovers.load(Ordering::Relaxed);

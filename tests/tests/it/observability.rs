@@ -1,7 +1,8 @@
 //! Logs never carry tokens, and `/metrics` exposes the figures operators watch.
 
 use serde_json::json;
-use threadline_tests::{eventually, token, Options, TestServer};
+use threadline_client::Resume;
+use threadline_tests::{client_caught_up, client_events, eventually, token, Options, TestServer};
 
 #[tokio::test]
 async fn tokens_never_reach_the_log_even_at_trace_level() {
@@ -58,19 +59,14 @@ async fn metrics_expose_appends_sockets_frames_lags_and_rejections() {
     let agent = server.api(&token("bot", "agent"));
     let thread = agent.create_thread(json!({"user_id": "alice"})).await;
     let run = agent.register_run(&thread).await;
-    let mut socket = server.socket(&user, "after=0").await.unwrap();
-    socket.until("caught_up").await.unwrap();
+    let mut client = server.client(&user, |c| c.resume(Resume::After(0)));
+    client_caught_up(&mut client).await.unwrap();
     assert_eq!(
         agent.event(&run, "agent_started", json!({})).await.status,
         201
     );
-    socket.events(1).await.unwrap();
-    socket
-        .send(json!({"type": "ack", "user_seq": 3}))
-        .await
-        .unwrap();
-    socket.send(json!({"type": "ping"})).await.unwrap();
-    assert_eq!(socket.frame().await.unwrap()["type"], "pong");
+    client_events(&mut client, 1).await.unwrap();
+    assert_eq!(client.flush().await, Ok(3));
     assert_eq!(
         agent.event(&run, "no_such_type", json!({})).await.status,
         400

@@ -348,6 +348,21 @@ impl Doc {
         errors: &mut Vec<String>,
     ) {
         let schema = self.resolve(schema);
+        if let Some(choices) = schema["oneOf"].as_array() {
+            let matching = choices
+                .iter()
+                .filter(|choice| {
+                    let mut own = Vec::new();
+                    self.walk(choice, value, at, closed, &mut own);
+                    own.is_empty()
+                })
+                .count();
+            if matching != 1 {
+                errors.push(format!(
+                    "{at}: {value} matches {matching} of its oneOf choices"
+                ));
+            }
+        }
         if let Some(parts) = schema["allOf"].as_array() {
             for part in parts {
                 self.walk(part, value, at, false, errors);
@@ -483,6 +498,7 @@ fn the_checker_catches_what_it_should() {
             "list": {"type": "array", "maxItems": 1, "items": {"type": "string"}},
         }},
         "B": {"allOf": [{"$ref": "#/components/schemas/A"}, {"type": "object", "properties": {"b": {"type": "boolean"}}}]},
+        "C": {"oneOf": [{"type": "string"}, {"type": "object", "required": ["b"], "properties": {"b": {"type": "boolean"}}}]},
     }}}));
     let a = json!({"$ref": "#/components/schemas/A"});
     let b = json!({"$ref": "#/components/schemas/B"});
@@ -492,6 +508,15 @@ fn the_checker_catches_what_it_should() {
     with_b["b"] = json!(true);
     assert_eq!(doc.check(&b, &with_b), Vec::<String>::new());
     assert_eq!(doc.check(&a, &with_b).len(), 1, "b is not documented on A");
+    let c = json!({"$ref": "#/components/schemas/C"});
+    assert_eq!(doc.check(&c, &json!("s")), Vec::<String>::new());
+    assert_eq!(doc.check(&c, &json!({"b": false})), Vec::<String>::new());
+    assert_eq!(
+        doc.check(&c, &json!({"b": false, "x": 1})).len(),
+        1,
+        "x is not documented"
+    );
+    assert_eq!(doc.check(&c, &json!(1)).len(), 1);
     for bad in [
         json!({}),
         json!({"id": "nope"}),

@@ -3,7 +3,10 @@
 //! consecutive `user_seq`, then `caught_up`, then live ones.
 
 use serde_json::json;
-use threadline_tests::{append_thinking, seq, started_run, token, Socket, TestServer};
+use threadline_client::AckMode;
+use threadline_tests::{
+    append_thinking, client_caught_up, seq, started_run, token, Socket, TestServer,
+};
 
 /// Acks `user_seq` and waits until the server has handled it (it answers a
 /// later ping only after the ack's append returned).
@@ -101,27 +104,24 @@ async fn acks_survive_a_restart_and_the_reconnect_resumes_after_them() {
     let alice = token("alice", "user");
     let (_, run) = started_run(&agent, "alice").await;
     append_thinking(&agent, &run, 0, 5, 0).await; // 1..=8
-    let mut s = server.socket(&alice, "client_id=tab").await.unwrap();
-    s.welcome().await.unwrap();
-    s.until("caught_up").await.unwrap();
-    ack(&mut s, 6).await;
-    drop(s);
+                                                  // The client acks what it handled (6 of the 8) and flush() waits until that is durable.
+    let mut client = server.client(&alice, |c| c.ack_mode(AckMode::Manual));
+    let (replayed, _) = client_caught_up(&mut client).await.unwrap();
+    assert_eq!(replayed.len(), 8);
+    client.ack(6);
+    assert_eq!(client.flush().await, Ok(6));
+    client.close().await;
 
     let server = server.restart();
     let agent = server.api(&token("bot", "agent"));
     append_thinking(&agent, &run, 5, 2, 0).await; // 9, 10
-    let mut s = server.socket(&alice, "client_id=tab").await.unwrap();
-    let w = s.welcome().await.unwrap();
+    let mut client = server.client(&alice, |c| c);
+    let (unseen, caught_up) = client_caught_up(&mut client).await.unwrap();
     assert_eq!(
-        (w["resume_after"].as_u64(), w["head"].as_u64()),
-        (Some(6), Some(10))
-    );
-    let (unseen, caught_up) = s.until("caught_up").await.unwrap();
-    assert_eq!(
-        unseen.iter().map(seq).collect::<Vec<_>>(),
+        unseen.iter().map(|e| e.user_seq).collect::<Vec<_>>(),
         vec![7, 8, 9, 10]
     );
-    assert_eq!(seq(&caught_up), 10);
+    assert_eq!(caught_up, 10);
 }
 
 /// A long replay still answers the client: a ping sent right after `welcome`

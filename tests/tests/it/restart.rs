@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use threadline_tests::{token, TestServer};
+use threadline_client::{AckMode, Resume};
+use threadline_tests::{client_caught_up, token, TestServer};
 use tokio::sync::Mutex;
 
 /// Everything a reader can see of the server's state.
@@ -72,32 +73,20 @@ async fn everything_acknowledged_survives_a_sigterm_restart() {
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
 
-    // A socket of Alice's reads her events and acknowledges the first five.
+    // A client of Alice's reads her events and acknowledges the first five; its flush
+    // returns once that ack is durable.
     let alice_token = token("alice", "user");
-    let mut socket = server
-        .socket(&alice_token, "client_id=phone&after=0")
-        .await
-        .unwrap();
-    let (replayed, caught_up) = socket.until("caught_up").await.unwrap();
-    assert_eq!(replayed[0]["type"], "welcome");
-    let alice_events = replayed.len() as u64 - 1;
-    assert_eq!(caught_up["user_seq"], alice_events);
-    socket
-        .send(json!({"type": "ack", "user_seq": 5}))
-        .await
-        .unwrap();
-    // The ack is durable once a reconnect without `after` resumes from it.
-    threadline_tests::eventually("the ack to be durable", || {
-        let server = &server;
-        let t = alice_token.clone();
-        async move {
-            let mut s = server.socket(&t, "client_id=phone").await.ok()?;
-            let w = s.frame().await.ok()?;
-            (w["resume_after"] == 5).then_some(())
-        }
-    })
-    .await;
-    drop(socket);
+    let mut client = server.client(&alice_token, |c| {
+        c.client_id("phone")
+            .resume(Resume::After(0))
+            .ack_mode(AckMode::Manual)
+    });
+    let (replayed, caught_up) = client_caught_up(&mut client).await.unwrap();
+    let alice_events = replayed.len() as u64;
+    assert_eq!(caught_up, alice_events);
+    client.ack(5);
+    assert_eq!(client.flush().await, Ok(5));
+    client.close().await;
 
     let threads = vec![a1.clone(), a2.clone(), b1.clone()];
     let before = snapshot(&server, &threads).await;
@@ -139,22 +128,12 @@ async fn everything_acknowledged_survives_a_sigterm_restart() {
     let a1_events = before["threads"][0]["events"].as_array().unwrap().len() as u64;
     assert_eq!(r.body["thread_version"], a1_events + 1);
 
-    // The socket resumes after its durable cursor: exactly the unseen events.
-    let mut socket = server
-        .socket(&alice_token, "client_id=phone")
-        .await
-        .unwrap();
-    let welcome = socket.frame().await.unwrap();
-    assert_eq!(welcome["type"], "welcome");
-    assert_eq!(welcome["resume_after"], 5);
-    assert_eq!(welcome["head"], alice_events + 1);
-    let (frames, caught_up) = socket.until("caught_up").await.unwrap();
-    let seqs: Vec<u64> = frames
-        .iter()
-        .map(|f| f["user_seq"].as_u64().unwrap())
-        .collect();
+    // The client resumes after its durable cursor: exactly the unseen events.
+    let mut client = server.client(&alice_token, |c| c.client_id("phone"));
+    let (unseen, caught_up) = client_caught_up(&mut client).await.unwrap();
+    let seqs: Vec<u64> = unseen.iter().map(|e| e.user_seq).collect();
     assert_eq!(seqs, (6..=alice_events + 1).collect::<Vec<_>>());
-    assert_eq!(caught_up["user_seq"], alice_events + 1);
+    assert_eq!(caught_up, alice_events + 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,8 @@
-//! A first end-to-end pass: create, register, append, receive on a socket.
+//! A first end-to-end pass: create, register, append, receive with the client.
 
 use serde_json::json;
-use threadline_tests::{token, TestServer};
+use threadline_client::{Payload, Resume};
+use threadline_tests::{client_caught_up, client_events, token, TestServer};
 
 #[tokio::test]
 async fn an_agent_event_reaches_the_owners_socket() {
@@ -10,20 +11,23 @@ async fn an_agent_event_reaches_the_owners_socket() {
     let agent = server.api(&token("bot", "agent"));
     let thread = alice.create_thread(json!({"title": "hello"})).await;
     let run = agent.register_run(&thread).await;
-    let mut socket = server
-        .socket(&token("alice", "user"), "after=0")
-        .await
-        .unwrap();
-    let welcome = socket.frame().await.unwrap();
-    assert_eq!(welcome["type"], "welcome");
-    assert_eq!(welcome["head"], 2);
-    let (replayed, caught_up) = socket.until("caught_up").await.unwrap();
+    let mut client = server.client(&token("alice", "user"), |c| c.resume(Resume::After(0)));
+    let (replayed, caught_up) = client_caught_up(&mut client).await.unwrap();
     assert_eq!(replayed.len(), 2);
-    assert_eq!(caught_up["user_seq"], 2);
+    assert_eq!(caught_up, 2);
+    assert_eq!(
+        replayed[0].payload,
+        Payload::ThreadCreated {
+            title: Some("hello".into()),
+            metadata: None
+        }
+    );
     let r = agent.event(&run, "agent_started", json!({"step": 1})).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
-    let live = socket.events(1).await.unwrap();
-    assert_eq!(live[0]["event"], "agent_started");
-    assert_eq!(live[0]["user_seq"], 3);
-    assert_eq!(live[0]["data"]["step"], 1);
+    let live = client_events(&mut client, 1).await.unwrap();
+    assert_eq!(live[0].user_seq, 3);
+    let Payload::AgentStarted(data) = &live[0].payload else {
+        panic!("{:?}", live[0])
+    };
+    assert_eq!(data["step"], 1);
 }

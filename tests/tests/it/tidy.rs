@@ -92,13 +92,63 @@ fn dependency_direction_holds() {
             "threadline-api",
         ],
     );
-    // The API reaches storage only through the log trait: no sled.
-    forbidden("api", &["sled"]);
+    // The API reaches storage only through the log trait: no sled; and the tools'
+    // crates (progress bars, an HTTP client) stay in the binary.
+    forbidden("api", &["sled", "indicatif", "reqwest", "threadline-cli"]);
+    // The binary wires the library crates; it never reaches sled itself.
+    forbidden("cli", &["sled", "axum"]);
+    // The socket client knows only the wire contract.
+    forbidden(
+        "client",
+        &[
+            "axum",
+            "sled",
+            "threadline-storage",
+            "threadline-engine",
+            "threadline-projections",
+            "threadline-api",
+        ],
+    );
+}
+
+/// The server library is generic over the log: the router, the state and
+/// `serve` run over any `EventLog + Checkpoints` (tests run them over
+/// `MemoryLog`). Only the binary's wiring (`cli/`) names a concrete log.
+#[test]
+fn the_api_names_no_concrete_log_type() {
+    let mut files = Vec::new();
+    rust_files(&root().join("api").join("src"), &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for concrete in ["SledLog", "MemoryLog", "SalvagedLog", "SledOptions"] {
+            assert!(
+                !text.contains(concrete),
+                "{} names the concrete log type {concrete}; take `L: Log` instead",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The server library and the binary do not import each other in a cycle, and
+/// no module of the server library reaches into the tools.
+#[test]
+fn the_api_never_reaches_into_the_tools() {
+    let mut files = Vec::new();
+    rust_files(&root().join("api").join("src"), &mut files);
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(
+            !text.contains("crate::tools") && !text.contains("threadline_cli"),
+            "{} reaches into the tools",
+            file.display()
+        );
+    }
 }
 
 #[test]
 fn only_storage_names_sled_in_product_code() {
-    for krate in ["engine", "projections", "api"] {
+    for krate in ["engine", "projections", "api", "cli"] {
         let mut files = Vec::new();
         rust_files(&root().join(krate).join("src"), &mut files);
         for file in files {
@@ -114,7 +164,15 @@ fn only_storage_names_sled_in_product_code() {
 
 #[test]
 fn every_module_says_what_it_is_for() {
-    for krate in ["storage", "engine", "projections", "api", "tests"] {
+    for krate in [
+        "storage",
+        "engine",
+        "projections",
+        "api",
+        "cli",
+        "client",
+        "tests",
+    ] {
         let mut files = Vec::new();
         rust_files(&root().join(krate).join("src"), &mut files);
         for file in files {
@@ -159,7 +217,15 @@ fn every_route_is_in_the_openapi_document_and_back() {
 #[test]
 fn no_test_is_ignored() {
     let mut files = Vec::new();
-    for krate in ["storage", "engine", "projections", "api", "tests"] {
+    for krate in [
+        "storage",
+        "engine",
+        "projections",
+        "api",
+        "cli",
+        "client",
+        "tests",
+    ] {
         rust_files(&root().join(krate), &mut files);
     }
     let marker = ["#[", "ignore]"].concat();
