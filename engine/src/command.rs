@@ -30,6 +30,26 @@ pub enum Command {
         client_id: ClientId,
         user_seq: u64,
     },
+    /// The agent asks the thread's owner something (`agent_awaiting_input`).
+    AwaitInput {
+        run_id: RunId,
+        input_id: String,
+        /// The choices of an approval; empty for a free-form question.
+        options: Vec<String>,
+        /// JSON object text; opaque to the engine.
+        data: String,
+    },
+    /// The thread's owner asks the agent to stop the run.
+    RequestCancel {
+        run_id: RunId,
+        reason: Option<String>,
+    },
+    /// The thread's owner answers an `agent_awaiting_input`.
+    ProvideInput {
+        run_id: RunId,
+        input_id: String,
+        answer: String,
+    },
 }
 
 impl Command {
@@ -92,6 +112,42 @@ impl Command {
                     user_seq: s,
                 },
             ) => user_id == u && client_id == c && user_seq == s,
+            (
+                Command::AwaitInput {
+                    run_id,
+                    input_id,
+                    options,
+                    data,
+                },
+                Event::InputRequested {
+                    run_id: r,
+                    input_id: i,
+                    options: o,
+                    data: d,
+                    ..
+                },
+            ) => run_id == r && input_id == i && options == o && data == d,
+            (
+                Command::RequestCancel { run_id, reason },
+                Event::RunCancelRequested {
+                    run_id: r,
+                    reason: why,
+                    ..
+                },
+            ) => run_id == r && reason == why,
+            (
+                Command::ProvideInput {
+                    run_id,
+                    input_id,
+                    answer,
+                },
+                Event::InputProvided {
+                    run_id: r,
+                    input_id: i,
+                    answer: a,
+                    ..
+                },
+            ) => run_id == r && input_id == i && answer == a,
             _ => false,
         }
     }
@@ -110,8 +166,12 @@ pub struct Limits {
     pub max_threads_per_user: u64,
     /// `tool_executing` calls a run may have open (not yet completed) at once.
     pub max_open_tool_calls: usize,
-    /// Longest `data.tool_call_id`, in bytes.
+    /// Longest `data.tool_call_id` (and `input_id`), in bytes.
     pub max_tool_call_id_bytes: usize,
+    /// `agent_awaiting_input` requests one run may make.
+    pub max_inputs_per_run: usize,
+    /// Longest answer to an input, and longest cancel reason, in bytes.
+    pub max_answer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -125,6 +185,8 @@ impl Default for Limits {
             max_threads_per_user: 10_000,
             max_open_tool_calls: 128,
             max_tool_call_id_bytes: 128,
+            max_inputs_per_run: 32,
+            max_answer_bytes: 16 * 1024,
         }
     }
 }

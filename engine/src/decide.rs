@@ -5,7 +5,7 @@ use crate::command::{Command, Limits};
 use crate::error::DomainError;
 use crate::event::{AgentEventKind, Event};
 use crate::ids::{Actor, ClientId, Role, RunId, ThreadId, UserId};
-use crate::state::{is_idle, Registry, RunStatus};
+use crate::state::{is_idle, Registry, Run, RunStatus};
 
 /// Role checks come first (403), then existence (404), then everything else, so a caller
 /// without the right never learns whether a thread or run exists.
@@ -41,6 +41,20 @@ pub fn decide(
             client_id,
             user_seq,
         } => acknowledge(user_id, client_id, user_seq),
+        Command::AwaitInput {
+            run_id,
+            input_id,
+            options,
+            data,
+        } => await_input(state, run_id, input_id, options, data, now_ms, limits),
+        Command::RequestCancel { run_id, reason } => {
+            request_cancel(state, actor, run_id, reason, now_ms, limits)
+        }
+        Command::ProvideInput {
+            run_id,
+            input_id,
+            answer,
+        } => provide_input(state, actor, run_id, input_id, answer, limits),
     }
 }
 
@@ -70,7 +84,7 @@ pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(
                 return Err(DomainError::ThreadNotFound(thread_id.clone()));
             }
         }
-        Command::RecordAgentEvent { run_id, .. } => {
+        Command::RecordAgentEvent { run_id, .. } | Command::AwaitInput { run_id, .. } => {
             if actor.role != Role::Agent {
                 return Err(forbidden("only agents may append agent events"));
             }
@@ -83,6 +97,20 @@ pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(
                 return Err(forbidden("only the system or an agent may expire runs"));
             }
             if state.run(run_id).is_none() {
+                return Err(DomainError::RunNotFound(run_id.clone()));
+            }
+        }
+        // Only the thread's owner steers its runs; anyone else's run answers like a
+        // missing one, and agents (who act, not steer) are refused outright.
+        Command::RequestCancel { run_id, .. } | Command::ProvideInput { run_id, .. } => {
+            if actor.role != Role::User {
+                return Err(forbidden("only the thread's owner may steer its runs"));
+            }
+            let owned = state
+                .run(run_id)
+                .and_then(|r| state.thread(&r.thread_id))
+                .is_some_and(|t| t.owner == actor.user);
+            if !owned {
                 return Err(DomainError::RunNotFound(run_id.clone()));
             }
         }
@@ -281,5 +309,157 @@ fn acknowledge(
         user_id,
         client_id,
         user_seq,
+    }])
+}
+
+/// Whether a run still takes events at `now_ms`: closed and expired runs refuse.
+fn ensure_open(run: &Run, now_ms: u64, limits: &Limits) -> Result<(), DomainError> {
+    match run.status {
+        RunStatus::Completed | RunStatus::Failed => Err(DomainError::RunClosed(run.run_id.clone())),
+        RunStatus::Expired => Err(DomainError::RunExpired(run.run_id.clone())),
+        _ if is_idle(run, now_ms, limits.run_ttl_ms) => {
+            Err(DomainError::RunExpired(run.run_id.clone()))
+        }
+        RunStatus::Registered | RunStatus::Running => Ok(()),
+    }
+}
+
+fn await_input(
+    state: &Registry,
+    run_id: RunId,
+    input_id: String,
+    options: Vec<String>,
+    data: String,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let Some(run) = state.run(&run_id) else {
+        return Err(DomainError::RunNotFound(run_id));
+    };
+    if data.len() > limits.max_data_bytes {
+        return Err(DomainError::TooLarge {
+            what: "data",
+            limit: limits.max_data_bytes,
+        });
+    }
+    ensure_open(run, now_ms, limits)?;
+    if input_id.is_empty() || input_id.len() > limits.max_tool_call_id_bytes {
+        return Err(DomainError::InvalidInput(format!(
+            "data.input_id must be 1 to {} bytes",
+            limits.max_tool_call_id_bytes
+        )));
+    }
+    if options.iter().any(|o| o.is_empty()) {
+        return Err(DomainError::InvalidInput(
+            "data.options must be non-empty strings".to_owned(),
+        ));
+    }
+    if run.inputs.len() >= limits.max_inputs_per_run {
+        return Err(DomainError::QuotaExceeded {
+            what: "inputs per run",
+            limit: limits.max_inputs_per_run as u64,
+        });
+    }
+    if run.status == RunStatus::Registered {
+        return Err(DomainError::InvalidLifecycle(
+            "agent_started must come first".to_owned(),
+        ));
+    }
+    if run.inputs.contains_key(&input_id) {
+        return Err(DomainError::InvalidLifecycle(format!(
+            "input {input_id} was already requested on this run"
+        )));
+    }
+    Ok(vec![Event::InputRequested {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        input_id,
+        options,
+        data,
+    }])
+}
+
+/// A second request to cancel the same run changes nothing (no event): the
+/// first one stands, and the caller is answered with it.
+fn request_cancel(
+    state: &Registry,
+    actor: &Actor,
+    run_id: RunId,
+    reason: Option<String>,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let Some(run) = state.run(&run_id) else {
+        return Err(DomainError::RunNotFound(run_id));
+    };
+    if reason
+        .as_deref()
+        .is_some_and(|r| r.len() > limits.max_answer_bytes)
+    {
+        return Err(DomainError::TooLarge {
+            what: "reason",
+            limit: limits.max_answer_bytes,
+        });
+    }
+    ensure_open(run, now_ms, limits)?;
+    if run.cancel.is_some() {
+        return Ok(vec![]);
+    }
+    Ok(vec![Event::RunCancelRequested {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        requested_by: actor.user.clone(),
+        reason,
+    }])
+}
+
+/// Idempotent by `input_id`: the same answer again records nothing (the caller
+/// is answered with the original), a different one is `InputAnswered` (409).
+/// A repeat is judged before the run's lifecycle, so it is answered the same
+/// after the run ended.
+fn provide_input(
+    state: &Registry,
+    actor: &Actor,
+    run_id: RunId,
+    input_id: String,
+    answer: String,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let Some(run) = state.run(&run_id) else {
+        return Err(DomainError::RunNotFound(run_id));
+    };
+    if answer.len() > limits.max_answer_bytes {
+        return Err(DomainError::TooLarge {
+            what: "answer",
+            limit: limits.max_answer_bytes,
+        });
+    }
+    let Some(input) = run.inputs.get(&input_id) else {
+        return Err(DomainError::InputNotFound(input_id));
+    };
+    match &input.answer {
+        Some(given) if given.answer == answer => return Ok(vec![]),
+        Some(_) => return Err(DomainError::InputAnswered(input_id)),
+        None => {}
+    }
+    // An input is open only while its run is: no expiry check here, since an owner
+    // answering is activity that keeps the run alive (like any event on it).
+    match run.status {
+        RunStatus::Completed | RunStatus::Failed => return Err(DomainError::RunClosed(run_id)),
+        RunStatus::Expired => return Err(DomainError::RunExpired(run_id)),
+        RunStatus::Registered | RunStatus::Running => {}
+    }
+    if !input.options.is_empty() && !input.options.contains(&answer) {
+        return Err(DomainError::InvalidInput(format!(
+            "answer must be one of the input's options: {}",
+            input.options.join(", ")
+        )));
+    }
+    Ok(vec![Event::InputProvided {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        input_id,
+        answered_by: actor.user.clone(),
+        answer,
     }])
 }

@@ -32,6 +32,12 @@ pub enum DomainError {
     QuotaExceeded { what: &'static str, limit: u64 },
     #[error("invalid request: {0}")]
     InvalidInput(String),
+    /// The run never asked for an input with this id.
+    #[error("input {0} not found on this run")]
+    InputNotFound(String),
+    /// The input was already answered, with a different answer.
+    #[error("input {0} was already answered differently")]
+    InputAnswered(String),
 }
 
 impl DomainError {
@@ -51,6 +57,8 @@ impl DomainError {
             Self::TooLarge { .. } => "payload_too_large",
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::InvalidInput(_) => "invalid_request",
+            Self::InputNotFound(_) => "input_not_found",
+            Self::InputAnswered(_) => "input_already_answered",
         }
     }
 }

@@ -48,6 +48,20 @@ impl AgentEventKind {
     }
 }
 
+/// The agent event type that asks the thread's owner for input. Not an
+/// [`AgentEventKind`]: it carries an `input_id` the engine tracks.
+pub const INPUT_REQUESTED: &str = "agent_awaiting_input";
+
+/// The events of a thread that are neither agent events nor `thread_created`:
+/// every `event` name a frame can carry besides those.
+pub const THREAD_EVENT_NAMES: [&str; 5] = [
+    "run_registered",
+    "run_expired",
+    "run_cancel_requested",
+    INPUT_REQUESTED,
+    "user_input_provided",
+];
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Event {
     ThreadCreated {
@@ -79,6 +93,33 @@ pub enum Event {
         client_id: ClientId,
         user_seq: u64,
     },
+    // Issue 19 (the way back from user to agent). New variants go at the end: the
+    // encoding numbers variants, so stored events keep their meaning.
+    /// `agent_awaiting_input`: the agent asked the owner something.
+    InputRequested {
+        thread_id: ThreadId,
+        run_id: RunId,
+        input_id: String,
+        /// The choices of an approval; empty for a question.
+        options: Vec<String>,
+        /// JSON object text; opaque to the engine.
+        data: String,
+    },
+    /// `run_cancel_requested`: the owner asked the agent to stop (who: the record's actor).
+    RunCancelRequested {
+        thread_id: ThreadId,
+        run_id: RunId,
+        requested_by: UserId,
+        reason: Option<String>,
+    },
+    /// `user_input_provided`: the owner answered an input.
+    InputProvided {
+        thread_id: ThreadId,
+        run_id: RunId,
+        input_id: String,
+        answered_by: UserId,
+        answer: String,
+    },
 }
 
 impl Event {
@@ -90,6 +131,9 @@ impl Event {
             Self::AgentEventRecorded { kind, .. } => kind.as_str(),
             Self::RunExpired { .. } => "run_expired",
             Self::CursorAdvanced { .. } => "cursor_advanced",
+            Self::InputRequested { .. } => INPUT_REQUESTED,
+            Self::RunCancelRequested { .. } => "run_cancel_requested",
+            Self::InputProvided { .. } => "user_input_provided",
         }
     }
 
@@ -111,7 +155,10 @@ impl Event {
             Self::ThreadCreated { thread_id, .. }
             | Self::RunRegistered { thread_id, .. }
             | Self::AgentEventRecorded { thread_id, .. }
-            | Self::RunExpired { thread_id, .. } => Some(thread_id),
+            | Self::RunExpired { thread_id, .. }
+            | Self::InputRequested { thread_id, .. }
+            | Self::RunCancelRequested { thread_id, .. }
+            | Self::InputProvided { thread_id, .. } => Some(thread_id),
             Self::CursorAdvanced { .. } => None,
         }
     }
@@ -120,7 +167,10 @@ impl Event {
         match self {
             Self::RunRegistered { run_id, .. }
             | Self::AgentEventRecorded { run_id, .. }
-            | Self::RunExpired { run_id, .. } => Some(run_id),
+            | Self::RunExpired { run_id, .. }
+            | Self::InputRequested { run_id, .. }
+            | Self::RunCancelRequested { run_id, .. }
+            | Self::InputProvided { run_id, .. } => Some(run_id),
             Self::ThreadCreated { .. } | Self::CursorAdvanced { .. } => None,
         }
     }

@@ -67,6 +67,41 @@ pub struct Run {
     pub last_event: Option<String>,
     pub last_activity_ms: u64,
     pub open_tool_calls: BTreeSet<String>,
+    /// Set once the owner asked the agent to stop (`run_cancel_requested`).
+    pub cancel: Option<CancelRequest>,
+    /// Every input the agent asked for, by `input_id`, answered or not.
+    pub inputs: BTreeMap<String, Input>,
+    /// How many signals (cancel requests, answers) the run has had: an agent
+    /// waiting for news waits for this to pass the value it last saw.
+    pub signals: u64,
+}
+
+/// Who asked a run to stop, and when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub by: UserId,
+    pub at_ms: u64,
+    pub position: u64,
+    pub reason: Option<String>,
+}
+
+/// One `agent_awaiting_input` of a run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// The choices of an approval; empty for a question.
+    pub options: Vec<String>,
+    pub requested_at_ms: u64,
+    pub answer: Option<Answer>,
+}
+
+/// The owner's answer to an input.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub answer: String,
+    pub by: UserId,
+    pub at_ms: u64,
+    /// Where the answer was recorded, so a repeat is answered with the original.
+    pub position: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -127,6 +162,9 @@ impl Registry {
                             last_event: None,
                             last_activity_ms: meta.recorded_at_ms,
                             open_tool_calls: BTreeSet::new(),
+                            cancel: None,
+                            inputs: BTreeMap::new(),
+                            signals: 0,
                         },
                     );
                     if let Some(thread) = self.threads.get_mut(thread_id) {
@@ -162,6 +200,59 @@ impl Registry {
             Event::RunExpired { run_id, .. } => {
                 if let Some(run) = self.runs.get_mut(run_id) {
                     run.status = RunStatus::Expired;
+                }
+            }
+            Event::InputRequested {
+                run_id,
+                input_id,
+                options,
+                ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    run.inputs.entry(input_id.clone()).or_insert(Input {
+                        options: options.clone(),
+                        requested_at_ms: meta.recorded_at_ms,
+                        answer: None,
+                    });
+                }
+            }
+            Event::RunCancelRequested {
+                run_id,
+                requested_by,
+                reason,
+                ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    if run.cancel.is_none() {
+                        run.cancel = Some(CancelRequest {
+                            by: requested_by.clone(),
+                            at_ms: meta.recorded_at_ms,
+                            position: meta.position,
+                            reason: reason.clone(),
+                        });
+                        run.signals += 1;
+                    }
+                }
+            }
+            Event::InputProvided {
+                run_id,
+                input_id,
+                answered_by,
+                answer,
+                ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    if let Some(input) = run.inputs.get_mut(input_id) {
+                        if input.answer.is_none() {
+                            input.answer = Some(Answer {
+                                answer: answer.clone(),
+                                by: answered_by.clone(),
+                                at_ms: meta.recorded_at_ms,
+                                position: meta.position,
+                            });
+                            run.signals += 1;
+                        }
+                    }
                 }
             }
             Event::CursorAdvanced { .. } => return,
