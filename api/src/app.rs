@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use threadline_engine::{
-    Actor, AgentEventKind, Command, DomainError, EventId, Limits, Registry, Role, RunId,
-    StreamName, Thread, ThreadId, UserId,
+    Actor, AgentEventKind, Command, DomainError, EventId, Limits, Registry, Role, Run, RunId,
+    StreamName, Thread, ThreadId, UserId, INPUT_REQUESTED,
 };
 use threadline_projections::{CommandService, Outcome, Projector, Submission, PAGE};
 use threadline_storage::{now_ms, Checkpoints, EventLog, Position, Record};
@@ -22,6 +22,7 @@ use crate::audit::{audit_page, AuditQuery};
 use crate::auth::{Authenticator, Principal};
 use crate::config::LimitArgs;
 use crate::error::AppError;
+use crate::presence::Presence;
 use crate::rate::RateLimits;
 use crate::wire::{self, timestamp};
 
@@ -56,6 +57,7 @@ struct Inner<L> {
     /// The edge's limits (connections, sockets, rates).
     edge: LimitArgs,
     connections: Mutex<HashMap<UserId, usize>>,
+    presence: Presence,
     /// Raised when the server begins shutting down.
     shutdown: watch::Sender<bool>,
 }
@@ -80,6 +82,11 @@ impl<L> AppState<L> {
     pub(crate) fn connections_any(&self) -> &Mutex<HashMap<UserId, usize>> {
         &self.inner.connections
     }
+
+    /// Which users have a connected device (kept by the socket slots).
+    pub(crate) fn devices_any(&self) -> &Presence {
+        &self.inner.presence
+    }
 }
 
 impl<L: Log> AppState<L> {
@@ -100,6 +107,7 @@ impl<L: Log> AppState<L> {
                     rate: RateLimits::new(edge.rate_limit, edge.rate_burst, edge.agent_rate_limit),
                     header_timeout: edge.header_timeout,
                 },
+                presence: Presence::new(edge.presence_grace),
                 edge,
                 connections: Mutex::default(),
                 shutdown: watch::Sender::new(false),
@@ -129,6 +137,10 @@ impl<L: Log> AppState<L> {
 
     pub(crate) fn connections(&self) -> &Mutex<HashMap<UserId, usize>> {
         &self.inner.connections
+    }
+
+    pub(crate) fn devices(&self) -> &Presence {
+        &self.inner.presence
     }
 
     /// A receiver that flips to true when the server begins shutting down.
@@ -389,7 +401,8 @@ impl<L: Log> AppState<L> {
         let mut sub = agent_submission(run_id, req.kind, req.data, req.event_id, self.limits())?;
         sub.expected_thread_version = if_match;
         let outcome = self.submit_one(&p.actor, sub).await?;
-        Ok((appended(&outcome), outcome.duplicate))
+        let appended = self.projector().read(|m| appended(m.registry(), &outcome));
+        Ok((appended, outcome.duplicate))
     }
 
     pub async fn append_batch(
@@ -412,9 +425,13 @@ impl<L: Log> AppState<L> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let outcomes = self.submit(&p.actor, &subs).await?;
-        Ok(wire::BatchAppended {
-            results: outcomes.iter().flatten().map(appended).collect(),
-        })
+        Ok(self.projector().read(|m| wire::BatchAppended {
+            results: outcomes
+                .iter()
+                .flatten()
+                .map(|o| appended(m.registry(), o))
+                .collect(),
+        }))
     }
 
     pub async fn thread_events(
@@ -469,6 +486,162 @@ impl<L: Log> AppState<L> {
             .await
     }
 
+    /// `run_cancel_requested`: the thread's owner asks the agent to stop the run.
+    /// A second request is answered with the first (the flag is true then).
+    pub async fn cancel_run(
+        &self,
+        p: &Principal,
+        run_id: &str,
+        req: wire::CancelRun,
+    ) -> Result<(wire::SteerRecorded, bool), AppError> {
+        let run_id = RunId::parse(run_id)?;
+        let command = Command::RequestCancel {
+            run_id: run_id.clone(),
+            reason: req.reason,
+        };
+        let recorded = self.steer(p, command).await?;
+        let original = self.projector().read(|m| {
+            m.registry()
+                .run(&run_id)
+                .and_then(|r| r.cancel.as_ref())
+                .map(|c| Position(c.position))
+        });
+        self.steer_answer(recorded, original, &run_id).await
+    }
+
+    /// `user_input_provided`: the thread's owner answers an `agent_awaiting_input`.
+    /// The same answer again is answered with the original (the flag is true then).
+    pub async fn provide_input(
+        &self,
+        p: &Principal,
+        run_id: &str,
+        req: wire::ProvideInput,
+    ) -> Result<(wire::SteerRecorded, bool), AppError> {
+        let run_id = RunId::parse(run_id)?;
+        let command = Command::ProvideInput {
+            run_id: run_id.clone(),
+            input_id: req.input_id.clone(),
+            answer: req.answer,
+        };
+        let recorded = self.steer(p, command).await?;
+        let original = self.projector().read(|m| {
+            m.registry()
+                .run(&run_id)
+                .and_then(|r| r.inputs.get(&req.input_id))
+                .and_then(|i| i.answer.as_ref())
+                .map(|a| Position(a.position))
+        });
+        self.steer_answer(recorded, original, &run_id).await
+    }
+
+    /// Submits a steering command: `Some` where its event landed, `None` when it
+    /// repeated one already recorded (the command then produced no event).
+    async fn steer(&self, p: &Principal, command: Command) -> Result<Option<Position>, AppError> {
+        let outcome = self
+            .submit(&p.actor, &[Submission::new(command)])
+            .await
+            .map_err(AppError::without_index)?
+            .pop()
+            .flatten();
+        Ok(outcome.map(|o| o.position))
+    }
+
+    /// The answer of a steering call, read from the recorded event (or the original).
+    async fn steer_answer(
+        &self,
+        recorded: Option<Position>,
+        original: Option<Position>,
+        run_id: &RunId,
+    ) -> Result<(wire::SteerRecorded, bool), AppError> {
+        let repeat = recorded.is_none();
+        let position = recorded
+            .or(original)
+            .ok_or(AppError::Internal("a steering command left no event"))?;
+        let record = self
+            .records(vec![position])
+            .await?
+            .pop()
+            .ok_or(AppError::Internal("a steering event is not readable"))?;
+        let event = wire::event_of(&record)?;
+        let (thread_id, by) = match &event {
+            threadline_engine::Event::RunCancelRequested {
+                thread_id,
+                requested_by,
+                ..
+            } => (thread_id, requested_by),
+            threadline_engine::Event::InputProvided {
+                thread_id,
+                answered_by,
+                ..
+            } => (thread_id, answered_by),
+            _ => return Err(AppError::Internal("a steering position holds another event")),
+        };
+        let user_seq = self
+            .projector()
+            .read(|m| m.delivery().seq_of(by, position).unwrap_or(0));
+        Ok((
+            wire::SteerRecorded {
+                run_id: run_id.to_string(),
+                thread_id: thread_id.to_string(),
+                event: event.type_name().to_owned(),
+                position: position.0,
+                user_seq,
+                thread_version: record.stream_version,
+                event_id: record.event_id.to_string(),
+                by: by.to_string(),
+                recorded_at: timestamp(record.recorded_at_ms),
+            },
+            repeat,
+        ))
+    }
+
+    /// What the run's owner asked of it. With `after`, waits up to `wait` for the
+    /// run's signal count to pass it (a long poll for agents awaiting input).
+    pub async fn run_signals(
+        &self,
+        p: &Principal,
+        run_id: &str,
+        after: Option<u64>,
+        wait: std::time::Duration,
+    ) -> Result<wire::RunSignals, AppError> {
+        let run_id = RunId::parse(run_id)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut folded = self.projector().watch();
+        let mut shutdown = self.shutdown_signal();
+        loop {
+            folded.borrow_and_update();
+            let signals = self.projector().read(|m| {
+                visible_run(m.registry(), &p.actor, &run_id).map(signals_of)
+            })?;
+            let news = after.is_none_or(|a| signals.signals > a);
+            if news || !threadline_engine::RunStatus::is_open(&status_of(&signals)) {
+                return Ok(signals);
+            }
+            tokio::select! {
+                changed = folded.changed() => if changed.is_err() { return Ok(signals) },
+                _ = tokio::time::sleep_until(deadline) => return Ok(signals),
+                _ = shutdown.changed() => return Ok(signals),
+            }
+        }
+    }
+
+    /// Whether `user` has a connected device: the user itself, agents and auditors may ask.
+    pub fn presence(&self, p: &Principal, user_id: &str) -> Result<wire::Presence, AppError> {
+        let user = UserId::parse(user_id)?;
+        if p.actor.role == Role::User && p.actor.user != user {
+            return Err(AppError::Forbidden(
+                "a user may read only its own presence".into(),
+            ));
+        }
+        let seen = self.inner.presence.get(&user);
+        Ok(wire::Presence {
+            user_id: user.to_string(),
+            online: seen.online,
+            devices: seen.devices,
+            last_seen: seen.last_seen_ms.map(timestamp),
+        })
+    }
+
     /// Appends `run_expired` for every open run idle beyond the TTL.
     pub async fn expire_idle_runs(&self) -> Result<usize, AppError> {
         Ok(self.inner.commands.expire_idle_runs(now_ms()).await?)
@@ -503,8 +676,14 @@ fn summary(t: &Thread) -> wire::ThreadSummary {
     }
 }
 
-fn appended(o: &Outcome) -> wire::EventAppended {
+/// Where an agent's event landed, with what the run's owner asked of it so far:
+/// every append response is also the agent's news of a cancel or an answer.
+fn appended(registry: &Registry, o: &Outcome) -> wire::EventAppended {
+    let run = o.run_id.as_ref().and_then(|r| registry.run(r));
     wire::EventAppended {
+        cancel_requested: run.is_some_and(|r| r.cancel.is_some()),
+        signals: run.map_or(0, |r| r.signals),
+        answers: run.map(answers_of).unwrap_or_default(),
         position: o.position.0,
         user_seq: o.user_seq.unwrap_or(0),
         thread_id: o
@@ -526,8 +705,15 @@ fn agent_submission(
     limits: &Limits,
 ) -> Result<Submission, AppError> {
     let run_id = RunId::parse(run_id)?;
-    let kind = AgentEventKind::parse(&kind).ok_or(AppError::InvalidEventType(kind))?;
     let event_id = event_id.map(|id| EventId::parse(&id)).transpose()?;
+    if kind == INPUT_REQUESTED {
+        let command = await_input(run_id, data, limits)?;
+        return Ok(Submission {
+            event_id,
+            ..Submission::new(command)
+        });
+    }
+    let kind = AgentEventKind::parse(&kind).ok_or(AppError::InvalidEventType(kind))?;
     let tool_call_id = match data.get("tool_call_id") {
         None | Some(serde_json::Value::Null) => None,
         Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -555,4 +741,109 @@ fn agent_submission(
         event_id,
         ..Submission::new(command)
     })
+}
+
+/// `agent_awaiting_input`: `data.input_id` (a string) names the input; an approval
+/// (`data.kind` = `"approval"`) lists its choices in `data.options` (strings).
+fn await_input(
+    run_id: RunId,
+    data: serde_json::Map<String, serde_json::Value>,
+    limits: &Limits,
+) -> Result<Command, AppError> {
+    let bad = |m: &str| AppError::InvalidRequest(format!("agent_awaiting_input: {m}"));
+    let input_id = match data.get("input_id") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => return Err(bad("data.input_id must be a string")),
+    };
+    let options = match data.get("options") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("data.options must be an array of strings"))?,
+        Some(_) => return Err(bad("data.options must be an array of strings")),
+    };
+    match data.get("kind").and_then(|k| k.as_str()) {
+        None | Some("question") => {}
+        Some("approval") if !options.is_empty() => {}
+        Some("approval") => return Err(bad("an approval lists its choices in data.options")),
+        Some(other) => {
+            return Err(bad(&format!(
+                "data.kind must be \"question\" or \"approval\", not {other:?}"
+            )))
+        }
+    }
+    let data = serde_json::Value::Object(data).to_string();
+    if data.len() > limits.max_data_bytes {
+        return Err(DomainError::TooLarge {
+            what: "data",
+            limit: limits.max_data_bytes,
+        }
+        .into());
+    }
+    Ok(Command::AwaitInput {
+        run_id,
+        input_id,
+        options,
+        data,
+    })
+}
+
+fn answer_of(input_id: &str, a: &threadline_engine::Answer) -> wire::InputAnswer {
+    wire::InputAnswer {
+        input_id: input_id.to_owned(),
+        answer: a.answer.clone(),
+        answered_by: a.by.to_string(),
+        answered_at: timestamp(a.at_ms),
+    }
+}
+
+/// Every answered input of `run`, in `input_id` order.
+fn answers_of(run: &Run) -> Vec<wire::InputAnswer> {
+    run.inputs
+        .iter()
+        .filter_map(|(id, input)| input.answer.as_ref().map(|a| answer_of(id, a)))
+        .collect()
+}
+
+fn signals_of(run: &Run) -> wire::RunSignals {
+    wire::RunSignals {
+        run_id: run.run_id.to_string(),
+        thread_id: run.thread_id.to_string(),
+        status: run.status.as_str().to_owned(),
+        signals: run.signals,
+        cancel_requested: run.cancel.is_some(),
+        cancel: run.cancel.as_ref().map(|c| wire::CancelInfo {
+            requested_by: c.by.to_string(),
+            requested_at: timestamp(c.at_ms),
+            reason: c.reason.clone(),
+        }),
+        inputs: run
+            .inputs
+            .iter()
+            .map(|(id, input)| wire::InputState {
+                input_id: id.clone(),
+                options: input.options.clone(),
+                requested_at: timestamp(input.requested_at_ms),
+                answer: input.answer.as_ref().map(|a| answer_of(id, a)),
+            })
+            .collect(),
+    }
+}
+
+/// The run as `actor` may see it: agents and auditors see every run, a user only
+/// the runs of its own threads (anyone else's answers exactly like a missing one).
+fn visible_run<'a>(registry: &'a Registry, actor: &Actor, run_id: &RunId) -> Result<&'a Run, AppError> {
+    registry
+        .run(run_id)
+        .filter(|r| registry.thread(&r.thread_id).is_some_and(|t| may_read(actor, t)))
+        .ok_or_else(|| DomainError::RunNotFound(run_id.clone()).into())
+}
+
+fn status_of(signals: &wire::RunSignals) -> threadline_engine::RunStatus {
+    threadline_engine::RunStatus::ALL
+        .into_iter()
+        .find(|s| s.as_str() == signals.status)
+        .unwrap_or(threadline_engine::RunStatus::Running)
 }

@@ -331,6 +331,11 @@ pub struct LimitArgs {
         value_name = "PER_SECOND"
     )]
     pub agent_rate_limit: u32,
+
+    /// A user whose last socket closed counts as online this long after, so a device
+    /// that reconnects within it does not flap the user's presence.
+    #[arg(long, env = "THREADLINE_PRESENCE_GRACE", default_value = "5s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub presence_grace: Duration,
 }
 
 impl Default for LimitArgs {
@@ -349,6 +354,7 @@ impl Default for LimitArgs {
             rate_limit: 100,
             rate_burst: 200,
             agent_rate_limit: 0,
+            presence_grace: Duration::from_secs(5),
         }
     }
 }

@@ -21,6 +21,7 @@ pub const CODES: &[&str] = &[
     "not_found",
     "thread_not_found",
     "run_not_found",
+    "input_not_found",
     "method_not_allowed",
     "request_timeout",
     "thread_exists",
@@ -29,6 +30,7 @@ pub const CODES: &[&str] = &[
     "run_expired",
     "version_conflict",
     "event_id_conflict",
+    "input_already_answered",
     "quota_exceeded",
     "payload_too_large",
     "invalid_lifecycle",
@@ -123,12 +125,15 @@ impl AppError {
                 let status = match error {
                     DomainError::InvalidId(_) | DomainError::InvalidInput(_) => S::BAD_REQUEST,
                     DomainError::Forbidden(_) => S::FORBIDDEN,
-                    DomainError::ThreadNotFound(_) | DomainError::RunNotFound(_) => S::NOT_FOUND,
+                    DomainError::ThreadNotFound(_)
+                    | DomainError::RunNotFound(_)
+                    | DomainError::InputNotFound(_) => S::NOT_FOUND,
                     DomainError::ThreadExists(_)
                     | DomainError::RunExists(_)
                     | DomainError::RunClosed(_)
                     | DomainError::RunExpired(_)
                     | DomainError::EventIdConflict(_)
+                    | DomainError::InputAnswered(_)
                     | DomainError::QuotaExceeded { .. } => S::CONFLICT,
                     DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
                     DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,

@@ -60,21 +60,54 @@ where
     type Rejection = AppError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
-        let deadline = Gate::from_ref(state).header_timeout;
-        let bytes = tokio::time::timeout(deadline, Bytes::from_request(req, state))
-            .await
-            .map_err(|_| AppError::RequestTimeout)?
-            .map_err(|e| {
-                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    AppError::PayloadTooLarge("request body is over 1 MiB".into())
-                } else {
-                    AppError::InvalidRequest(e.body_text())
-                }
-            })?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| AppError::InvalidRequest(format!("invalid JSON body: {e}")))
+        let bytes = body_bytes(req, state).await?;
+        parse_json(&bytes).map(JsonBody)
     }
+}
+
+/// A JSON body that may be left out: an empty body reads as `T::default()`
+/// (a cancel needs no body); anything else is read like [`JsonBody`].
+#[derive(Debug)]
+pub struct OptionalJsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for OptionalJsonBody<T>
+where
+    S: Send + Sync,
+    Gate: FromRef<S>,
+    T: DeserializeOwned + Default,
+{
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        let bytes = body_bytes(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse_json(&bytes).map(OptionalJsonBody)
+    }
+}
+
+async fn body_bytes<S>(req: Request, state: &S) -> Result<Bytes, AppError>
+where
+    S: Send + Sync,
+    Gate: FromRef<S>,
+{
+    let deadline = Gate::from_ref(state).header_timeout;
+    tokio::time::timeout(deadline, Bytes::from_request(req, state))
+        .await
+        .map_err(|_| AppError::RequestTimeout)?
+        .map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                AppError::PayloadTooLarge("request body is over 1 MiB".into())
+            } else {
+                AppError::InvalidRequest(e.body_text())
+            }
+        })
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| AppError::InvalidRequest(format!("invalid JSON body: {e}")))
 }
 
 /// A query string; unknown or mistyped parameters are `400 invalid_request`.

@@ -17,7 +17,7 @@ use utoipa::IntoParams;
 use crate::app::{AppState, Log, MAX_LIMIT};
 use crate::audit::AuditParams;
 use crate::error::AppError;
-use crate::extract::{Auth, IfMatch, JsonBody, PathArg, QueryArgs};
+use crate::extract::{Auth, IfMatch, JsonBody, OptionalJsonBody, PathArg, QueryArgs};
 use crate::wire::{self, ErrorBody};
 
 // The answers each route documents (beside the handler, in `#[utoipa::path]`).
@@ -48,6 +48,10 @@ pub fn router<L: Log>(state: AppState<L>) -> Router {
         .route("/v1/threads/{thread_id}/runs", post(register_run::<L>))
         .route("/v1/threads/{thread_id}/events", get(thread_events::<L>))
         .route("/v1/runs/{run_id}/events", post(append_event::<L>))
+        .route("/v1/runs/{run_id}/cancel", post(cancel_run::<L>))
+        .route("/v1/runs/{run_id}/input", post(provide_input::<L>))
+        .route("/v1/runs/{run_id}/signals", get(run_signals::<L>))
+        .route("/v1/users/{user_id}/presence", get(presence::<L>))
         .route("/v1/events", post(append_batch::<L>))
         .route("/v1/audit/events", get(audit_events::<L>))
         .route("/v1/ws", get(crate::ws::upgrade::<L>))
@@ -198,6 +202,133 @@ async fn append_event<L: Log>(
         StatusCode::CREATED
     };
     Ok((status, Json(appended)).into_response())
+}
+
+const E403_STEER: &str = "forbidden: only the thread's owner (a user token) steers a run";
+const E404_RUN: &str = "run_not_found (also another user's run)";
+
+/// 201 when the event was recorded now, 200 when the call repeated one recorded before.
+fn recorded_status(repeat: bool) -> StatusCode {
+    if repeat {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    }
+}
+
+/// Ask the agent to stop a run (the thread's owner only).
+///
+/// Appends `run_cancel_requested` (who asked, when, why), delivered to the owner's
+/// sockets like any thread event; the agent learns it from its next append's
+/// `cancel_requested` or from `GET /v1/runs/{run_id}/signals`, and ends the run
+/// with its terminal event. Asking again answers 200 with the first request.
+#[utoipa::path(post, path = "/v1/runs/{run_id}/cancel", tag = "steering", request_body(content = Option<wire::CancelRun>, description = "optional"),
+    params(("run_id" = String, Path, description = "a UUID or a structured `run_…` id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "run_cancel_requested recorded", body = wire::SteerRecorded),
+        (status = 200, description = "already requested: the original request", body = wire::SteerRecorded),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = E403_STEER, body = ErrorBody),
+        (status = 404, description = E404_RUN, body = ErrorBody),
+        (status = 409, description = "run_closed, run_expired: the run already ended", body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+    ))]
+async fn cancel_run<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    PathArg(run_id): PathArg<String>,
+    OptionalJsonBody(req): OptionalJsonBody<wire::CancelRun>,
+) -> Result<Response, AppError> {
+    let (recorded, repeat) = app.cancel_run(&p, &run_id, req).await?;
+    Ok((recorded_status(repeat), Json(recorded)).into_response())
+}
+
+/// Answer an `agent_awaiting_input` (the thread's owner only).
+///
+/// Appends `user_input_provided`. Idempotent by `input_id`: the same answer again
+/// answers 200 with the original; a different one is 409 `input_already_answered`.
+#[utoipa::path(post, path = "/v1/runs/{run_id}/input", tag = "steering", request_body = wire::ProvideInput,
+    params(("run_id" = String, Path, description = "a UUID or a structured `run_…` id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "user_input_provided recorded", body = wire::SteerRecorded),
+        (status = 200, description = "the same answer again: the original", body = wire::SteerRecorded),
+        (status = 400, description = "invalid_request (also an answer that is not one of an approval's options), invalid_id", body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = E403_STEER, body = ErrorBody),
+        (status = 404, description = "run_not_found (also another user's run), input_not_found", body = ErrorBody),
+        (status = 409, description = "input_already_answered (with another answer), run_closed, run_expired", body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+    ))]
+async fn provide_input<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    PathArg(run_id): PathArg<String>,
+    JsonBody(req): JsonBody<wire::ProvideInput>,
+) -> Result<Response, AppError> {
+    let (recorded, repeat) = app.provide_input(&p, &run_id, req).await?;
+    Ok((recorded_status(repeat), Json(recorded)).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct SignalsQuery {
+    /// Wait until the run's `signals` count is above this (a long poll).
+    after: Option<u64>,
+    /// How long to wait with `after`, in milliseconds (default 25000).
+    #[param(minimum = 0, maximum = 60000, default = 25000)]
+    wait_ms: Option<u64>,
+}
+
+/// What the run's owner asked of it: a cancel request and the answers to its inputs.
+///
+/// Agents (any run) and the thread's owner may read it. With `after`, the call
+/// waits until the run has a signal beyond it, it ends, or `wait_ms` passes.
+#[utoipa::path(get, path = "/v1/runs/{run_id}/signals", tag = "steering",
+    params(("run_id" = String, Path, description = "a UUID or a structured `run_…` id"), SignalsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the run's signals", body = wire::RunSignals),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 404, description = E404_RUN, body = ErrorBody),
+    ))]
+async fn run_signals<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    PathArg(run_id): PathArg<String>,
+    QueryArgs(q): QueryArgs<SignalsQuery>,
+) -> Result<Json<wire::RunSignals>, AppError> {
+    let wait = match q.wait_ms.unwrap_or(25_000) {
+        ms @ 0..=60_000 => std::time::Duration::from_millis(ms),
+        _ => return Err(AppError::InvalidRequest("wait_ms must be 0 to 60000".into())),
+    };
+    Ok(Json(app.run_signals(&p, &run_id, q.after, wait).await?))
+}
+
+/// Whether a user has a connected device, and when one was last seen.
+///
+/// Derived from the user's open sockets; a user stays online for a grace period
+/// (`--presence-grace`, 5 s) after its last socket closed. The user itself, agents
+/// and auditors may ask.
+#[utoipa::path(get, path = "/v1/users/{user_id}/presence", tag = "steering",
+    params(("user_id" = String, Path, description = "a user id (a JWT `sub`)")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the user's presence", body = wire::Presence),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: a user asking for another user", body = ErrorBody),
+    ))]
+async fn presence<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    PathArg(user_id): PathArg<String>,
+) -> Result<Json<wire::Presence>, AppError> {
+    Ok(Json(app.presence(&p, &user_id)?))
 }
 
 /// Append up to 1000 agent events atomically: all or none; an error names the failing `index`.

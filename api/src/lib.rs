@@ -17,6 +17,7 @@ mod extract;
 mod http;
 pub mod metrics;
 pub mod openapi;
+mod presence;
 mod rate;
 mod server;
 pub mod wire;

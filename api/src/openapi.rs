@@ -33,6 +33,10 @@ use crate::wire;
         crate::http::thread_events,
         crate::http::append_event,
         crate::http::append_batch,
+        crate::http::cancel_run,
+        crate::http::provide_input,
+        crate::http::run_signals,
+        crate::http::presence,
         crate::http::audit_events,
         crate::ws::upgrade,
         crate::http::healthz,
@@ -247,7 +251,11 @@ mod tests {
     #[test]
     fn the_event_types_are_the_engines() {
         use threadline_engine::AgentEventKind;
-        let agent: Vec<&str> = AgentEventKind::ALL.iter().map(|k| k.as_str()).collect();
+        let agent: Vec<&str> = AgentEventKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .chain([threadline_engine::INPUT_REQUESTED])
+            .collect();
         assert_eq!(
             schema("AgentEvent")["properties"]["type"]["enum"],
             serde_json::json!(agent)
@@ -257,7 +265,8 @@ mod tests {
             .unwrap();
         for name in agent
             .iter()
-            .chain(&["thread_created", "run_registered", "run_expired"])
+            .chain(&["thread_created"])
+            .chain(&threadline_engine::THREAD_EVENT_NAMES)
         {
             assert!(
                 frame.iter().any(|n| n == name),

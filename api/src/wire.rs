@@ -7,7 +7,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use threadline_engine::{Actor, AgentEventKind, Event, RunStatus};
+use threadline_engine::{
+    Actor, AgentEventKind, Event, RunStatus, INPUT_REQUESTED, THREAD_EVENT_NAMES,
+};
 use threadline_projections::{decode_event, ProjectionError};
 use threadline_storage::Record;
 use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
@@ -155,6 +157,118 @@ pub struct EventAppended {
     pub thread_version: u64,
     #[schema(format = "uuid")]
     pub event_id: String,
+    /// The run's owner asked the agent to stop: end the run with `agent_completed`
+    /// or `agent_error` (details at `GET /v1/runs/{run_id}/signals`).
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// How many signals (a cancel request, answers) the run has had; pass it as
+    /// `after` to `GET /v1/runs/{run_id}/signals` to wait for the next one.
+    #[serde(default)]
+    pub signals: u64,
+    /// The owner's answers to the run's `agent_awaiting_input` events, by `input_id`
+    /// (absent when there are none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub answers: Vec<InputAnswer>,
+}
+
+/// An owner's answer to an input, as an agent receives it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InputAnswer {
+    pub input_id: String,
+    pub answer: String,
+    pub answered_by: String,
+    #[schema(format = DateTime)]
+    pub answered_at: String,
+}
+
+/// `POST /v1/runs/{run_id}/cancel`: the body may be left out.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRun {
+    /// Why, for the agent and the audit trail; at most 16 KiB.
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/runs/{run_id}/input`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProvideInput {
+    /// The `input_id` of the run's `agent_awaiting_input`.
+    pub input_id: String,
+    /// The answer: for an approval, one of its `options`; at most 16 KiB.
+    pub answer: String,
+}
+
+/// Where a steering event (`run_cancel_requested`, `user_input_provided`) was
+/// recorded; a repeat is answered with the original (200).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SteerRecorded {
+    pub run_id: String,
+    pub thread_id: String,
+    #[schema(schema_with = steer_event_name)]
+    pub event: String,
+    pub position: u64,
+    pub user_seq: u64,
+    pub thread_version: u64,
+    #[schema(format = "uuid")]
+    pub event_id: String,
+    /// The user who asked (the thread's owner).
+    pub by: String,
+    #[schema(format = DateTime)]
+    pub recorded_at: String,
+}
+
+/// `GET /v1/runs/{run_id}/signals`: what the owner asked of the run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RunSignals {
+    pub run_id: String,
+    pub thread_id: String,
+    #[schema(schema_with = run_status)]
+    pub status: String,
+    /// How many signals the run has had (a cancel request, answers).
+    pub signals: u64,
+    pub cancel_requested: bool,
+    /// Present once the owner asked to stop.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<CancelInfo>,
+    /// Every input the agent asked for, in `input_id` order.
+    pub inputs: Vec<InputState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CancelInfo {
+    pub requested_by: String,
+    #[schema(format = DateTime)]
+    pub requested_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InputState {
+    pub input_id: String,
+    /// The choices of an approval; empty for a question.
+    pub options: Vec<String>,
+    #[schema(format = DateTime)]
+    pub requested_at: String,
+    /// Present once the owner answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<InputAnswer>,
+}
+
+/// `GET /v1/users/{user_id}/presence`: derived from the user's open sockets.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Presence {
+    pub user_id: String,
+    /// A device is connected, or the last one left less than the grace period ago.
+    pub online: bool,
+    /// Sockets open now.
+    pub devices: usize,
+    /// When a device of the user was last connected (now, while one is); absent
+    /// when none has been since the server started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
+    pub last_seen: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -268,18 +382,31 @@ fn one_of(values: impl IntoIterator<Item = &'static str>) -> Object {
         .build()
 }
 
+/// Every agent event type an agent may append, from the engine's own lists.
+pub fn agent_event_types() -> impl Iterator<Item = &'static str> {
+    AgentEventKind::ALL
+        .map(|k| k.as_str())
+        .into_iter()
+        .chain([INPUT_REQUESTED])
+}
+
 /// The agent event types, from the engine's own list.
 fn agent_event_type() -> Object {
-    one_of(AgentEventKind::ALL.map(|k| k.as_str()))
+    one_of(agent_event_types())
 }
 
 /// Every `event` a frame can carry: the thread's own events and the agent event types.
 fn event_name() -> Object {
     one_of(
-        ["thread_created", "run_registered", "run_expired"]
+        ["thread_created"]
             .into_iter()
+            .chain(THREAD_EVENT_NAMES)
             .chain(AgentEventKind::ALL.map(|k| k.as_str())),
     )
+}
+
+fn steer_event_name() -> Object {
+    one_of(["run_cancel_requested", "user_input_provided"])
 }
 
 fn run_status() -> Object {
@@ -317,7 +444,26 @@ fn data_of(event: &Event) -> Box<RawValue> {
             "{{\"agent_name\":{}}}",
             serde_json::to_string(agent_name).unwrap_or_else(|_| "null".into())
         )),
-        Event::AgentEventRecorded { data, .. } => raw(data.clone()),
+        Event::AgentEventRecorded { data, .. } | Event::InputRequested { data, .. } => {
+            raw(data.clone())
+        }
+        Event::RunCancelRequested {
+            requested_by,
+            reason,
+            ..
+        } => raw(
+            serde_json::json!({"requested_by": requested_by.as_str(), "reason": reason})
+                .to_string(),
+        ),
+        Event::InputProvided {
+            input_id,
+            answered_by,
+            answer,
+            ..
+        } => raw(
+            serde_json::json!({"input_id": input_id, "answer": answer, "answered_by": answered_by.as_str()})
+                .to_string(),
+        ),
         Event::RunExpired { .. } | Event::CursorAdvanced { .. } => raw("{}".into()),
     }
 }

@@ -552,6 +552,10 @@ impl<L: Log> Session<L> {
             kind: String,
             user_seq: Option<u64>,
             token: Option<String>,
+            run_id: Option<String>,
+            reason: Option<String>,
+            input_id: Option<String>,
+            answer: Option<String>,
         }
         let reply_error = |code: &str, message: String| {
             json!({"type": "error", "code": code, "message": message}).to_string()
@@ -569,6 +573,31 @@ impl<L: Log> Session<L> {
             // message was read: a pong tells the client its cursor is safe.
             ("ping", _) => self.send(vec![json!({"type": "pong"}).to_string()]).await,
             ("refresh", _) => self.refresh(principal, msg.token.as_deref()).await,
+            // Steering from a device: the same calls as over HTTP, answered with a
+            // `recorded` message (the event itself arrives as a frame like any other).
+            ("cancel" | "input", _) => {
+                let run_id = msg.run_id.unwrap_or_default();
+                let result = if msg.kind == "cancel" {
+                    let req = wire::CancelRun { reason: msg.reason };
+                    self.app.cancel_run(principal, &run_id, req).await
+                } else {
+                    let req = wire::ProvideInput {
+                        input_id: msg.input_id.unwrap_or_default(),
+                        answer: msg.answer.unwrap_or_default(),
+                    };
+                    self.app.provide_input(principal, &run_id, req).await
+                };
+                let reply = match result {
+                    Ok((recorded, repeat)) => {
+                        let mut reply = serde_json::to_value(recorded).unwrap_or_default();
+                        reply["type"] = json!("recorded");
+                        reply["repeat"] = json!(repeat);
+                        reply.to_string()
+                    }
+                    Err(e) => reply_error(e.status_and_code().1, e.to_string()),
+                };
+                self.send(vec![reply]).await
+            }
             ("ack", Some(seq))
                 if !Self::delivered(&self.app, &principal.actor.user, params, progress, seq)
                     .await? =>
@@ -610,7 +639,7 @@ impl<L: Log> Session<L> {
             _ => {
                 self.send(vec![reply_error(
                     "invalid_message",
-                    "expected {\"type\":\"ack\",\"user_seq\":N}, {\"type\":\"ping\"} or {\"type\":\"refresh\",\"token\":\"<jwt>\"}".into(),
+                    "expected {\"type\":\"ack\",\"user_seq\":N}, {\"type\":\"ping\"}, {\"type\":\"refresh\",\"token\":\"<jwt>\"}, {\"type\":\"cancel\",\"run_id\":…} or {\"type\":\"input\",\"run_id\":…,\"input_id\":…,\"answer\":…}".into(),
                 )])
                 .await
             }
@@ -705,6 +734,7 @@ impl<L: Log> Slot<L> {
             return None;
         }
         *count += 1;
+        app.devices().connected(user);
         metrics::gauge!("threadline_sockets_connected").increment(1.0);
         Some(Slot {
             app: app.clone(),
@@ -726,6 +756,8 @@ impl<L> Drop for Slot<L> {
                 map.remove(&self.user);
             }
         }
+        drop(map);
+        self.app.devices_any().disconnected(&self.user);
         metrics::gauge!("threadline_sockets_connected").decrement(1.0);
     }
 }

@@ -96,7 +96,11 @@ fn thread_of(registry: &threadline_engine::Registry, command: &Command) -> Optio
         Command::CreateThread { thread_id, .. } | Command::RegisterRun { thread_id, .. } => {
             Some(thread_id.clone())
         }
-        Command::RecordAgentEvent { run_id, .. } | Command::ExpireRun { run_id } => {
+        Command::RecordAgentEvent { run_id, .. }
+        | Command::ExpireRun { run_id }
+        | Command::AwaitInput { run_id, .. }
+        | Command::RequestCancel { run_id, .. }
+        | Command::ProvideInput { run_id, .. } => {
             registry.run(run_id).map(|r| r.thread_id.clone())
         }
         Command::AcknowledgeDelivery { .. } => None,
@@ -107,7 +111,10 @@ fn run_of(command: &Command) -> Option<&RunId> {
     match command {
         Command::RegisterRun { run_id, .. }
         | Command::RecordAgentEvent { run_id, .. }
-        | Command::ExpireRun { run_id } => Some(run_id),
+        | Command::ExpireRun { run_id }
+        | Command::AwaitInput { run_id, .. }
+        | Command::RequestCancel { run_id, .. }
+        | Command::ProvideInput { run_id, .. } => Some(run_id),
         _ => None,
     }
 }

@@ -11,10 +11,11 @@ use crate::{decode_event, Delivery, ProjectionError};
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
 /// 2: threads without metadata, per-user thread counts (issue 11).
-const CHECKPOINT_FORMAT: u8 = 2;
+/// 3: runs carry their cancel request, inputs and signal count (issue 19).
+const CHECKPOINT_FORMAT: u8 = 3;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
