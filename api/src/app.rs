@@ -574,7 +574,11 @@ impl<L: Log> AppState<L> {
                 answered_by,
                 ..
             } => (thread_id, answered_by),
-            _ => return Err(AppError::Internal("a steering position holds another event")),
+            _ => {
+                return Err(AppError::Internal(
+                    "a steering position holds another event",
+                ))
+            }
         };
         let user_seq = self
             .projector()
@@ -610,9 +614,9 @@ impl<L: Log> AppState<L> {
         let mut shutdown = self.shutdown_signal();
         loop {
             folded.borrow_and_update();
-            let signals = self.projector().read(|m| {
-                visible_run(m.registry(), &p.actor, &run_id).map(signals_of)
-            })?;
+            let signals = self
+                .projector()
+                .read(|m| visible_run(m.registry(), &p.actor, &run_id).map(signals_of))?;
             let news = after.is_none_or(|a| signals.signals > a);
             if news || !threadline_engine::RunStatus::is_open(&status_of(&signals)) {
                 return Ok(signals);
@@ -834,10 +838,18 @@ fn signals_of(run: &Run) -> wire::RunSignals {
 
 /// The run as `actor` may see it: agents and auditors see every run, a user only
 /// the runs of its own threads (anyone else's answers exactly like a missing one).
-fn visible_run<'a>(registry: &'a Registry, actor: &Actor, run_id: &RunId) -> Result<&'a Run, AppError> {
+fn visible_run<'a>(
+    registry: &'a Registry,
+    actor: &Actor,
+    run_id: &RunId,
+) -> Result<&'a Run, AppError> {
     registry
         .run(run_id)
-        .filter(|r| registry.thread(&r.thread_id).is_some_and(|t| may_read(actor, t)))
+        .filter(|r| {
+            registry
+                .thread(&r.thread_id)
+                .is_some_and(|t| may_read(actor, t))
+        })
         .ok_or_else(|| DomainError::RunNotFound(run_id.clone()).into())
 }
 

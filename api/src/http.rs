@@ -304,7 +304,11 @@ async fn run_signals<L: Log>(
 ) -> Result<Json<wire::RunSignals>, AppError> {
     let wait = match q.wait_ms.unwrap_or(25_000) {
         ms @ 0..=60_000 => std::time::Duration::from_millis(ms),
-        _ => return Err(AppError::InvalidRequest("wait_ms must be 0 to 60000".into())),
+        _ => {
+            return Err(AppError::InvalidRequest(
+                "wait_ms must be 0 to 60000".into(),
+            ))
+        }
     };
     Ok(Json(app.run_signals(&p, &run_id, q.after, wait).await?))
 }

@@ -31,6 +31,10 @@ fn describe() {
         "threadline_sockets_connected",
         "Open WebSocket connections."
     );
+    describe_gauge!(
+        "threadline_users_online",
+        "Users with a connected device, or whose last one left within the presence grace."
+    );
     describe_counter!(
         "threadline_frames_sent_total",
         "Event frames sent on sockets."

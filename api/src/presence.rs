@@ -105,7 +105,11 @@ impl Presence {
             Some(e) => Seen {
                 online: e.online,
                 devices: e.devices,
-                last_seen_ms: Some(if e.devices > 0 { now_ms() } else { e.last_seen_ms }),
+                last_seen_ms: Some(if e.devices > 0 {
+                    now_ms()
+                } else {
+                    e.last_seen_ms
+                }),
             },
             None => Seen {
                 online: false,

@@ -100,9 +100,7 @@ fn thread_of(registry: &threadline_engine::Registry, command: &Command) -> Optio
         | Command::ExpireRun { run_id }
         | Command::AwaitInput { run_id, .. }
         | Command::RequestCancel { run_id, .. }
-        | Command::ProvideInput { run_id, .. } => {
-            registry.run(run_id).map(|r| r.thread_id.clone())
-        }
+        | Command::ProvideInput { run_id, .. } => registry.run(run_id).map(|r| r.thread_id.clone()),
         Command::AcknowledgeDelivery { .. } => None,
     }
 }

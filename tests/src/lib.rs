@@ -138,14 +138,25 @@ impl TestServer {
     /// Starts a server in this process over `log` (any log: a fault-injecting
     /// wrapper, a `SledLog` in a temp dir…). Needs a tokio runtime.
     pub fn spawn_on<L: threadline_api::Log>(log: Arc<L>) -> TestServer {
-        use threadline_api::config::LimitArgs;
+        Self::spawn_limited(log, threadline_api::config::LimitArgs::default())
+    }
+
+    /// Starts a server in this process over a `MemoryLog` with the edge limits `edge`.
+    pub fn spawn_with_limits(edge: threadline_api::config::LimitArgs) -> TestServer {
+        Self::spawn_limited(Arc::new(threadline_storage::MemoryLog::new()), edge)
+    }
+
+    fn spawn_limited<L: threadline_api::Log>(
+        log: Arc<L>,
+        edge: threadline_api::config::LimitArgs,
+    ) -> TestServer {
         let projector = Arc::new(threadline_projections::Projector::open(log).expect("projector"));
         let auth = threadline_api::auth::Authenticator::hs256(SECRET.as_bytes(), None, None, 0);
         let state = threadline_api::AppState::new(
             projector,
             auth,
             threadline_engine::Limits::default(),
-            LimitArgs::default(),
+            edge,
         );
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
