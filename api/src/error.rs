@@ -95,8 +95,13 @@ impl AppError {
                 let status = match error {
                     DomainError::InvalidId(_) | DomainError::InvalidInput(_) => S::BAD_REQUEST,
                     DomainError::Forbidden(_) => S::FORBIDDEN,
-                    DomainError::ThreadNotFound(_) | DomainError::RunNotFound(_) => S::NOT_FOUND,
-                    DomainError::ThreadExists(_)
+                    DomainError::ThreadNotFound(_)
+                    | DomainError::RunNotFound(_)
+                    | DomainError::MessageNotFound(_) => S::NOT_FOUND,
+                    DomainError::MessageExists(_)
+                    | DomainError::MessageClosed(_)
+                    | DomainError::SequenceGap { .. }
+                    | DomainError::ThreadExists(_)
                     | DomainError::RunExists(_)
                     | DomainError::RunClosed(_)
                     | DomainError::RunExpired(_)
@@ -104,6 +109,7 @@ impl AppError {
                     | DomainError::QuotaExceeded { .. } => S::CONFLICT,
                     DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
                     DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+                    DomainError::RateLimited { .. } => S::TOO_MANY_REQUESTS,
                 };
                 (status, error.code())
             }
@@ -235,6 +241,10 @@ impl IntoResponse for AppError {
         let retry_after = match &self {
             AppError::RateLimited(wait) => Some(retry_after_secs(wait)),
             AppError::Overloaded | AppError::Contended => Some(1),
+            AppError::Domain {
+                error: DomainError::RateLimited { retry_after_ms, .. },
+                ..
+            } => Some(retry_after_ms.div_ceil(1000).max(1)),
             _ => None,
         };
         if let Some(secs) = retry_after {

@@ -155,6 +155,12 @@ pub struct Frame {
     pub data: Box<RawValue>,
     pub event_id: String,
     pub recorded_at: String,
+    /// A merged frame (sockets with `merge=1`) covers `from_user_seq..=user_seq`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_user_seq: Option<u64>,
+    /// …and `from_thread_version..=thread_version` of its thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_thread_version: Option<u64>,
 }
 
 /// Who appended an event.
@@ -194,6 +200,24 @@ fn data_of(event: &Event) -> Box<RawValue> {
         )),
         Event::AgentEventRecorded { data, .. } => raw(data.clone()),
         Event::RunExpired { .. } | Event::CursorAdvanced { .. } => raw("{}".into()),
+        Event::MessageStarted { message_id, .. } => {
+            raw(serde_json::json!({ "message_id": message_id }).to_string())
+        }
+        Event::MessageDeltaAppended {
+            message_id,
+            seq,
+            text,
+            ..
+        } => raw(serde_json::json!({ "message_id": message_id, "seq": seq, "text": text }).to_string()),
+        Event::MessageCompleted {
+            message_id,
+            seq,
+            bytes,
+            ..
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "bytes": bytes })
+                .to_string(),
+        ),
     }
 }
 
@@ -222,6 +246,8 @@ pub fn frame(record: &Record, event: &Event, user_seq: u64) -> Option<Frame> {
         data: data_of(event),
         event_id: record.event_id.to_string(),
         recorded_at: timestamp(record.recorded_at_ms),
+        from_user_seq: None,
+        from_thread_version: None,
     })
 }
 

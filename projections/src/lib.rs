@@ -13,12 +13,14 @@ mod delivery;
 mod error;
 mod model;
 mod projector;
+mod streams;
 
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
 pub use commands::{CommandService, Outcome, Submission, SubmitError};
 pub use delivery::Delivery;
 pub use error::ProjectionError;
 pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
+pub use streams::{CompletedTexts, OpenMessage, OpenRun, Streams};
 pub use projector::{
     load_checkpoint, rebuild, store_checkpoint, CheckpointPolicy, Follower, Projector, PAGE,
 };
