@@ -18,5 +18,6 @@ mod restart;
 mod slow_reader;
 mod smoke;
 mod sockets;
+mod streams;
 mod tail;
 mod tidy;
