@@ -208,15 +208,16 @@ fn data_of(event: &Event) -> Box<RawValue> {
             seq,
             text,
             ..
-        } => raw(serde_json::json!({ "message_id": message_id, "seq": seq, "text": text }).to_string()),
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "text": text }).to_string(),
+        ),
         Event::MessageCompleted {
             message_id,
             seq,
             bytes,
             ..
         } => raw(
-            serde_json::json!({ "message_id": message_id, "seq": seq, "bytes": bytes })
-                .to_string(),
+            serde_json::json!({ "message_id": message_id, "seq": seq, "bytes": bytes }).to_string(),
         ),
     }
 }

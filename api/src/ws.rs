@@ -509,7 +509,11 @@ impl<L: Log> Session<L> {
         let mut items = Vec::with_capacity(entries.len());
         for ((seq, _), record) in entries.iter().zip(&records) {
             let event = wire::event_of(record).map_err(|e| internal(e.to_string()))?;
-            if params.thread.as_ref().is_some_and(|t| Some(t) != event.thread_id()) {
+            if params
+                .thread
+                .as_ref()
+                .is_some_and(|t| Some(t) != event.thread_id())
+            {
                 continue;
             }
             items.push((*seq, &**record, event));
@@ -518,7 +522,10 @@ impl<L: Log> Session<L> {
         if outs.len() > PAGE {
             outs.truncate(PAGE);
             last = outs[PAGE - 1].last;
-        } else if entries.len() == limit && outs.len() > 1 && outs.last().is_some_and(|o| o.open_tail) {
+        } else if entries.len() == limit
+            && outs.len() > 1
+            && outs.last().is_some_and(|o| o.open_tail)
+        {
             // The page cut a message short: leave its tail to the next page, whole.
             if let Some(cut) = outs.pop() {
                 last = cut.first - 1;
@@ -737,8 +744,10 @@ fn open_runs(
                 .iter()
                 .map(|(id, m)| json!({"message_id": id, "from_user_seq": m.from_user_seq, "user_seq": m.user_seq, "seq": m.seq}))
                 .collect();
-            runs.push(json!({"run_id": run_id, "thread_id": run.thread_id, "agent_name": run.agent_name,
-                "user_seq": run.user_seq, "messages": messages}));
+            runs.push(
+                json!({"run_id": run_id, "thread_id": run.thread_id, "agent_name": run.agent_name,
+                "user_seq": run.user_seq, "messages": messages}),
+            );
         }
     }
     (runs, oldest)

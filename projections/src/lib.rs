@@ -20,7 +20,7 @@ pub use commands::{CommandService, Outcome, Submission, SubmitError};
 pub use delivery::Delivery;
 pub use error::ProjectionError;
 pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
-pub use streams::{CompletedTexts, OpenMessage, OpenRun, Streams};
 pub use projector::{
     load_checkpoint, rebuild, store_checkpoint, CheckpointPolicy, Follower, Projector, PAGE,
 };
+pub use streams::{CompletedTexts, OpenMessage, OpenRun, Streams};

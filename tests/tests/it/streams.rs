@@ -68,11 +68,20 @@ impl Reader {
             return;
         }
         self.message_frames += 1;
-        let id = f["data"]["message_id"].as_str().expect("message_id").to_owned();
+        let id = f["data"]["message_id"]
+            .as_str()
+            .expect("message_id")
+            .to_owned();
         let seq = self.seqs.entry(id.clone()).or_default();
         if let Some(text) = f["data"]["text"].as_str() {
-            let first = f["data"]["from_seq"].as_u64().or(f["data"]["seq"].as_u64()).unwrap();
-            assert!(first == 0 || first == *seq + 1, "deltas out of order at {f} (had {seq})");
+            let first = f["data"]["from_seq"]
+                .as_u64()
+                .or(f["data"]["seq"].as_u64())
+                .unwrap();
+            assert!(
+                first == 0 || first == *seq + 1,
+                "deltas out of order at {f} (had {seq})"
+            );
             *seq = f["data"]["seq"].as_u64().unwrap();
             self.texts.entry(id.clone()).or_default().push_str(text);
         }
@@ -120,7 +129,12 @@ async fn a_reconnect_in_the_middle_of_a_message_loses_and_repeats_nothing() {
     let agent = server.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await;
     let msg = "msg_answer_1";
-    assert_eq!(message_event(&agent, &run, "message_started", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_started", msg)
+            .await
+            .status,
+        201
+    );
     let all = words(0, 120);
     let r = deltas(&agent, &run, msg, 1, &all[..40]).await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -136,7 +150,12 @@ async fn a_reconnect_in_the_middle_of_a_message_loses_and_repeats_nothing() {
         let r = deltas(&agent, &run, msg, 41 + 20 * k as u64, chunk).await;
         assert_eq!(r.status, 201, "{}", r.body);
     }
-    assert_eq!(message_event(&agent, &run, "message_completed", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_completed", msg)
+            .await
+            .status,
+        201
+    );
     let (mut socket, welcome) =
         merged_socket(&server, "ann", &format!("after={}", reader.last)).await;
     assert_eq!(welcome["resume_after"], reader.last);
@@ -148,9 +167,15 @@ async fn a_reconnect_in_the_middle_of_a_message_loses_and_repeats_nothing() {
     assert_eq!(reader.message_frames, 2, "{reader:?}");
 
     // A client without merge still gets every delta as its own frame, user_seq dense.
-    let mut plain = server.socket(&token("ann", "user"), "after=0").await.unwrap();
+    let mut plain = server
+        .socket(&token("ann", "user"), "after=0")
+        .await
+        .unwrap();
     let (frames, caught_up) = plain.until("caught_up").await.unwrap();
-    let frames: Vec<_> = frames.into_iter().filter(|f| f["type"] == "event").collect();
+    let frames: Vec<_> = frames
+        .into_iter()
+        .filter(|f| f["type"] == "event")
+        .collect();
     assert_eq!(frames.len() as u64, caught_up["user_seq"].as_u64().unwrap());
     let mut plain_reader = Reader::default();
     frames.iter().for_each(|f| plain_reader.take(f));
@@ -164,7 +189,12 @@ async fn a_retried_batch_of_deltas_is_idempotent_and_order_is_enforced() {
     let agent = server.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await;
     let msg = "0b5c6a2e-3f3c-4c41-9d57-5d1c4d7a9a10";
-    assert_eq!(message_event(&agent, &run, "message_started", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_started", msg)
+            .await
+            .status,
+        201
+    );
     // A retried message_started answers the original (its id is derived).
     let again = message_event(&agent, &run, "message_started", msg).await;
     assert_eq!(again.status, 200, "{}", again.body);
@@ -173,7 +203,10 @@ async fn a_retried_batch_of_deltas_is_idempotent_and_order_is_enforced() {
     assert_eq!(first.status, 201, "{}", first.body);
     let retry = deltas(&agent, &run, msg, 1, &batch).await;
     assert_eq!(retry.status, 201, "{}", retry.body);
-    assert_eq!(first.body["results"], retry.body["results"], "a retry appends nothing");
+    assert_eq!(
+        first.body["results"], retry.body["results"],
+        "a retry appends nothing"
+    );
     // The same seq with another text is a conflict, a skipped seq a gap.
     deltas(&agent, &run, msg, 10, &["other".to_owned()])
         .await
@@ -219,7 +252,10 @@ async fn a_retried_batch_of_deltas_is_idempotent_and_order_is_enforced() {
 
     // The run's terminal event completes the open message; nothing more is taken.
     let done = agent
-        .post(&format!("/v1/runs/{run}/events"), &json!({"type": "agent_completed", "data": {}}))
+        .post(
+            &format!("/v1/runs/{run}/events"),
+            &json!({"type": "agent_completed", "data": {}}),
+        )
         .await;
     assert_eq!(done.status, 201, "{}", done.body);
     deltas(&agent, &run, msg, 13, &["late".to_owned()])
@@ -253,21 +289,47 @@ async fn limits_per_message_and_per_run_are_clear_errors() {
     });
     let agent = server.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await;
-    assert_eq!(message_event(&agent, &run, "message_started", "msg_a").await.status, 201);
-    assert_eq!(message_event(&agent, &run, "message_started", "msg_b").await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_started", "msg_a")
+            .await
+            .status,
+        201
+    );
+    assert_eq!(
+        message_event(&agent, &run, "message_started", "msg_b")
+            .await
+            .status,
+        201
+    );
     deltas(&agent, &run, "msg_a", 1, &["x".repeat(101)])
         .await
         .assert_error(413, "payload_too_large");
-    assert_eq!(deltas(&agent, &run, "msg_a", 1, &["x".repeat(100)]).await.status, 201);
+    assert_eq!(
+        deltas(&agent, &run, "msg_a", 1, &["x".repeat(100)])
+            .await
+            .status,
+        201
+    );
     let over_run = deltas(&agent, &run, "msg_b", 1, &["y".repeat(51)]).await;
     over_run.assert_error(413, "payload_too_large");
-    assert!(over_run.body["error"]["message"].as_str().unwrap().contains("run"));
+    assert!(over_run.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("run"));
     // 21 deltas in one second of one run: the batch is refused whole, with Retry-After.
     let many: Vec<String> = (0..21).map(|_| String::new()).collect();
     let limited = deltas(&agent, &run, "msg_b", 1, &many).await;
     limited.assert_error(429, "rate_limited");
-    let retry_after = limited.headers.get("retry-after").and_then(|v| v.to_str().ok());
-    assert!(retry_after.and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1), "{limited:?}");
+    let retry_after = limited
+        .headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok());
+    assert!(
+        retry_after
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|s| s >= 1),
+        "{limited:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +344,12 @@ async fn a_late_joiner_gets_the_text_so_far_then_the_live_tail() {
     assert_eq!(started.status, 201);
     let all = words(0, 180);
     for (k, chunk) in all[..100].chunks(25).enumerate() {
-        assert_eq!(deltas(&agent, &run, msg, 1 + 25 * k as u64, chunk).await.status, 201);
+        assert_eq!(
+            deltas(&agent, &run, msg, 1 + 25 * k as u64, chunk)
+                .await
+                .status,
+            201
+        );
     }
     let (mut socket, welcome) = merged_socket(&server, "ann", "after=open").await;
     let open = &welcome["open_runs"];
@@ -302,14 +369,28 @@ async fn a_late_joiner_gets_the_text_so_far_then_the_live_tail() {
     assert_eq!(caught_up["user_seq"], reader.last);
     // The live tail, merged within the rollup window, after it.
     for (k, chunk) in all[100..].chunks(10).enumerate() {
-        assert_eq!(deltas(&agent, &run, msg, 101 + 10 * k as u64, chunk).await.status, 201);
+        assert_eq!(
+            deltas(&agent, &run, msg, 101 + 10 * k as u64, chunk)
+                .await
+                .status,
+            201
+        );
     }
-    assert_eq!(message_event(&agent, &run, "message_completed", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_completed", msg)
+            .await
+            .status,
+        201
+    );
     reader
         .read_until(&mut socket, |r| r.completed.contains_key(msg))
         .await;
     assert_eq!(reader.text(msg), all.concat());
-    assert!(reader.message_frames <= 22, "{} frames", reader.message_frames);
+    assert!(
+        reader.message_frames <= 22,
+        "{} frames",
+        reader.message_frames
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,12 +404,16 @@ async fn a_replay_of_1000_completed_messages_arrives_compacted() {
         for m in 0..50 {
             let id = format!("msg_{r}_{m}");
             let texts = words(m * 10, 5);
-            events.push(json!({"run_id": run, "type": "message_started", "data": {"message_id": id}}));
+            events.push(
+                json!({"run_id": run, "type": "message_started", "data": {"message_id": id}}),
+            );
             for (k, t) in texts.iter().enumerate() {
                 events.push(json!({"run_id": run, "type": "message_delta",
                     "data": {"message_id": id, "seq": k + 1, "text": t}}));
             }
-            events.push(json!({"run_id": run, "type": "message_completed", "data": {"message_id": id}}));
+            events.push(
+                json!({"run_id": run, "type": "message_completed", "data": {"message_id": id}}),
+            );
             expected.push((id, texts.concat()));
         }
         let reply = agent.post("/v1/events", &json!({ "events": events })).await;
@@ -342,17 +427,26 @@ async fn a_replay_of_1000_completed_messages_arrives_compacted() {
     frames.iter().for_each(|f| reader.take(f));
     assert_eq!(caught_up["user_seq"], head);
     assert_eq!(reader.last, head);
-    assert_eq!(reader.message_frames, 1000, "one frame per completed message");
+    assert_eq!(
+        reader.message_frames, 1000,
+        "one frame per completed message"
+    );
     assert_eq!(reader.frames, 1000 + 20 * 3);
     for (id, text) in &expected {
         assert_eq!(reader.text(id), text);
         assert!(reader.completed.contains_key(id));
     }
     // Acking a merged frame's user_seq acks the events it covers.
-    socket.send(json!({"type": "ack", "user_seq": head})).await.unwrap();
+    socket
+        .send(json!({"type": "ack", "user_seq": head}))
+        .await
+        .unwrap();
     socket.send(json!({"type": "ping"})).await.unwrap();
     let (_, _pong) = socket.until("pong").await.unwrap();
-    let mut resumed = server.socket(&token("ann", "user"), "merge=1").await.unwrap();
+    let mut resumed = server
+        .socket(&token("ann", "user"), "merge=1")
+        .await
+        .unwrap();
     let welcome = resumed.welcome().await.unwrap();
     assert_eq!(welcome["resume_after"], head);
 }
@@ -363,7 +457,12 @@ async fn after_a_sigkill_every_acknowledged_delta_is_there_and_the_agent_goes_on
     let agent = server.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await;
     let msg = "msg_crash";
-    assert_eq!(message_event(&agent, &run, "message_started", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_started", msg)
+            .await
+            .status,
+        201
+    );
     let all = words(0, 420);
     // A writer keeps appending; the kill lands while it is in flight.
     let writer_agent = agent.clone();
@@ -402,20 +501,106 @@ async fn after_a_sigkill_every_acknowledged_delta_is_there_and_the_agent_goes_on
     let server = TestServer::start(server.data.clone(), Options::default()).unwrap();
     let agent = server.api(&token("bot", "agent"));
     let (mut socket, welcome) = merged_socket(&server, "ann", "after=open").await;
-    let stored = welcome["open_runs"][0]["messages"][0]["seq"].as_u64().unwrap() as usize;
+    let stored = welcome["open_runs"][0]["messages"][0]["seq"]
+        .as_u64()
+        .unwrap() as usize;
     assert!(stored >= acked, "stored {stored} < acknowledged {acked}");
-    let from = welcome["open_runs"][0]["messages"][0]["from_user_seq"].as_u64().unwrap();
+    let from = welcome["open_runs"][0]["messages"][0]["from_user_seq"]
+        .as_u64()
+        .unwrap();
     let mut reader = Reader::after(from - 1);
     let (frames, _) = socket.until("caught_up").await.unwrap();
     frames.iter().for_each(|f| reader.take(f));
     assert_eq!(reader.text(msg), all[..stored].concat());
     // The agent goes on where the log is: a retry of its last batch is answered, new seqs append.
     let retry_from = stored.saturating_sub(4).max(1);
-    let r = deltas(&agent, &run, msg, retry_from as u64, &all[retry_from - 1..stored + 10]).await;
+    let r = deltas(
+        &agent,
+        &run,
+        msg,
+        retry_from as u64,
+        &all[retry_from - 1..stored + 10],
+    )
+    .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    assert_eq!(message_event(&agent, &run, "message_completed", msg).await.status, 201);
+    assert_eq!(
+        message_event(&agent, &run, "message_completed", msg)
+            .await
+            .status,
+        201
+    );
     reader
         .read_until(&mut socket, |r| r.completed.contains_key(msg))
         .await;
     assert_eq!(reader.text(msg), all[..stored + 10].concat());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_accumulates_messages_across_merged_frames_and_a_cut() {
+    use futures_util::StreamExt;
+    use threadline_client::{Client, Config, TokenSource, Update};
+    let server = TestServer::spawn();
+    let agent = server.api(&token("bot", "agent"));
+    let (_thread, run) = started_run(&agent, "ann").await;
+    let msg = "msg_client";
+    assert_eq!(
+        message_event(&agent, &run, "message_started", msg)
+            .await
+            .status,
+        201
+    );
+    let all = words(0, 90);
+    assert_eq!(deltas(&agent, &run, msg, 1, &all[..30]).await.status, 201);
+    let proxy = threadline_tests::Proxy::start(server.addr).await;
+    let mut client = Client::connect(Config::new(
+        proxy.ws_url(),
+        TokenSource::fixed(token("ann", "user")),
+    ));
+    let (events, _) = threadline_tests::client_caught_up(&mut client)
+        .await
+        .unwrap();
+    let text = events
+        .iter()
+        .rev()
+        .find_map(|e| e.message.as_ref())
+        .unwrap();
+    assert_eq!(text.text, all[..30].concat());
+    assert!(!text.partial && !text.complete);
+    // The connection is cut mid-message; the client resumes and accumulates on.
+    proxy.cut();
+    for (k, chunk) in all[30..].chunks(20).enumerate() {
+        assert_eq!(
+            deltas(&agent, &run, msg, 31 + 20 * k as u64, chunk)
+                .await
+                .status,
+            201
+        );
+    }
+    assert_eq!(
+        message_event(&agent, &run, "message_completed", msg)
+            .await
+            .status,
+        201
+    );
+    let mut deltas_seen = String::new();
+    loop {
+        let update = tokio::time::timeout(std::time::Duration::from_secs(10), client.next())
+            .await
+            .expect("an update before the deadline")
+            .expect("the client goes on");
+        match update {
+            Update::Event(e) => {
+                if let Some(m) = e.message {
+                    deltas_seen.push_str(&m.delta);
+                    if m.complete {
+                        assert_eq!(m.text, all.concat());
+                        break;
+                    }
+                }
+            }
+            Update::Error(e) => assert!(!e.is_fatal(), "{e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(deltas_seen, all[30..].concat(), "each delta once");
 }
