@@ -33,6 +33,10 @@ pub const CODES: &[&str] = &[
     "payload_too_large",
     "invalid_lifecycle",
     "rate_limited",
+    "message_not_found",
+    "message_exists",
+    "message_closed",
+    "sequence_gap",
     "internal",
     "overloaded",
     "storage_unavailable",
@@ -332,6 +336,19 @@ mod tests {
                 limit: 1,
             },
             DomainError::InvalidInput("no".into()),
+            DomainError::MessageNotFound(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::MessageExists(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::MessageClosed(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::SequenceGap {
+                message_id: threadline_engine::MessageId::parse("msg_a").unwrap(),
+                expected: 2,
+                got: 3,
+            },
+            DomainError::RateLimited {
+                what: "deltas",
+                limit: 1,
+                retry_after_ms: 10,
+            },
         ];
         let mut all: Vec<AppError> = domain.into_iter().map(AppError::from).collect();
         all.extend([
@@ -393,7 +410,12 @@ mod tests {
                 | DomainError::InvalidLifecycle(_)
                 | DomainError::TooLarge { .. }
                 | DomainError::QuotaExceeded { .. }
-                | DomainError::InvalidInput(_) => {}
+                | DomainError::InvalidInput(_)
+                | DomainError::MessageNotFound(_)
+                | DomainError::MessageExists(_)
+                | DomainError::MessageClosed(_)
+                | DomainError::SequenceGap { .. }
+                | DomainError::RateLimited { .. } => {}
             },
         }
     }
