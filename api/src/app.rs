@@ -709,6 +709,9 @@ fn agent_submission(
     limits: &Limits,
 ) -> Result<Submission, AppError> {
     let run_id = RunId::parse(run_id)?;
+    if let Some(sub) = crate::stream::message_submission(&run_id, &kind, &data, &event_id)? {
+        return Ok(sub);
+    }
     let event_id = event_id.map(|id| EventId::parse(&id)).transpose()?;
     if kind == INPUT_REQUESTED {
         let command = await_input(run_id, data, limits)?;

@@ -20,6 +20,7 @@ pub mod openapi;
 mod presence;
 mod rate;
 mod server;
+mod stream;
 pub mod wire;
 mod ws;
 

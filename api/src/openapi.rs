@@ -242,7 +242,13 @@ mod tests {
         );
         assert_eq!(
             names("GET", "/v1/ws"),
-            Some(vec!["after", "client_id", "thread_id", "access_token"])
+            Some(vec![
+                "after",
+                "client_id",
+                "thread_id",
+                "access_token",
+                "merge"
+            ])
         );
         assert_eq!(names("POST", "/v1/threads"), Some(vec![]));
         assert_eq!(names("GET", "/nowhere"), None);
@@ -254,6 +260,7 @@ mod tests {
         let agent: Vec<&str> = AgentEventKind::ALL
             .iter()
             .map(|k| k.as_str())
+            .chain(crate::wire::MESSAGE_EVENT_TYPES)
             .chain([threadline_engine::INPUT_REQUESTED])
             .collect();
         assert_eq!(

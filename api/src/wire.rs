@@ -315,6 +315,12 @@ pub struct Frame {
     pub event_id: String,
     #[schema(format = DateTime)]
     pub recorded_at: String,
+    /// A merged frame (sockets with `merge=1`) covers `from_user_seq..=user_seq`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_user_seq: Option<u64>,
+    /// …and `from_thread_version..=thread_version` of its thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_thread_version: Option<u64>,
 }
 
 /// Who appended an event.
@@ -382,15 +388,21 @@ fn one_of(values: impl IntoIterator<Item = &'static str>) -> Object {
         .build()
 }
 
-/// Every agent event type an agent may append, from the engine's own lists.
+/// The streamed-message event types an agent appends (docs/PROTOCOL.md, issue 18).
+pub const MESSAGE_EVENT_TYPES: [&str; 3] =
+    ["message_started", "message_delta", "message_completed"];
+
+/// Every agent event type an agent may append: the engine's own list, the
+/// streamed-message types and `agent_awaiting_input`.
 pub fn agent_event_types() -> impl Iterator<Item = &'static str> {
     AgentEventKind::ALL
         .map(|k| k.as_str())
         .into_iter()
+        .chain(MESSAGE_EVENT_TYPES)
         .chain([INPUT_REQUESTED])
 }
 
-/// The agent event types, from the engine's own list.
+/// The agent event types.
 fn agent_event_type() -> Object {
     one_of(agent_event_types())
 }
@@ -401,7 +413,8 @@ fn event_name() -> Object {
         ["thread_created"]
             .into_iter()
             .chain(THREAD_EVENT_NAMES)
-            .chain(AgentEventKind::ALL.map(|k| k.as_str())),
+            .chain(AgentEventKind::ALL.map(|k| k.as_str()))
+            .chain(MESSAGE_EVENT_TYPES),
     )
 }
 
@@ -465,6 +478,25 @@ fn data_of(event: &Event) -> Box<RawValue> {
                 .to_string(),
         ),
         Event::RunExpired { .. } | Event::CursorAdvanced { .. } => raw("{}".into()),
+        Event::MessageStarted { message_id, .. } => {
+            raw(serde_json::json!({ "message_id": message_id }).to_string())
+        }
+        Event::MessageDeltaAppended {
+            message_id,
+            seq,
+            text,
+            ..
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "text": text }).to_string(),
+        ),
+        Event::MessageCompleted {
+            message_id,
+            seq,
+            bytes,
+            ..
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "bytes": bytes }).to_string(),
+        ),
     }
 }
 
@@ -493,6 +525,8 @@ pub fn frame(record: &Record, event: &Event, user_seq: u64) -> Option<Frame> {
         data: data_of(event),
         event_id: record.event_id.to_string(),
         recorded_at: timestamp(record.recorded_at_ms),
+        from_user_seq: None,
+        from_thread_version: None,
     })
 }
 

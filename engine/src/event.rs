@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClientId, RunId, ThreadId, UserId};
+use crate::ids::{ClientId, MessageId, RunId, ThreadId, UserId};
 
 /// The agent event types of the wire contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,6 +93,29 @@ pub enum Event {
         client_id: ClientId,
         user_seq: u64,
     },
+    // Streamed messages (issue 18). New variants go last: the encoding numbers them.
+    /// An agent opened a streamed message in a running run.
+    MessageStarted {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+    },
+    /// One delta of a message's text; `seq` counts the message's deltas from 1.
+    MessageDeltaAppended {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+        seq: u64,
+        text: String,
+    },
+    /// The message is complete: `seq` deltas, `bytes` of text in all.
+    MessageCompleted {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+        seq: u64,
+        bytes: u64,
+    },
     // Issue 19 (the way back from user to agent). New variants go at the end: the
     // encoding numbers variants, so stored events keep their meaning.
     /// `agent_awaiting_input`: the agent asked the owner something.
@@ -131,6 +154,9 @@ impl Event {
             Self::AgentEventRecorded { kind, .. } => kind.as_str(),
             Self::RunExpired { .. } => "run_expired",
             Self::CursorAdvanced { .. } => "cursor_advanced",
+            Self::MessageStarted { .. } => "message_started",
+            Self::MessageDeltaAppended { .. } => "message_delta",
+            Self::MessageCompleted { .. } => "message_completed",
             Self::InputRequested { .. } => INPUT_REQUESTED,
             Self::RunCancelRequested { .. } => "run_cancel_requested",
             Self::InputProvided { .. } => "user_input_provided",
@@ -156,10 +182,32 @@ impl Event {
             | Self::RunRegistered { thread_id, .. }
             | Self::AgentEventRecorded { thread_id, .. }
             | Self::RunExpired { thread_id, .. }
+            | Self::MessageStarted { thread_id, .. }
+            | Self::MessageDeltaAppended { thread_id, .. }
+            | Self::MessageCompleted { thread_id, .. }
             | Self::InputRequested { thread_id, .. }
             | Self::RunCancelRequested { thread_id, .. }
             | Self::InputProvided { thread_id, .. } => Some(thread_id),
             Self::CursorAdvanced { .. } => None,
+        }
+    }
+
+    /// The streamed message the event belongs to, if any.
+    pub fn message_id(&self) -> Option<&MessageId> {
+        match self {
+            Self::MessageStarted { message_id, .. }
+            | Self::MessageDeltaAppended { message_id, .. }
+            | Self::MessageCompleted { message_id, .. } => Some(message_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the event ends its run (and so completes the run's open messages).
+    pub fn ends_run(&self) -> bool {
+        match self {
+            Self::AgentEventRecorded { kind, .. } => kind.is_terminal(),
+            Self::RunExpired { .. } => true,
+            _ => false,
         }
     }
 
@@ -168,6 +216,9 @@ impl Event {
             Self::RunRegistered { run_id, .. }
             | Self::AgentEventRecorded { run_id, .. }
             | Self::RunExpired { run_id, .. }
+            | Self::MessageStarted { run_id, .. }
+            | Self::MessageDeltaAppended { run_id, .. }
+            | Self::MessageCompleted { run_id, .. }
             | Self::InputRequested { run_id, .. }
             | Self::RunCancelRequested { run_id, .. }
             | Self::InputProvided { run_id, .. } => Some(run_id),

@@ -13,6 +13,7 @@ mod delivery;
 mod error;
 mod model;
 mod projector;
+mod streams;
 
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
 pub use commands::{CommandService, Outcome, Submission, SubmitError};
@@ -22,3 +23,4 @@ pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
 pub use projector::{
     load_checkpoint, rebuild, store_checkpoint, CheckpointPolicy, Follower, Projector, PAGE,
 };
+pub use streams::{CompletedTexts, OpenMessage, OpenRun, Streams};

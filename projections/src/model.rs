@@ -6,22 +6,24 @@ use sha2::{Digest, Sha256};
 use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
-use crate::{decode_event, Delivery, ProjectionError};
+use crate::{decode_event, Delivery, ProjectionError, Streams};
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
 /// 2: threads without metadata, per-user thread counts (issue 11).
-/// 3: runs carry their cancel request, inputs and signal count (issue 19).
-const CHECKPOINT_FORMAT: u8 = 3;
+/// 3: streamed messages (issue 18): run message state, the streams projection.
+/// 4: runs carry their cancel request, inputs and signal count (issue 19).
+const CHECKPOINT_FORMAT: u8 = 4;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
     position: Position,
     registry: Registry,
     delivery: Delivery,
+    streams: Streams,
 }
 
 /// A deterministic digest of each projection's state (SHA-256 of its encoding).
@@ -30,6 +32,8 @@ pub struct Digests {
     pub position: Position,
     pub registry: [u8; 32],
     pub delivery: [u8; 32],
+    /// Open messages' texts and the chained digest of completed ones.
+    pub streams: [u8; 32],
 }
 
 impl Digests {
@@ -41,6 +45,9 @@ impl Digests {
         }
         if self.delivery != other.delivery {
             out.push("delivery");
+        }
+        if self.streams != other.streams {
+            out.push("streams");
         }
         out
     }
@@ -54,10 +61,11 @@ impl std::fmt::Display for Digests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "position {} registry {} delivery {}",
+            "position {} registry {} delivery {} streams {}",
             self.position,
             hex(&self.registry),
-            hex(&self.delivery)
+            hex(&self.delivery),
+            hex(&self.streams)
         )
     }
 }
@@ -79,6 +87,10 @@ impl ReadModel {
 
     pub fn delivery(&self) -> &Delivery {
         &self.delivery
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
     }
 
     /// Folds the next record in. Records must come in order, each once:
@@ -132,7 +144,8 @@ impl ReadModel {
                     .thread_id()
                     .and_then(|t| self.registry.owner_of(t))
                     .cloned()?;
-                self.delivery.enqueue(&owner, position);
+                let user_seq = self.delivery.enqueue(&owner, position);
+                self.streams.apply(other, &owner, user_seq);
                 Some(owner)
             }
         }
@@ -143,6 +156,7 @@ impl ReadModel {
             position: self.position,
             registry: Sha256::digest(encode(&self.registry)).into(),
             delivery: Sha256::digest(encode(&self.delivery)).into(),
+            streams: Sha256::digest(encode(&self.streams)).into(),
         }
     }
 

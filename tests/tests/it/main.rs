@@ -19,5 +19,6 @@ mod slow_reader;
 mod smoke;
 mod sockets;
 mod steer;
+mod streams;
 mod tail;
 mod tidy;

@@ -234,7 +234,7 @@ async fn an_approval_is_answered_from_a_second_device_and_a_changed_answer_is_re
     assert_eq!((r.status, r.code()), (400, "invalid_request"));
 
     let history = alice
-        .thread_events(&recorded["thread_id"].as_str().unwrap().to_owned())
+        .thread_events(recorded["thread_id"].as_str().unwrap())
         .await;
     let answers = history
         .iter()
