@@ -28,7 +28,8 @@ async fn every_documented_operation_exists_and_answers_a_documented_status() {
         for (method, op) in ops.as_object().unwrap() {
             let concrete = path
                 .replace("{thread_id}", &thread)
-                .replace("{run_id}", &run);
+                .replace("{run_id}", &run)
+                .replace("{user_id}", "alice");
             let client = if path.starts_with("/v1/audit")
                 || (method == "get" && path.starts_with("/v1/threads"))
             {
@@ -47,6 +48,9 @@ async fn every_documented_operation_exists_and_answers_a_documented_status() {
                         Some(r) if r.ends_with("/RegisterRun") => json!({"agent_name": "x"}),
                         Some(r) if r.ends_with("/AgentEvent") => {
                             json!({"type": "agent_thinking", "data": {}})
+                        }
+                        Some(r) if r.ends_with("/ProvideInput") => {
+                            json!({"input_id": "in1", "answer": "yes"})
                         }
                         Some(r) if r.ends_with("/Batch") => {
                             json!({"events": [{"run_id": run, "type": "agent_thinking", "data": {}}]})
