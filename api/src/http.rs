@@ -15,6 +15,7 @@ use tracing::Instrument;
 
 use crate::app::{AppState, Log, MAX_LIMIT};
 use crate::audit::AuditParams;
+use crate::deliveries::DeliveryParams;
 use crate::error::AppError;
 use crate::extract::{Auth, IfMatch, JsonBody, PathArg, QueryArgs};
 use crate::wire;
@@ -35,11 +36,15 @@ pub fn router<L: Log>(state: AppState<L>) -> Router {
         .route("/v1/runs/{run_id}/events", post(append_event::<L>))
         .route("/v1/events", post(append_batch::<L>))
         .route("/v1/audit/events", get(audit_events::<L>))
+        .route("/v1/audit/deliveries", get(audit_deliveries::<L>))
         .route("/v1/ws", get(crate::ws::upgrade::<L>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<L>))
         .route("/metrics", get(crate::metrics::render))
         .route("/openapi.json", get(crate::openapi::document))
+        .route("/console", get(crate::console::index))
+        .route("/console/app.js", get(crate::console::script))
+        .route("/console/app.css", get(crate::console::style))
         .route_layer(axum::middleware::from_fn(crate::extract::known_query))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
@@ -143,6 +148,14 @@ async fn audit_events<L: Log>(
     QueryArgs(q): QueryArgs<AuditParams>,
 ) -> Result<Json<wire::Envelopes>, AppError> {
     Ok(Json(app.audit(&p, q.parse()?).await?))
+}
+
+async fn audit_deliveries<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    QueryArgs(q): QueryArgs<DeliveryParams>,
+) -> Result<Json<crate::deliveries::Deliveries>, AppError> {
+    Ok(Json(app.deliveries(&p, q.parse()?).await?))
 }
 
 /// The page size a list call asked for (default 100), within 1 to [`MAX_LIMIT`].

@@ -7,6 +7,7 @@
 //! the fold writes the model, and the write side ([`CommandService`]) reads it
 //! and waits on the projected position, never folding itself.
 
+mod acks;
 mod codec;
 mod commands;
 mod delivery;
@@ -14,6 +15,7 @@ mod error;
 mod model;
 mod projector;
 
+pub use acks::{Ack, Acks};
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
 pub use commands::{CommandService, Outcome, Submission, SubmitError};
 pub use delivery::Delivery;

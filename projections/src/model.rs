@@ -6,21 +6,23 @@ use sha2::{Digest, Sha256};
 use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
-use crate::{decode_event, Delivery, ProjectionError};
+use crate::{decode_event, Acks, Delivery, ProjectionError};
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
 /// 2: threads without metadata, per-user thread counts (issue 11).
-const CHECKPOINT_FORMAT: u8 = 2;
+/// 3: the delivery ledger (`acks`, issue 14).
+const CHECKPOINT_FORMAT: u8 = 3;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
     position: Position,
     registry: Registry,
     delivery: Delivery,
+    acks: Acks,
 }
 
 /// A deterministic digest of each projection's state (SHA-256 of its encoding).
@@ -29,6 +31,7 @@ pub struct Digests {
     pub position: Position,
     pub registry: [u8; 32],
     pub delivery: [u8; 32],
+    pub acks: [u8; 32],
 }
 
 impl Digests {
@@ -40,6 +43,9 @@ impl Digests {
         }
         if self.delivery != other.delivery {
             out.push("delivery");
+        }
+        if self.acks != other.acks {
+            out.push("acks");
         }
         out
     }
@@ -53,10 +59,11 @@ impl std::fmt::Display for Digests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "position {} registry {} delivery {}",
+            "position {} registry {} delivery {} acks {}",
             self.position,
             hex(&self.registry),
-            hex(&self.delivery)
+            hex(&self.delivery),
+            hex(&self.acks)
         )
     }
 }
@@ -78,6 +85,11 @@ impl ReadModel {
 
     pub fn delivery(&self) -> &Delivery {
         &self.delivery
+    }
+
+    /// The delivery ledger: every forward move of every client's cursor.
+    pub fn acks(&self) -> &Acks {
+        &self.acks
     }
 
     /// Folds the next record in. Records must come in order, each once:
@@ -124,6 +136,8 @@ impl ReadModel {
                 user_seq,
             } => {
                 self.delivery.advance(user_id, client_id, *user_seq);
+                self.acks
+                    .record(user_id, client_id, *user_seq, position, recorded_at_ms);
                 None
             }
             other => {
@@ -142,6 +156,7 @@ impl ReadModel {
             position: self.position,
             registry: Sha256::digest(encode(&self.registry)).into(),
             delivery: Sha256::digest(encode(&self.delivery)).into(),
+            acks: Sha256::digest(encode(&self.acks)).into(),
         }
     }
 
