@@ -8,6 +8,7 @@ use serde::Deserialize;
 use threadline_engine::{RunId, ThreadId, UserId};
 use threadline_projections::{Projector, PAGE};
 use threadline_storage::{Checkpoints, EventLog, Position, SYSTEM_STREAM_PREFIX};
+use utoipa::IntoParams;
 
 use crate::error::AppError;
 use crate::wire;
@@ -107,19 +108,29 @@ pub fn audit_page<L: EventLog + Checkpoints>(
 }
 
 /// The audit filters as the query string (and `threadline audit --url`) spells them.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditParams {
+    /// The position to continue after (a previous page's `next_after`).
     #[serde(default)]
     pub after: u64,
+    /// The page size.
+    // 1000 is `MAX_LIMIT` (an attribute takes only a literal; a test checks they agree).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     pub limit: Option<usize>,
+    /// The threads' owner.
     pub user_id: Option<String>,
     pub thread_id: Option<String>,
     pub run_id: Option<String>,
+    /// The event type (`event` of the envelope).
     #[serde(rename = "type")]
     pub event_type: Option<String>,
-    /// RFC 3339 timestamps.
+    /// Recorded at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     pub since: Option<String>,
+    /// Recorded at or before this RFC 3339 time.
+    #[param(format = DateTime)]
     pub until: Option<String>,
 }
 

@@ -30,14 +30,24 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
+/// The auditor console (HTML). It asks for an auditor token and keeps it in
+/// `sessionStorage` only; its assets are embedded in the binary.
+#[utoipa::path(get, path = "/console", tag = "console", operation_id = "console",
+    responses((status = 200, description = "the console page", content_type = "text/html", body = String)))]
 pub(crate) async fn index() -> impl IntoResponse {
     asset("text/html; charset=utf-8", INDEX)
 }
 
+/// The console's script.
+#[utoipa::path(get, path = "/console/app.js", tag = "console", operation_id = "console_script",
+    responses((status = 200, description = "the console's script", content_type = "text/javascript", body = String)))]
 pub(crate) async fn script() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", SCRIPT)
 }
 
+/// The console's style sheet.
+#[utoipa::path(get, path = "/console/app.css", tag = "console", operation_id = "console_style",
+    responses((status = 200, description = "the console's style sheet", content_type = "text/css", body = String)))]
 pub(crate) async fn style() -> impl IntoResponse {
     asset("text/css; charset=utf-8", STYLE)
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use threadline_engine::{ClientId, DomainError, Event, StreamName, ThreadId, UserId};
 use threadline_projections::{Projector, PAGE};
 use threadline_storage::{Checkpoints, EventLog, Position, SYSTEM_STREAM_PREFIX};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::error::AppError;
 use crate::wire;
@@ -27,16 +28,28 @@ pub struct DeliveryQuery {
 }
 
 /// The filters as the query string spells them.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeliveryParams {
+    /// The position to continue after (a previous page's `next_after`).
     #[serde(default)]
     pub after: u64,
+    /// The page size: acks, or with `thread_id` events.
+    // 1000 is `MAX_LIMIT` (an attribute takes only a literal; a test checks they agree).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     pub limit: Option<usize>,
+    /// The acknowledging user (with `thread_id`: must be the thread's owner).
     pub user_id: Option<String>,
+    /// Only this client's acks.
     pub client_id: Option<String>,
+    /// The ledger of this thread's events.
     pub thread_id: Option<String>,
+    /// Acks recorded at or after this RFC 3339 time.
+    #[param(format = DateTime)]
     pub since: Option<String>,
+    /// Acks recorded at or before this RFC 3339 time.
+    #[param(format = DateTime)]
     pub until: Option<String>,
 }
 
@@ -59,32 +72,38 @@ impl DeliveryParams {
 }
 
 /// One durable ack: `client_id` of `user_id` acknowledged every event up to `user_seq`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
+#[schema(as = Delivery)]
 pub struct DeliveryRecord {
+    /// The position of the `cursor_advanced` record.
     pub position: u64,
     pub user_id: String,
     pub client_id: String,
+    /// Every event of the user up to this `user_seq` is acknowledged.
     pub user_seq: u64,
+    #[schema(format = DateTime)]
     pub acked_at: String,
 }
 
 /// A client's acknowledgement of one event.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct EventAck {
     pub client_id: String,
     /// The position of the ack that first covered the event.
     pub position: u64,
     pub user_seq: u64,
+    #[schema(format = DateTime)]
     pub acked_at: String,
 }
 
 /// One event of the thread and who has acknowledged it.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct EventDeliveries {
     pub position: u64,
     pub user_seq: u64,
     pub thread_version: u64,
     pub event: String,
+    #[schema(format = DateTime)]
     pub recorded_at: String,
     pub acks: Vec<EventAck>,
     /// The owner's clients (that ever acknowledged anything) that have not acknowledged it.
@@ -92,16 +111,17 @@ pub struct EventDeliveries {
 }
 
 /// A client of the thread's owner and how far it has acknowledged.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ClientCursor {
     pub client_id: String,
     pub acked_user_seq: u64,
     pub position: u64,
+    #[schema(format = DateTime)]
     pub acked_at: String,
 }
 
 /// The thread view of the ledger (present only with `thread_id`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct ThreadLedger {
     pub thread_id: String,
     pub user_id: String,
@@ -112,10 +132,11 @@ pub struct ThreadLedger {
 }
 
 /// One page of the ledger.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, ToSchema)]
 pub struct Deliveries {
     pub deliveries: Vec<DeliveryRecord>,
     pub next_after: u64,
+    /// Present only with `thread_id`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub thread: Option<ThreadLedger>,
 }

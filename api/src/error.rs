@@ -3,12 +3,40 @@
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use threadline_engine::DomainError;
 use threadline_projections::{ProjectionError, SubmitError};
 use threadline_storage::StorageError;
 
 use crate::auth::AuthError;
+use crate::wire::{ErrorBody, ErrorDetail};
+
+/// Every stable `code` an HTTP error answer carries: the enum of the OpenAPI
+/// `Error` schema. `status_and_code` answers only these (checked by a test).
+pub const CODES: &[&str] = &[
+    "invalid_request",
+    "invalid_id",
+    "invalid_event_type",
+    "unauthorized",
+    "forbidden",
+    "not_found",
+    "thread_not_found",
+    "run_not_found",
+    "method_not_allowed",
+    "request_timeout",
+    "thread_exists",
+    "run_exists",
+    "run_closed",
+    "run_expired",
+    "version_conflict",
+    "event_id_conflict",
+    "quota_exceeded",
+    "payload_too_large",
+    "invalid_lifecycle",
+    "rate_limited",
+    "internal",
+    "overloaded",
+    "storage_unavailable",
+];
 
 /// Everything a handler can answer instead of a success.
 #[derive(Debug, thiserror::Error)]
@@ -221,10 +249,13 @@ impl IntoResponse for AppError {
             (_, Some(i)) => format!("event {i}: {self}"),
             _ => self.to_string(),
         };
-        let mut body = json!({ "error": { "code": code, "message": message } });
-        if let Some(i) = self.index() {
-            body["error"]["index"] = json!(i);
-        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+                index: self.index(),
+            },
+        };
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
@@ -258,5 +289,113 @@ impl std::fmt::Display for Chain<'_> {
             source = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use threadline_engine::{EventId, RunId, ThreadId};
+
+    /// One error of each kind. `kind` below has no wildcard, so a new variant of
+    /// either enum does not compile until it is looked at here.
+    fn one_of_each() -> Vec<AppError> {
+        let thread = ThreadId::parse("thread_a").unwrap();
+        let run = RunId::parse("run_a").unwrap();
+        let domain = [
+            DomainError::InvalidId(ThreadId::parse("").unwrap_err()),
+            DomainError::Forbidden("no".into()),
+            DomainError::ThreadNotFound(thread.clone()),
+            DomainError::RunNotFound(run.clone()),
+            DomainError::ThreadExists(thread),
+            DomainError::RunExists(run.clone()),
+            DomainError::RunClosed(run.clone()),
+            DomainError::RunExpired(run),
+            DomainError::EventIdConflict(EventId::generate()),
+            DomainError::InvalidLifecycle("no".into()),
+            DomainError::TooLarge {
+                what: "data",
+                limit: 1,
+            },
+            DomainError::QuotaExceeded {
+                what: "threads",
+                limit: 1,
+            },
+            DomainError::InvalidInput("no".into()),
+        ];
+        let mut all: Vec<AppError> = domain.into_iter().map(AppError::from).collect();
+        all.extend([
+            AppError::Unauthorized(AuthError::Missing),
+            AppError::Forbidden("no".into()),
+            AppError::InvalidRequest("no".into()),
+            AppError::InvalidId("no".into()),
+            AppError::InvalidEventType("x".into()),
+            AppError::InvalidEventTypeMessage("x".into()),
+            AppError::PayloadTooLarge("x".into()),
+            AppError::NoRoute,
+            AppError::RequestTimeout,
+            AppError::MethodNotAllowed,
+            AppError::RateLimited(std::time::Duration::from_secs(1)),
+            AppError::Overloaded,
+            AppError::VersionConflict {
+                expected: 1,
+                current: 2,
+                index: None,
+            },
+            AppError::Contended,
+            AppError::Storage(threadline_storage::StorageError::Closed),
+            // Other storage and projection failures answer as Internal does.
+            AppError::Internal("x"),
+        ]);
+        all
+    }
+
+    #[allow(dead_code)]
+    fn kind(e: &AppError) {
+        match e {
+            AppError::Unauthorized(_)
+            | AppError::Forbidden(_)
+            | AppError::InvalidRequest(_)
+            | AppError::InvalidId(_)
+            | AppError::InvalidEventType(_)
+            | AppError::InvalidEventTypeMessage(_)
+            | AppError::PayloadTooLarge(_)
+            | AppError::NoRoute
+            | AppError::RequestTimeout
+            | AppError::MethodNotAllowed
+            | AppError::RateLimited(_)
+            | AppError::Overloaded
+            | AppError::VersionConflict { .. }
+            | AppError::Contended
+            | AppError::Storage(_)
+            | AppError::Projection(_)
+            | AppError::Internal(_) => {}
+            AppError::Domain { error, .. } => match error {
+                DomainError::InvalidId(_)
+                | DomainError::Forbidden(_)
+                | DomainError::ThreadNotFound(_)
+                | DomainError::RunNotFound(_)
+                | DomainError::ThreadExists(_)
+                | DomainError::RunExists(_)
+                | DomainError::RunClosed(_)
+                | DomainError::RunExpired(_)
+                | DomainError::EventIdConflict(_)
+                | DomainError::InvalidLifecycle(_)
+                | DomainError::TooLarge { .. }
+                | DomainError::QuotaExceeded { .. }
+                | DomainError::InvalidInput(_) => {}
+            },
+        }
+    }
+
+    #[test]
+    fn the_documented_codes_are_exactly_those_answered() {
+        let answered: std::collections::BTreeSet<&str> = one_of_each()
+            .iter()
+            .map(|e| e.status_and_code().1)
+            .collect();
+        let documented: std::collections::BTreeSet<&str> = CODES.iter().copied().collect();
+        assert_eq!(answered, documented);
+        assert_eq!(documented.len(), CODES.len(), "a code is listed twice");
     }
 }

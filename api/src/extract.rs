@@ -97,8 +97,9 @@ where
 
 /// Refuses a query parameter the matched route does not know (`400 invalid_request`),
 /// so a typo such as `?usr_id=` is an error rather than a silently unfiltered answer.
-/// The known names are the route table of the OpenAPI document ([`crate::openapi::ROUTES`]),
-/// so what is documented is what is accepted. The socket checks its own query (a bad one
+/// The known names are the query parameters the OpenAPI document gives the route
+/// ([`crate::openapi::query_names`], from its `IntoParams` struct), so what is documented is what
+/// is accepted. The socket checks its own query (a bad one
 /// closes the socket with 4400 after the upgrade).
 pub async fn known_query(matched: Option<MatchedPath>, req: Request, next: Next) -> Response {
     if let (Some(query), Some(path)) = (req.uri().query(), matched.as_ref()) {

@@ -12,13 +12,28 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use serde::Deserialize;
 use tracing::Instrument;
+use utoipa::IntoParams;
 
 use crate::app::{AppState, Log, MAX_LIMIT};
 use crate::audit::AuditParams;
 use crate::deliveries::DeliveryParams;
 use crate::error::AppError;
 use crate::extract::{Auth, IfMatch, JsonBody, PathArg, QueryArgs};
-use crate::wire;
+use crate::wire::{self, ErrorBody};
+
+// The answers each route documents (beside the handler, in `#[utoipa::path]`).
+// Answers every call may give (an unknown query parameter, the request rate, the
+// connection limit, a body's deadline) are added to all by `openapi::CommonAnswers`.
+const E400: &str = "invalid_request (a body or query that does not parse), invalid_id";
+const E401: &str = "unauthorized: no valid bearer token (with `WWW-Authenticate: Bearer`)";
+const E403_WRITE: &str = "forbidden: the token's role may not do this call";
+const E413: &str = "payload_too_large: a body over 1 MiB, or data or metadata over its limit";
+const E_APPEND_400: &str = "invalid_request, invalid_id, invalid_event_type";
+const E_APPEND_409: &str =
+    "run_closed, run_expired, version_conflict (If-Match), event_id_conflict, quota_exceeded";
+const E_APPEND_422: &str =
+    "invalid_lifecycle: agent_started first, nothing after a terminal event, tool calls matched";
+const IF_MATCH: &str = "the thread version the thread must be at (else 409 version_conflict)";
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -53,6 +68,17 @@ pub fn router<L: Log>(state: AppState<L>) -> Router {
         .with_state(state)
 }
 
+/// Create a thread (owner = the token's sub; agents name `user_id`).
+#[utoipa::path(post, path = "/v1/threads", tag = "threads", request_body = wire::CreateThread,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "created", body = wire::ThreadCreated),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: an auditor, or a user naming another user_id", body = ErrorBody),
+        (status = 409, description = "thread_exists, quota_exceeded", body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+    ))]
 async fn create_thread<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -61,14 +87,32 @@ async fn create_thread<L: Log>(
     Ok((StatusCode::CREATED, Json(app.create_thread(&p, req).await?)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Auditors and agents only: one user's threads.
     user_id: Option<String>,
+    /// The page size.
+    // 1000 is `MAX_LIMIT` (an attribute takes only a literal; a test checks they agree).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<usize>,
+    /// The `next` of the previous page.
     after: Option<String>,
 }
 
+/// List threads, a page at a time.
+///
+/// The caller's threads in creation order (auditors and agents: all in id order,
+/// or `?user_id=`); `next` is present when more remain.
+#[utoipa::path(get, path = "/v1/threads", tag = "threads", params(ListQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "one page of threads", body = wire::ThreadList),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: a user naming another user_id", body = ErrorBody),
+    ))]
 async fn list_threads<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -78,6 +122,16 @@ async fn list_threads<L: Log>(
     Ok(Json(app.list_threads(&p, q.user_id, limit, q.after)?))
 }
 
+/// A thread with its runs. Another user's thread is 404, exactly like a missing one.
+#[utoipa::path(get, path = "/v1/threads/{thread_id}", tag = "threads",
+    params(("thread_id" = String, Path, description = "a UUID or a structured `thread_…` id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the thread and its runs", body = wire::ThreadDetail),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 404, description = "thread_not_found (also another user's thread)", body = ErrorBody),
+    ))]
 async fn get_thread<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -86,6 +140,22 @@ async fn get_thread<L: Log>(
     Ok(Json(app.get_thread(&p, &thread_id).await?))
 }
 
+/// Register a run on a thread (agents, or the thread's owner).
+#[utoipa::path(post, path = "/v1/threads/{thread_id}/runs", tag = "threads", request_body = wire::RegisterRun,
+    params(
+        ("thread_id" = String, Path, description = "a UUID or a structured `thread_…` id"),
+        ("If-Match" = Option<u64>, Header, description = IF_MATCH),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "registered", body = wire::RunRegistered),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = E403_WRITE, body = ErrorBody),
+        (status = 404, description = "thread_not_found", body = ErrorBody),
+        (status = 409, description = "run_exists, version_conflict (If-Match), quota_exceeded", body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+    ))]
 async fn register_run<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -97,6 +167,28 @@ async fn register_run<L: Log>(
     Ok((StatusCode::CREATED, Json(registered)))
 }
 
+/// Append an agent event (agents only).
+///
+/// A repeated `event_id` answers 200 with the original result, after the role and
+/// visibility checks and only when run, type and data equal the original's;
+/// otherwise 409 `event_id_conflict`.
+#[utoipa::path(post, path = "/v1/runs/{run_id}/events", tag = "events", request_body = wire::AgentEvent,
+    params(
+        ("run_id" = String, Path, description = "a UUID or a structured `run_…` id"),
+        ("If-Match" = Option<u64>, Header, description = IF_MATCH),
+    ),
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "appended", body = wire::EventAppended),
+        (status = 200, description = "a repeated event_id: the original result, nothing appended", body = wire::EventAppended),
+        (status = 400, description = E_APPEND_400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = E403_WRITE, body = ErrorBody),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+        (status = 409, description = E_APPEND_409, body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+        (status = 422, description = E_APPEND_422, body = ErrorBody),
+    ))]
 async fn append_event<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -113,6 +205,19 @@ async fn append_event<L: Log>(
     Ok((status, Json(appended)).into_response())
 }
 
+/// Append up to 1000 agent events atomically: all or none; an error names the failing `index`.
+#[utoipa::path(post, path = "/v1/events", tag = "events", request_body = wire::Batch,
+    security(("bearer" = [])),
+    responses(
+        (status = 201, description = "all appended", body = wire::BatchAppended),
+        (status = 400, description = E_APPEND_400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = E403_WRITE, body = ErrorBody),
+        (status = 404, description = "run_not_found", body = ErrorBody),
+        (status = 409, description = E_APPEND_409, body = ErrorBody),
+        (status = 413, description = E413, body = ErrorBody),
+        (status = 422, description = E_APPEND_422, body = ErrorBody),
+    ))]
 async fn append_batch<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -121,14 +226,29 @@ async fn append_batch<L: Log>(
     Ok((StatusCode::CREATED, Json(app.append_batch(&p, req).await?)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct VersionQuery {
+    /// Events after this thread version.
     #[serde(default)]
     after_version: u64,
+    /// The page size.
+    // 1000 is `MAX_LIMIT` (an attribute takes only a literal; a test checks they agree).
+    #[param(minimum = 1, maximum = 1000, default = 100)]
     limit: Option<usize>,
 }
 
+/// A thread's events as frames, by thread version.
+#[utoipa::path(get, path = "/v1/threads/{thread_id}/events", tag = "threads",
+    params(("thread_id" = String, Path, description = "a UUID or a structured `thread_…` id"), VersionQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "one page of frames", body = wire::Frames),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 404, description = "thread_not_found (also another user's thread)", body = ErrorBody),
+    ))]
 async fn thread_events<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -142,6 +262,18 @@ async fn thread_events<L: Log>(
     ))
 }
 
+/// The history as auditor envelopes (auditors only).
+///
+/// `next_after` is the last position examined: one call scans a bounded stretch
+/// of the log, so a page may be short, or empty, before the head.
+#[utoipa::path(get, path = "/v1/audit/events", tag = "audit", params(AuditParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "one page of envelopes", body = wire::Envelopes),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: not an auditor", body = ErrorBody),
+    ))]
 async fn audit_events<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -150,6 +282,23 @@ async fn audit_events<L: Log>(
     Ok(Json(app.audit(&p, q.parse()?).await?))
 }
 
+/// The delivery ledger (auditors only): every durable ack in log order.
+///
+/// Without `thread_id`: every `cursor_advanced` record after `after`, filtered; one call
+/// scans a bounded stretch of the log and `next_after` is the last position examined.
+/// With `thread_id`: the thread's events after position `after` under `thread`, each with
+/// the owner's clients that acknowledged it (the first covering ack) and those that have
+/// not; `deliveries` lists the acks those events cite, `next_after` is the last event's
+/// position.
+#[utoipa::path(get, path = "/v1/audit/deliveries", tag = "audit", params(DeliveryParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "one page of the ledger", body = crate::deliveries::Deliveries),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: not an auditor", body = ErrorBody),
+        (status = 404, description = "thread_not_found (also for a user_id other than the owner)", body = ErrorBody),
+    ))]
 async fn audit_deliveries<L: Log>(
     State(app): State<AppState<L>>,
     Auth(p): Auth,
@@ -168,13 +317,27 @@ pub(crate) fn check_limit(limit: Option<usize>) -> Result<usize, AppError> {
     }
 }
 
-async fn healthz() -> Json<serde_json::Value> {
-    Json(serde_json::json!({"status": "ok"}))
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "alive", body = wire::Status)))]
+async fn healthz() -> Json<wire::Status> {
+    Json(wire::Status {
+        status: "ok".to_owned(),
+    })
 }
 
+/// Readiness: projections caught up at start; reports the current lag.
+///
 /// The server listens only after the startup catch-up, so once it answers it is
-/// ready, unless its log has stopped accepting writes (a failed commit): then 503.
-/// The lag is reported for operators (it is brief and normal under load).
+/// ready, unless its log has stopped accepting writes (a failed commit) or its
+/// projections stopped: then 503, with the reason. The lag is reported for
+/// operators (it is brief and normal under load).
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "ready", body = wire::Ready),
+        (status = 503, description = "not ready: the log stopped accepting writes after a failed commit, \
+            or the projections stopped (`reason` says which)", body = wire::Ready),
+    ))]
 async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
     let (projected, head) = (app.projector().position(), app.projector().log().head());
     let reason = if !app.projector().log().accepting() {
@@ -184,13 +347,18 @@ async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
             .fault()
             .map(|e| format!("the projections stopped: {e}"))
     };
-    if let Some(reason) = reason {
-        let body = serde_json::json!({"ready": false, "projected": projected.0, "head": head.0,
-            "reason": reason});
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-    }
-    Json(serde_json::json!({"ready": true, "projected": projected.0, "head": head.0}))
-        .into_response()
+    let status = if reason.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    let ready = wire::Ready {
+        ready: reason.is_none(),
+        projected: projected.0,
+        head: head.0,
+        reason,
+    };
+    (status, Json(ready)).into_response()
 }
 
 /// A span per request with method and path; never the query string, which

@@ -25,6 +25,7 @@ pub mod wire;
 mod ws;
 
 pub use app::{AppState, Log, MAX_BATCH, MAX_LIMIT};
+pub use conn::raise_nofile_limit;
 pub use error::AppError;
 pub use http::router;
 pub use server::{serve, shutdown_signal, ServeError};

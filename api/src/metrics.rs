@@ -57,6 +57,9 @@ fn describe() {
     );
 }
 
+/// Prometheus text; every metric is named `threadline_*`.
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics",
+    responses((status = 200, description = "the Prometheus text format", content_type = "text/plain", body = String)))]
 pub async fn render() -> Response {
     let body = install().map(|h| h.render()).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()

@@ -33,12 +33,6 @@ pub async fn serve<L: Log>(
     state: AppState<L>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    if let Some(limit) = crate::conn::raise_nofile_limit() {
-        tracing::info!(
-            open_file_limit = limit,
-            "raised the open-file limit to the hard limit"
-        );
-    }
     let edge = state.edge().clone();
     let conn_limits = ConnLimits {
         max_connections: edge.max_connections,

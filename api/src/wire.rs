@@ -1,13 +1,17 @@
 //! JSON wire types of the HTTP and socket protocol (`docs/PROTOCOL.md`), and
-//! the conversion of stored records into frames and audit envelopes.
+//! the conversion of stored records into frames and audit envelopes. The
+//! OpenAPI schemas (`openapi.rs`) are derived from these types (`ToSchema`),
+//! so what is documented is what is serialized.
 
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use threadline_engine::{Actor, Event};
+use threadline_engine::{Actor, AgentEventKind, Event, RunStatus};
 use threadline_projections::{decode_event, ProjectionError};
 use threadline_storage::Record;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
+use utoipa::ToSchema;
 
 use crate::error::AppError;
 
@@ -26,34 +30,42 @@ pub fn parse_timestamp(s: &str) -> Result<u64, String> {
         })
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct CreateThread {
+    /// A UUID or a structured `thread_…` id, at most 128 chars; generated (UUID v7) when absent.
     pub thread_id: Option<String>,
     pub title: Option<String>,
+    /// Any JSON object, at most 16 KiB.
+    #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The user who will own the thread: required of agents; anyone else may only name themselves.
     pub user_id: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadCreated {
     pub thread_id: String,
     pub user_id: String,
     pub position: u64,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadSummary {
     pub thread_id: String,
     pub user_id: String,
+    #[schema(required = true)]
     pub title: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
     pub run_count: usize,
     pub last_position: u64,
+    /// The thread's version: the number of events on it.
     pub version: u64,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadList {
     pub threads: Vec<ThreadSummary>,
     /// Present when more threads remain: pass it back as `after`.
@@ -61,30 +73,37 @@ pub struct ThreadList {
     pub next: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RunSummary {
     pub run_id: String,
     pub agent_name: String,
+    #[schema(schema_with = run_status)]
     pub status: String,
+    #[schema(format = DateTime)]
     pub registered_at: String,
+    /// The type of the run's last event.
+    #[schema(required = true)]
     pub last_event: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ThreadDetail {
     #[serde(flatten)]
     pub summary: ThreadSummary,
+    /// The metadata the thread was created with.
+    #[schema(value_type = Option<Object>, required = true)]
     pub metadata: Option<Box<RawValue>>,
     pub runs: Vec<RunSummary>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct RegisterRun {
+    /// A UUID or a structured `run_…` id, at most 128 chars; generated (UUID v7) when absent.
     pub run_id: Option<String>,
     pub agent_name: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RunRegistered {
     pub run_id: String,
     pub thread_id: String,
@@ -92,85 +111,191 @@ pub struct RunRegistered {
     pub thread_version: u64,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct AgentEvent {
     #[serde(rename = "type")]
+    #[schema(schema_with = agent_event_type)]
     pub kind: String,
+    /// Any JSON object, at most 64 KiB.
+    #[schema(value_type = Object)]
     pub data: serde_json::Map<String, serde_json::Value>,
+    /// Client-supplied for idempotency; generated (UUID v7) when absent.
+    #[schema(format = "uuid")]
     pub event_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct BatchEvent {
     pub run_id: String,
     #[serde(rename = "type")]
+    #[schema(schema_with = agent_event_type)]
     pub kind: String,
+    /// Any JSON object, at most 64 KiB.
+    #[schema(value_type = Object)]
     pub data: serde_json::Map<String, serde_json::Value>,
+    /// Client-supplied for idempotency; generated (UUID v7) when absent.
+    #[schema(format = "uuid")]
     pub event_id: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 pub struct Batch {
+    /// 1 to 1000 events, appended all or none.
+    // 1000 is `MAX_BATCH` (an attribute takes only a literal; a test checks they agree).
+    #[schema(min_items = 1, max_items = 1000)]
     pub events: Vec<BatchEvent>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct EventAppended {
     pub position: u64,
     pub user_seq: u64,
     pub thread_id: String,
     pub run_id: String,
     pub thread_version: u64,
+    #[schema(format = "uuid")]
     pub event_id: String,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BatchAppended {
+    /// In the order of the request's events.
     pub results: Vec<EventAppended>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Frames {
     pub events: Vec<Frame>,
+    /// Pass it back as `after_version` for the next page.
     pub next_after_version: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Envelopes {
     pub events: Vec<Envelope>,
+    /// The last position examined: pass it back as `after` for the next page.
     pub next_after: u64,
 }
 
 /// One event as a user sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Frame {
     #[serde(rename = "type")]
+    #[schema(schema_with = frame_type)]
     pub frame_type: &'static str,
+    /// The user's own dense sequence over every event of the user's threads.
     pub user_seq: u64,
+    /// The global log position (dense, from 1).
     pub position: u64,
     pub thread_id: String,
+    /// Dense per thread.
     pub thread_version: u64,
+    /// Absent (null) for `thread_created`.
+    #[schema(required = true)]
     pub run_id: Option<String>,
+    #[schema(schema_with = event_name)]
     pub event: &'static str,
+    #[schema(value_type = Object)]
     pub data: Box<RawValue>,
+    #[schema(format = "uuid")]
     pub event_id: String,
+    #[schema(format = DateTime)]
     pub recorded_at: String,
 }
 
 /// Who appended an event.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActorRef {
     pub sub: String,
+    /// `user`, `agent` or `auditor`; `system` for the server's own `run_expired`.
     pub role: String,
 }
 
 /// One event as an auditor sees it: the frame plus owner and actor.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Envelope {
     #[serde(flatten)]
     pub frame: Frame,
+    /// The thread's owner.
     pub user_id: String,
     pub actor: ActorRef,
+}
+
+/// Every error answer: `{"error":{"code","message"}}`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    #[schema(inline)]
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// The stable code: clients branch on it, never on the message.
+    #[schema(schema_with = error_code)]
+    pub code: String,
+    pub message: String,
+    /// The failing event of a batch (`POST /v1/events`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Status {
+    #[schema(schema_with = status_ok)]
+    pub status: String,
+}
+
+/// `GET /readyz`: the server answers only once its projections caught up at start.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+    /// The position the projections have folded.
+    pub projected: u64,
+    /// The durable head of the log.
+    pub head: u64,
+    /// Why the server is not ready (present only then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A string schema that takes one of `values`.
+fn one_of(values: impl IntoIterator<Item = &'static str>) -> Object {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values))
+        .build()
+}
+
+/// The agent event types, from the engine's own list.
+fn agent_event_type() -> Object {
+    one_of(AgentEventKind::ALL.map(|k| k.as_str()))
+}
+
+/// Every `event` a frame can carry: the thread's own events and the agent event types.
+fn event_name() -> Object {
+    one_of(
+        ["thread_created", "run_registered", "run_expired"]
+            .into_iter()
+            .chain(AgentEventKind::ALL.map(|k| k.as_str())),
+    )
+}
+
+fn run_status() -> Object {
+    one_of(RunStatus::ALL.map(|s| s.as_str()))
+}
+
+fn frame_type() -> Object {
+    one_of(["event"])
+}
+
+fn status_ok() -> Object {
+    one_of(["ok"])
+}
+
+fn error_code() -> Object {
+    one_of(crate::error::CODES.iter().copied())
 }
 
 fn raw(json: String) -> Box<RawValue> {

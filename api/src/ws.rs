@@ -18,6 +18,7 @@ use threadline_engine::{ClientId, Command, Role, ThreadId, UserId};
 use threadline_projections::Submission;
 use threadline_storage::now_ms;
 use tracing::Instrument;
+use utoipa::IntoParams;
 
 use crate::app::{AppState, Log};
 use crate::auth::{bearer_token, AuthError, Principal};
@@ -51,11 +52,17 @@ pub mod close {
     pub const TOO_MANY: u16 = 4029;
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WsQuery {
+    /// The `user_seq` to resume after, or `latest`; without it, the client's durable cursor.
     after: Option<String>,
+    /// Whose durable cursor acks move; `default` when absent.
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
     client_id: Option<String>,
+    /// Only this thread's frames (they keep their `user_seq`: gaps are expected).
     thread_id: Option<String>,
+    /// The JWT, when no header or subprotocol can carry it.
     access_token: Option<String>,
 }
 
@@ -117,6 +124,19 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
     offered.or(query.and_then(|q| q.access_token.as_deref()))
 }
 
+/// The socket: a WebSocket upgrade (subprotocol `threadline.v1`).
+///
+/// The server sends a `welcome`, the replayed frames, `caught_up`, then live
+/// frames; see docs/PROTOCOL.md. The token comes in `Authorization`, in the
+/// subprotocol `bearer.<jwt>`, or in `access_token`. A bad query closes the
+/// socket with 4400 after the upgrade.
+#[utoipa::path(get, path = "/v1/ws", tag = "socket", operation_id = "socket", params(WsQuery),
+    security(("bearer" = [])),
+    responses(
+        (status = 101, description = "switching protocols: the socket is open"),
+        (status = 400, description = "invalid_request: not a WebSocket upgrade", body = wire::ErrorBody),
+        (status = 401, description = "unauthorized: no valid token", body = wire::ErrorBody),
+    ))]
 pub(crate) async fn upgrade<L: Log>(
     State(app): State<AppState<L>>,
     conn: Option<Extension<ConnHandle>>,

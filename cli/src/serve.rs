@@ -51,6 +51,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| explain_open_error(&data, e, ""))?;
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
+    // Process-wide, so the binary's to set: each socket is a descriptor.
+    if let Some(limit) = threadline_api::raise_nofile_limit() {
+        tracing::info!(
+            open_file_limit = limit,
+            "raised the open-file limit to the hard limit"
+        );
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

@@ -17,6 +17,14 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    pub const ALL: [RunStatus; 5] = [
+        Self::Registered,
+        Self::Running,
+        Self::Completed,
+        Self::Failed,
+        Self::Expired,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::Registered => "registered",

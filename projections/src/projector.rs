@@ -335,7 +335,11 @@ impl<L: EventLog + Checkpoints> Projector<L> {
             .spawn(move || loop {
                 // Seen before folding, so a head that moves during the fold wakes the wait below.
                 head.borrow_and_update();
-                if let Err(e) = projector.catch_up() {
+                let started = Instant::now();
+                let folded = projector.catch_up();
+                metrics::histogram!("threadline_fold_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) = folded {
                     tracing::error!(error = %e, "projection fold failed; requests waiting on it fail");
                     return;
                 }
