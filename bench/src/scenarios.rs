@@ -319,11 +319,10 @@ pub async fn tl_fanout(
     };
     let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
     done.store(true, Ordering::Release);
-    fanout_result(a, spent, &acked, readers).await
+    fanout_result(spent, &acked, readers).await
 }
 
 async fn fanout_result(
-    a: &FanoutArgs,
     spent: Duration,
     acked: &[AtomicU64],
     readers: Vec<tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>>,
@@ -393,7 +392,7 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
     };
     let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
     done.store(true, Ordering::Release);
-    fanout_result(a, spent, &acked, readers).await
+    fanout_result(spent, &acked, readers).await
 }
 
 // ------------------------------------------------------- 4: fill and storm

@@ -52,8 +52,16 @@ async fn f4_a_socket_that_does_not_read_is_dropped_and_keeps_its_slot_until_then
             f["type"] == "welcome"
         }
     };
-    if now_secs() + 1 < expires {
-        assert!(!probe(&server).await, "a third socket while two are open");
+    // The cap holds while both stalled sockets are open: a third one is admitted only
+    // if one of them was dropped in between (its send deadline may pass on a slow machine).
+    let open = |server: &TestServer| {
+        stalled
+            .iter()
+            .filter(|(_, p)| server.server_side_tcp_state(*p) == Some(TcpState::Established))
+            .count()
+    };
+    if now_secs() + 1 < expires && open(&server) == 2 && probe(&server).await {
+        assert!(open(&server) < 2, "a third socket while two are open");
     }
 
     // The tokens expire; the server cannot deliver its close to a peer that
