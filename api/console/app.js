@@ -67,6 +67,7 @@ function claims(jwt) {
 function showApp(on) {
   $('signin').hidden = on;
   $('app').hidden = !on;
+  $('nav').hidden = !on;
   $('signout').hidden = !on;
 }
 

@@ -5,7 +5,8 @@
 
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
@@ -17,6 +18,7 @@ const shots = resolve(here, '..', '..', 'docs', 'console');
 const CHROMIUM = process.env.CHROMIUM ?? '/usr/bin/chromium';
 const AGENT = token('bot', 'agent');
 const AUDITOR = token('ada', 'auditor');
+const AXE = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
 
 let server;
 let browser;
@@ -24,8 +26,17 @@ let page;
 let base;
 const seeded = {};
 
+/** Saves the view's screenshot and checks it with axe-core: WCAG 2 A, AA and AAA rules
+ * (AAA includes text contrast of at least 7:1), no violation allowed. */
 async function shot(name) {
   await page.screenshot({ path: join(shots, `${name}.png`) });
+  const loaded = await page.evaluate(() => typeof window.axe === 'object');
+  if (!loaded) await page.evaluate(AXE); // evaluated by the driver, not subject to the page's CSP
+  const violations = await page.evaluate(async () => {
+    const r = await window.axe.run(document, { runOnly: ['wcag2a', 'wcag2aa', 'wcag2aaa', 'best-practice'] });
+    return r.violations.map((v) => `${v.id}: ${v.help} (${v.nodes.map((n) => n.target.join(' ')).slice(0, 3).join(', ')})`);
+  });
+  assert.deepEqual(violations, [], `accessibility of ${name}`);
 }
 
 /** The rows the virtual grid currently renders, as {position, thread, event}. */
