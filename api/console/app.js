@@ -411,7 +411,8 @@ function renderThread(thread, events) {
     el('td', {}, time(e.recorded_at))));
   out.replaceChildren(
     el('h2', {}, `Thread ${thread.thread_id}`),
-    el('p', {}, `Owner ${thread.user_id} · title ${thread.title ?? '—'} · created ${time(thread.created_at)} · ${events.length} events`),
+    el('p', {}, `Owner ${thread.user_id} · title ${thread.title ?? '—'} · created ${time(thread.created_at)} · ` +
+      (events.length === 5000 ? `the first 5000 of ${thread.version} events (the timeline, filtered by this thread, pages through all)` : `${events.length} events`)),
     el('p', {}, el('button', { type: 'button', onclick: () => openLedger(thread.thread_id) }, 'Delivery ledger of this thread')),
     el('h3', {}, 'Runs'),
     table(['Run', 'Agent', 'Status', 'Registered', 'Lifecycle', 'Tool calls'], runRows),
@@ -422,6 +423,8 @@ function renderThread(thread, events) {
 // ---------- delivery ledger ----------
 let ledgerTimer = null;
 let ledgerQuery = null;
+const LEDGER_PAGE = 500;
+let ledgerPages = [0]; // the `after` of each page shown so far: the last one is the current page
 
 async function openLedger(threadId, clientId = '') {
   selectTab('ledger');
@@ -429,6 +432,7 @@ async function openLedger(threadId, clientId = '') {
   form.elements.thread_id.value = threadId;
   form.elements.client_id.value = clientId;
   ledgerQuery = { thread_id: threadId, client_id: clientId };
+  ledgerPages = [0];
   await refreshLedger(true);
   clearInterval(ledgerTimer);
   ledgerTimer = setInterval(() => {
@@ -441,14 +445,27 @@ async function refreshLedger(loading) {
   const out = $('ledger-out');
   if (loading) out.replaceChildren(el('p', { class: 'status' }, 'Loading…'));
   try {
-    const page = await api('/v1/audit/deliveries', { ...ledgerQuery, limit: 1000 });
-    renderLedger(page);
+    const after = ledgerPages[ledgerPages.length - 1];
+    const page = await api('/v1/audit/deliveries', { ...ledgerQuery, after, limit: LEDGER_PAGE });
+    renderLedger(page, after);
   } catch (e) {
     out.replaceChildren(el('p', { class: 'error', role: 'alert' }, `Could not read the ledger: ${e.message}`));
   }
 }
 
-function renderLedger(page) {
+function ledgerPager(page, after) {
+  const nav = el('p', { class: 'pager' });
+  if (ledgerPages.length > 1) {
+    nav.append(el('button', { type: 'button', id: 'ledger-prev', onclick: () => { ledgerPages.pop(); refreshLedger(true); } }, 'Previous events'), ' ');
+  }
+  if (page.thread.events.length === LEDGER_PAGE) {
+    nav.append(el('button', { type: 'button', id: 'ledger-next', onclick: () => { ledgerPages.push(page.next_after); refreshLedger(true); } }, 'Next events'));
+  }
+  nav.prepend(`Events after position ${after}. `);
+  return nav;
+}
+
+function renderLedger(page, after) {
   const t = page.thread;
   const clients = t.clients.map((c) => c.client_id);
   const unackedBy = Object.fromEntries(clients.map((c) => [c, 0]));
@@ -472,11 +489,12 @@ function renderLedger(page) {
   $('ledger-out').replaceChildren(
     el('h2', {}, `Delivery ledger of ${t.thread_id}`),
     el('p', {}, `Owner ${t.user_id}, whose last user_seq is ${t.user_head}. ${t.events.length} events of this thread shown` +
-      (t.events.length === 1000 ? ' (the first 1000).' : '.')),
+      ' (unacknowledged counts are of the events shown).'),
     clients.length === 0
       ? el('p', { class: 'unacked', id: 'no-clients' }, 'No client of this user has acknowledged anything yet.')
-      : table(['Client', 'Acked up to user_seq', 'Acked at', 'Ack position', 'Unacked events of this thread', 'Unacked events of the user'], clientRows),
+      : table(['Client', 'Acked up to user_seq', 'Acked at', 'Ack position', 'Unacked events shown', 'Unacked events of the user'], clientRows),
     el('h3', {}, 'Events and their acks'),
+    ledgerPager(page, after),
     table(['Position', 'user_seq', 'Version', 'Event', 'Recorded', ...clients], eventRows));
 }
 

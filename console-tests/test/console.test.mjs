@@ -224,6 +224,22 @@ describe('console', () => {
     const rows = await renderedRows();
     assert.ok(rows.every((r, i) => i === 0 || r.position > rows[i - 1].position), 'in log order');
     await shot('paging');
+
+    // The ledger of a long thread pages too, 500 events at a time, forward and back.
+    await page.click('#tab-ledger');
+    await page.fill('#ledger-form input[name=thread_id]', seeded.carol.thread);
+    await page.click('#ledger-form button[type=submit]');
+    await page.locator('#ledger-next').waitFor();
+    const firstRows = () => page.$$eval('#ledger-out tr[data-position]', (trs) => trs.map((t) => Number(t.dataset.position)));
+    const first = await firstRows();
+    assert.equal(first.length, 500);
+    await page.click('#ledger-next');
+    await waitFor('the second ledger page', async () => {
+      const second = await firstRows();
+      return second.length === 703 - 500 && second[0] > first.at(-1);
+    });
+    await page.click('#ledger-prev');
+    await waitFor('the first ledger page again', async () => (await firstRows())[0] === first[0]);
   });
 
   test('shows health: head, lag, sockets, ingest rate', async () => {
