@@ -542,6 +542,9 @@ fn agent_submission(
     limits: &Limits,
 ) -> Result<Submission, AppError> {
     let run_id = RunId::parse(run_id)?;
+    if let Some(sub) = crate::stream::message_submission(&run_id, &kind, &data, &event_id)? {
+        return Ok(sub);
+    }
     let kind = AgentEventKind::parse(&kind).ok_or(AppError::InvalidEventType(kind))?;
     let event_id = event_id.map(|id| EventId::parse(&id)).transpose()?;
     let tool_call_id = match data.get("tool_call_id") {

@@ -331,6 +331,48 @@ pub struct LimitArgs {
         value_name = "PER_SECOND"
     )]
     pub agent_rate_limit: u32,
+
+    /// Streamed messages: a socket that asked for merged frames (`merge=1`) gets at most
+    /// one page of frames per this window, one message's deltas merged into one frame.
+    /// `0` turns the rollup off (every page is sent as soon as it is durable).
+    #[arg(long, env = "THREADLINE_STREAM_ROLLUP", default_value = "40ms", value_parser = parse_window, value_name = "DURATION")]
+    pub stream_rollup: Duration,
+
+    /// Text bytes one streamed message may hold; more is 413 `payload_too_large`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_MESSAGE_BYTES",
+        default_value_t = 1024 * 1024,
+        value_name = "BYTES"
+    )]
+    pub max_message_bytes: u64,
+
+    /// Text bytes all the messages of one run may hold; more is 413 `payload_too_large`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_RUN_MESSAGE_BYTES",
+        default_value_t = 8 * 1024 * 1024,
+        value_name = "BYTES"
+    )]
+    pub max_run_message_bytes: u64,
+
+    /// Deltas one message may take per second; more is 429 `rate_limited`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_MESSAGE_DELTAS_PER_SEC",
+        default_value_t = 200,
+        value_name = "N"
+    )]
+    pub max_message_deltas_per_sec: u32,
+
+    /// Deltas one run (all its messages) may take per second; more is 429 `rate_limited`.
+    #[arg(
+        long,
+        env = "THREADLINE_MAX_RUN_DELTAS_PER_SEC",
+        default_value_t = 500,
+        value_name = "N"
+    )]
+    pub max_run_deltas_per_sec: u32,
 }
 
 impl Default for LimitArgs {
@@ -349,8 +391,21 @@ impl Default for LimitArgs {
             rate_limit: 100,
             rate_burst: 200,
             agent_rate_limit: 0,
+            stream_rollup: Duration::from_millis(40),
+            max_message_bytes: 1024 * 1024,
+            max_run_message_bytes: 8 * 1024 * 1024,
+            max_message_deltas_per_sec: 200,
+            max_run_deltas_per_sec: 500,
         }
     }
+}
+
+/// A humantime duration; `0` (off) allowed.
+fn parse_window(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// A humantime duration of at least a millisecond.

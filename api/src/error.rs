@@ -33,6 +33,10 @@ pub const CODES: &[&str] = &[
     "payload_too_large",
     "invalid_lifecycle",
     "rate_limited",
+    "message_not_found",
+    "message_exists",
+    "message_closed",
+    "sequence_gap",
     "internal",
     "overloaded",
     "storage_unavailable",
@@ -123,8 +127,13 @@ impl AppError {
                 let status = match error {
                     DomainError::InvalidId(_) | DomainError::InvalidInput(_) => S::BAD_REQUEST,
                     DomainError::Forbidden(_) => S::FORBIDDEN,
-                    DomainError::ThreadNotFound(_) | DomainError::RunNotFound(_) => S::NOT_FOUND,
-                    DomainError::ThreadExists(_)
+                    DomainError::ThreadNotFound(_)
+                    | DomainError::RunNotFound(_)
+                    | DomainError::MessageNotFound(_) => S::NOT_FOUND,
+                    DomainError::MessageExists(_)
+                    | DomainError::MessageClosed(_)
+                    | DomainError::SequenceGap { .. }
+                    | DomainError::ThreadExists(_)
                     | DomainError::RunExists(_)
                     | DomainError::RunClosed(_)
                     | DomainError::RunExpired(_)
@@ -132,6 +141,7 @@ impl AppError {
                     | DomainError::QuotaExceeded { .. } => S::CONFLICT,
                     DomainError::InvalidLifecycle(_) => S::UNPROCESSABLE_ENTITY,
                     DomainError::TooLarge { .. } => S::PAYLOAD_TOO_LARGE,
+                    DomainError::RateLimited { .. } => S::TOO_MANY_REQUESTS,
                 };
                 (status, error.code())
             }
@@ -266,6 +276,10 @@ impl IntoResponse for AppError {
         let retry_after = match &self {
             AppError::RateLimited(wait) => Some(retry_after_secs(wait)),
             AppError::Overloaded | AppError::Contended => Some(1),
+            AppError::Domain {
+                error: DomainError::RateLimited { retry_after_ms, .. },
+                ..
+            } => Some(retry_after_ms.div_ceil(1000).max(1)),
             _ => None,
         };
         if let Some(secs) = retry_after {
@@ -322,6 +336,19 @@ mod tests {
                 limit: 1,
             },
             DomainError::InvalidInput("no".into()),
+            DomainError::MessageNotFound(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::MessageExists(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::MessageClosed(threadline_engine::MessageId::parse("msg_a").unwrap()),
+            DomainError::SequenceGap {
+                message_id: threadline_engine::MessageId::parse("msg_a").unwrap(),
+                expected: 2,
+                got: 3,
+            },
+            DomainError::RateLimited {
+                what: "deltas",
+                limit: 1,
+                retry_after_ms: 10,
+            },
         ];
         let mut all: Vec<AppError> = domain.into_iter().map(AppError::from).collect();
         all.extend([
@@ -383,7 +410,12 @@ mod tests {
                 | DomainError::InvalidLifecycle(_)
                 | DomainError::TooLarge { .. }
                 | DomainError::QuotaExceeded { .. }
-                | DomainError::InvalidInput(_) => {}
+                | DomainError::InvalidInput(_)
+                | DomainError::MessageNotFound(_)
+                | DomainError::MessageExists(_)
+                | DomainError::MessageClosed(_)
+                | DomainError::SequenceGap { .. }
+                | DomainError::RateLimited { .. } => {}
             },
         }
     }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod openapi;
 mod rate;
 mod server;
+mod stream;
 pub mod wire;
 mod ws;
 

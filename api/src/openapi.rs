@@ -243,7 +243,13 @@ mod tests {
         );
         assert_eq!(
             names("GET", "/v1/ws"),
-            Some(vec!["after", "client_id", "thread_id", "access_token"])
+            Some(vec![
+                "after",
+                "client_id",
+                "thread_id",
+                "access_token",
+                "merge"
+            ])
         );
         assert_eq!(names("POST", "/v1/threads"), Some(vec![]));
         assert_eq!(names("GET", "/nowhere"), None);
@@ -252,7 +258,11 @@ mod tests {
     #[test]
     fn the_event_types_are_the_engines() {
         use threadline_engine::AgentEventKind;
-        let agent: Vec<&str> = AgentEventKind::ALL.iter().map(|k| k.as_str()).collect();
+        let agent: Vec<&str> = AgentEventKind::ALL
+            .iter()
+            .map(|k| k.as_str())
+            .chain(crate::wire::MESSAGE_EVENT_TYPES)
+            .collect();
         assert_eq!(
             schema("AgentEvent")["properties"]["type"]["enum"],
             serde_json::json!(agent)

@@ -201,6 +201,12 @@ pub struct Frame {
     pub event_id: String,
     #[schema(format = DateTime)]
     pub recorded_at: String,
+    /// A merged frame (sockets with `merge=1`) covers `from_user_seq..=user_seq`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_user_seq: Option<u64>,
+    /// …and `from_thread_version..=thread_version` of its thread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_thread_version: Option<u64>,
 }
 
 /// Who appended an event.
@@ -268,9 +274,18 @@ fn one_of(values: impl IntoIterator<Item = &'static str>) -> Object {
         .build()
 }
 
-/// The agent event types, from the engine's own list.
+/// The streamed-message event types an agent appends (docs/PROTOCOL.md, issue 18).
+pub const MESSAGE_EVENT_TYPES: [&str; 3] =
+    ["message_started", "message_delta", "message_completed"];
+
+/// The agent event types, from the engine's own list, and the message types.
 fn agent_event_type() -> Object {
-    one_of(AgentEventKind::ALL.map(|k| k.as_str()))
+    one_of(
+        AgentEventKind::ALL
+            .map(|k| k.as_str())
+            .into_iter()
+            .chain(MESSAGE_EVENT_TYPES),
+    )
 }
 
 /// Every `event` a frame can carry: the thread's own events and the agent event types.
@@ -278,7 +293,8 @@ fn event_name() -> Object {
     one_of(
         ["thread_created", "run_registered", "run_expired"]
             .into_iter()
-            .chain(AgentEventKind::ALL.map(|k| k.as_str())),
+            .chain(AgentEventKind::ALL.map(|k| k.as_str()))
+            .chain(MESSAGE_EVENT_TYPES),
     )
 }
 
@@ -319,6 +335,25 @@ fn data_of(event: &Event) -> Box<RawValue> {
         )),
         Event::AgentEventRecorded { data, .. } => raw(data.clone()),
         Event::RunExpired { .. } | Event::CursorAdvanced { .. } => raw("{}".into()),
+        Event::MessageStarted { message_id, .. } => {
+            raw(serde_json::json!({ "message_id": message_id }).to_string())
+        }
+        Event::MessageDeltaAppended {
+            message_id,
+            seq,
+            text,
+            ..
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "text": text }).to_string(),
+        ),
+        Event::MessageCompleted {
+            message_id,
+            seq,
+            bytes,
+            ..
+        } => raw(
+            serde_json::json!({ "message_id": message_id, "seq": seq, "bytes": bytes }).to_string(),
+        ),
     }
 }
 
@@ -347,6 +382,8 @@ pub fn frame(record: &Record, event: &Event, user_seq: u64) -> Option<Frame> {
         data: data_of(event),
         event_id: record.event_id.to_string(),
         recorded_at: timestamp(record.recorded_at_ms),
+        from_user_seq: None,
+        from_thread_version: None,
     })
 }
 

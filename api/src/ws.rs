@@ -15,7 +15,7 @@ use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
 use threadline_engine::{ClientId, Command, Role, ThreadId, UserId};
-use threadline_projections::Submission;
+use threadline_projections::{Streams, Submission};
 use threadline_storage::now_ms;
 use tracing::Instrument;
 use utoipa::IntoParams;
@@ -25,10 +25,16 @@ use crate::auth::{bearer_token, AuthError, Principal};
 use crate::conn::ConnHandle;
 use crate::error::AppError;
 use crate::extract::check_query;
+use crate::stream;
 use crate::wire;
 
 /// Frames read from the log per step: bounds a socket's memory.
 const PAGE: usize = 64;
+/// Events read per step by a socket that merges message frames (still at most
+/// [`PAGE`] frames, each of at most [`stream::MAX_MERGED_TEXT`] text).
+const MERGE_PAGE: usize = 4096;
+/// Open runs a `welcome` lists at most.
+const MAX_WELCOME_RUNS: usize = 100;
 /// Largest client message and frame (the contract); a larger one closes with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Bytes tungstenite buffers before writing to the socket (its default).
@@ -55,7 +61,8 @@ pub mod close {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct WsQuery {
-    /// The `user_seq` to resume after, or `latest`; without it, the client's durable cursor.
+    /// The `user_seq` to resume after, `latest`, or `open` (just before the oldest open
+    /// message's start); without it, the client's durable cursor.
     after: Option<String>,
     /// Whose durable cursor acks move; `default` when absent.
     #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
@@ -64,12 +71,17 @@ struct WsQuery {
     thread_id: Option<String>,
     /// The JWT, when no header or subprotocol can carry it.
     access_token: Option<String>,
+    /// `1`: merged and compacted message frames, each covering `from_user_seq..=user_seq`.
+    #[param(pattern = "^(0|1|true|false)$")]
+    merge: Option<String>,
 }
 
 #[derive(Debug)]
 enum Resume {
     Cursor,
     Latest,
+    /// Before the oldest open message (a late joiner: the text so far, then the tail).
+    Open,
     After(u64),
 }
 
@@ -78,6 +90,8 @@ struct Params {
     resume: Resume,
     client: ClientId,
     thread: Option<ThreadId>,
+    /// Merged and compacted message frames (`merge=1`), see `stream.rs`.
+    merge: bool,
 }
 
 fn parse_params(q: Option<WsQuery>) -> Result<Params, String> {
@@ -85,9 +99,10 @@ fn parse_params(q: Option<WsQuery>) -> Result<Params, String> {
     let resume = match q.after.as_deref() {
         None => Resume::Cursor,
         Some("latest") => Resume::Latest,
+        Some("open") => Resume::Open,
         Some(n) => Resume::After(
             n.parse()
-                .map_err(|_| format!("after={n:?} is not a user_seq or \"latest\""))?,
+                .map_err(|_| format!("after={n:?} is not a user_seq, \"latest\" or \"open\""))?,
         ),
     };
     let client = match q.client_id {
@@ -99,10 +114,16 @@ fn parse_params(q: Option<WsQuery>) -> Result<Params, String> {
         .map(|t| ThreadId::parse(&t))
         .transpose()
         .map_err(|e| e.to_string())?;
+    let merge = match q.merge.as_deref() {
+        None | Some("0") | Some("false") => false,
+        Some("1") | Some("true") => true,
+        Some(other) => return Err(format!("merge={other:?} is not 0 or 1")),
+    };
     Ok(Params {
         resume,
         client,
         thread,
+        merge,
     })
 }
 
@@ -306,6 +327,11 @@ impl<L: Log> Session<L> {
     async fn serve(&mut self, mut principal: Principal, params: Params) -> Result<(), Close> {
         let app = self.app.clone();
         let user = principal.actor.user.clone();
+        let rollup = if params.merge {
+            app.edge().stream_rollup
+        } else {
+            Duration::ZERO
+        };
         let slot = Slot::take(&app, &user).ok_or_else(|| {
             Close(
                 close::TOO_MANY,
@@ -317,15 +343,19 @@ impl<L: Log> Session<L> {
             )
         })?;
         self.slot = Some(slot);
-        let (head, cursor) = app.projector().read(|m| {
+        let (head, cursor, open_runs, oldest_open) = app.projector().read(|m| {
+            let (open_runs, oldest_open) = open_runs(m.streams(), &user, params.thread.as_ref());
             (
                 m.delivery().user_head(&user),
                 m.delivery().cursor(&user, &params.client),
+                open_runs,
+                oldest_open,
             )
         });
         let resume_after = match params.resume {
             Resume::Cursor => cursor.min(head),
             Resume::Latest => head,
+            Resume::Open => oldest_open.map_or(head, |s| s - 1),
             Resume::After(n) if n > head => {
                 return Err(Close(
                     close::BAD_QUERY,
@@ -336,7 +366,8 @@ impl<L: Log> Session<L> {
             Resume::After(n) => n,
         };
         let welcome = json!({"type": "welcome", "user_id": user.as_str(), "client_id": params.client.as_str(),
-            "resume_after": resume_after, "head": head, "protocol": 1});
+            "resume_after": resume_after, "head": head, "protocol": 1,
+            "merge": params.merge, "rollup_ms": rollup.as_millis() as u64, "open_runs": open_runs});
         self.send(vec![welcome.to_string()]).await?;
 
         let expiry = tokio::time::sleep(self.expires_in(&principal));
@@ -349,16 +380,42 @@ impl<L: Log> Session<L> {
             acked: cursor,
         };
         let mut caught_up = false;
+        let mut last_live_page: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 return Err(shutting_down());
             }
+            // Rollup: once live, at most one page per window, so a message's deltas
+            // that land within it go out merged into one frame. Whatever the peer
+            // sends meanwhile is answered at once.
+            if let Some(next) = last_live_page.map(|t| t + rollup) {
+                if caught_up && !rollup.is_zero() && tokio::time::Instant::now() < next {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(next) => {}
+                        incoming = self.socket.recv() => {
+                            let expires_at = principal.expires_at;
+                            if !self.on_incoming(incoming, &mut principal, &params, &mut progress).await? {
+                                return Ok(());
+                            }
+                            if principal.expires_at != expires_at {
+                                let deadline = tokio::time::Instant::now() + self.expires_in(&principal);
+                                expiry.as_mut().reset(deadline);
+                            }
+                            continue;
+                        }
+                        _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
+                        _ = shutdown.changed() => return Err(shutting_down()),
+                    }
+                }
+            }
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
             projected.borrow_and_update();
-            let (frames, last) =
-                Self::page(&app, &user, progress.sent, params.thread.as_ref()).await?;
+            let (frames, last) = Self::page(&app, &user, progress.sent, &params).await?;
             if let Some(last) = last {
+                if caught_up {
+                    last_live_page = Some(tokio::time::Instant::now());
+                }
                 let send = self.send(frames);
                 tokio::select! {
                     sent = send => sent?,
@@ -449,19 +506,22 @@ impl<L: Log> Session<L> {
     /// The frames of the next page after `after` and the last `user_seq` it covers.
     /// Live pages come from the projector's recent records; only a replay of
     /// older events reads the log (off the runtime, one read for the page).
+    /// With `merge`, a page reads up to [`MERGE_PAGE`] events and sends at most
+    /// [`PAGE`] frames, so a completed message of up to that many events is one frame.
     async fn page(
         app: &AppState<L>,
         user: &UserId,
         after: u64,
-        thread: Option<&ThreadId>,
+        params: &Params,
     ) -> Result<(Vec<String>, Option<u64>), Close> {
+        let limit = if params.merge { MERGE_PAGE } else { PAGE };
         let (entries, head) = app.projector().read(|m| {
             (
-                m.delivery().read_after(user, after, PAGE),
+                m.delivery().read_after(user, after, limit),
                 m.delivery().user_head(user),
             )
         });
-        let Some(&(last, _)) = entries.last() else {
+        let Some(&(mut last, _)) = entries.last() else {
             return Ok((Vec::new(), None));
         };
         let positions: Vec<_> = entries.iter().map(|(_, p)| *p).collect();
@@ -469,15 +529,34 @@ impl<L: Log> Session<L> {
             .records(positions)
             .await
             .map_err(|e| internal(e.to_string()))?;
-        let mut frames = Vec::with_capacity(entries.len());
-        for ((seq, _), record) in entries.iter().zip(records) {
-            let event = wire::event_of(&record).map_err(|e| internal(e.to_string()))?;
-            if thread.is_some_and(|t| Some(t) != event.thread_id()) {
+        let mut items = Vec::with_capacity(entries.len());
+        for ((seq, _), record) in entries.iter().zip(&records) {
+            let event = wire::event_of(record).map_err(|e| internal(e.to_string()))?;
+            if params
+                .thread
+                .as_ref()
+                .is_some_and(|t| Some(t) != event.thread_id())
+            {
                 continue;
             }
-            if let Some(frame) = wire::frame(&record, &event, *seq) {
-                frames.push(serde_json::to_string(&frame).map_err(|e| internal(e.to_string()))?);
+            items.push((*seq, &**record, event));
+        }
+        let mut outs = stream::frames(&items, params.merge);
+        if outs.len() > PAGE {
+            outs.truncate(PAGE);
+            last = outs[PAGE - 1].last;
+        } else if entries.len() == limit
+            && outs.len() > 1
+            && outs.last().is_some_and(|o| o.open_tail)
+        {
+            // The page cut a message short: leave its tail to the next page, whole.
+            if let Some(cut) = outs.pop() {
+                last = cut.first - 1;
             }
+        }
+        let mut frames = Vec::with_capacity(outs.len());
+        for out in outs {
+            frames.push(serde_json::to_string(&out.frame).map_err(|e| internal(e.to_string()))?);
         }
         metrics::histogram!("threadline_replay_lag_events")
             .record(head.saturating_sub(last) as f64);
@@ -664,6 +743,37 @@ impl<L: Log> Session<L> {
         ])
         .await
     }
+}
+
+/// The `open_runs` a welcome lists (with a thread filter, that thread's only) and the
+/// `user_seq` of the oldest open message's start (where `after=open` resumes before).
+fn open_runs(
+    streams: &Streams,
+    user: &UserId,
+    thread: Option<&ThreadId>,
+) -> (Vec<serde_json::Value>, Option<u64>) {
+    let mut oldest: Option<u64> = None;
+    let mut runs = Vec::new();
+    for (run_id, run) in streams
+        .open_runs(user)
+        .filter(|(_, r)| thread.is_none_or(|t| *t == r.thread_id))
+    {
+        for m in run.messages.values() {
+            oldest = Some(oldest.map_or(m.from_user_seq, |o| o.min(m.from_user_seq)));
+        }
+        if runs.len() < MAX_WELCOME_RUNS {
+            let messages: Vec<_> = run
+                .messages
+                .iter()
+                .map(|(id, m)| json!({"message_id": id, "from_user_seq": m.from_user_seq, "user_seq": m.user_seq, "seq": m.seq}))
+                .collect();
+            runs.push(
+                json!({"run_id": run_id, "thread_id": run.thread_id, "agent_name": run.agent_name,
+                "user_seq": run.user_seq, "messages": messages}),
+            );
+        }
+    }
+    (runs, oldest)
 }
 
 fn internal(e: String) -> Close {

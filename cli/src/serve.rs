@@ -79,6 +79,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_threads_per_user: args.limits.max_threads_per_user,
         max_open_tool_calls: args.limits.max_open_tool_calls,
         max_tool_call_id_bytes: args.limits.max_tool_call_id_bytes,
+        max_message_bytes: args.limits.max_message_bytes,
+        max_run_message_bytes: args.limits.max_run_message_bytes,
+        max_message_deltas_per_sec: args.limits.max_message_deltas_per_sec,
+        max_run_deltas_per_sec: args.limits.max_run_deltas_per_sec,
         ..Limits::default()
     };
     let state = AppState::new(projector, auth, limits, args.limits);

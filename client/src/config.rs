@@ -160,6 +160,8 @@ pub struct Config {
     /// Updates held for a consumer that does not keep up, before the client stops
     /// reading the socket (the server then keeps the rest in its log).
     pub buffer: usize,
+    /// Merged and compacted message frames (`merge=1`); see [`Config::merge`].
+    pub merge: bool,
 }
 
 impl Config {
@@ -175,7 +177,16 @@ impl Config {
             keepalive: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(10),
             buffer: 256,
+            merge: true,
         }
+    }
+
+    /// Whether to ask for merged and compacted message frames (`merge=1`, the default):
+    /// a message's deltas arrive as one frame per rollup window, and a replay of a
+    /// completed message as one frame. Off, every delta is a frame of its own.
+    pub fn merge(mut self, merge: bool) -> Config {
+        self.merge = merge;
+        self
     }
 
     pub fn client_id(mut self, id: impl Into<String>) -> Config {
@@ -249,6 +260,9 @@ impl Config {
         if let Some(t) = &self.thread_id {
             query.push(format!("thread_id={}", encode(t)));
         }
+        if self.merge {
+            query.push("merge=1".to_owned());
+        }
         let query = if query.is_empty() {
             String::new()
         } else {
@@ -282,10 +296,10 @@ mod tests {
             .thread_id("thread_a b");
         assert_eq!(
             c.socket_url(Some("12")).unwrap(),
-            "ws://127.0.0.1:7070/v1/ws?after=12&client_id=phone&thread_id=thread_a%20b"
+            "ws://127.0.0.1:7070/v1/ws?after=12&client_id=phone&thread_id=thread_a%20b&merge=1"
         );
         let c = Config::new("ws://h:1/v1/ws", TokenSource::fixed("t"));
-        assert_eq!(c.socket_url(None).unwrap(), "ws://h:1/v1/ws");
+        assert_eq!(c.socket_url(None).unwrap(), "ws://h:1/v1/ws?merge=1");
         assert!(Config::new("ws://h/?a=1", TokenSource::fixed("t"))
             .socket_url(None)
             .is_err());

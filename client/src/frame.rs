@@ -23,6 +23,30 @@ pub struct Event {
     /// RFC 3339 UTC with milliseconds.
     pub recorded_at: String,
     pub payload: Payload,
+    /// A merged frame (streamed message deltas, see docs/PROTOCOL.md) covers
+    /// `from_user_seq..=user_seq`; `None` for a frame of one event.
+    pub from_user_seq: Option<u64>,
+    /// …and `from_thread_version..=thread_version`.
+    pub from_thread_version: Option<u64>,
+    /// For `message_started` / `message_delta` / `message_completed`: the message's text
+    /// accumulated so far, with what this frame added.
+    pub message: Option<Box<MessageText>>,
+}
+
+/// A streamed message as this client has accumulated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageText {
+    pub message_id: String,
+    /// The text this frame added (the `onDelta` of a UI).
+    pub delta: String,
+    /// Everything received of the message so far, `delta` included.
+    pub text: String,
+    /// The last delta's `seq`.
+    pub seq: u64,
+    /// True once `message_completed` arrived (the run's end completes it too).
+    pub complete: bool,
+    /// True when this client joined after the message began (it has only the tail).
+    pub partial: bool,
 }
 
 /// What happened, by event type.
@@ -158,6 +182,10 @@ impl Event {
             data: Value,
             event_id: &'a str,
             recorded_at: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            from_user_seq: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            from_thread_version: Option<u64>,
         }
         let frame = Frame {
             kind: "event",
@@ -170,13 +198,15 @@ impl Event {
             data: self.payload.data(),
             event_id: &self.event_id,
             recorded_at: &self.recorded_at,
+            from_user_seq: self.from_user_seq,
+            from_thread_version: self.from_thread_version,
         };
         serde_json::to_string(&frame).unwrap_or_default()
     }
 
     /// The event as the socket frame it came in (`{"type":"event","user_seq":…}`).
     pub fn to_frame(&self) -> Value {
-        json!({
+        let mut frame = json!({
             "type": "event",
             "user_seq": self.user_seq,
             "position": self.position,
@@ -187,7 +217,14 @@ impl Event {
             "data": self.payload.data(),
             "event_id": self.event_id,
             "recorded_at": self.recorded_at,
-        })
+        });
+        if let Some(from) = self.from_user_seq {
+            frame["from_user_seq"] = json!(from);
+        }
+        if let Some(from) = self.from_thread_version {
+            frame["from_thread_version"] = json!(from);
+        }
+        frame
     }
 }
 
@@ -207,6 +244,10 @@ pub(crate) struct EventFrame {
     event_id: String,
     #[serde(default)]
     recorded_at: String,
+    #[serde(default)]
+    from_user_seq: Option<u64>,
+    #[serde(default)]
+    from_thread_version: Option<u64>,
 }
 
 impl From<EventFrame> for Event {
@@ -220,7 +261,63 @@ impl From<EventFrame> for Event {
             event_id: f.event_id,
             recorded_at: f.recorded_at,
             payload: Payload::parse(f.event, f.data),
+            from_user_seq: f.from_user_seq,
+            from_thread_version: f.from_thread_version,
+            message: None,
         }
+    }
+}
+
+/// The open messages' texts, by id (bounded by what the server lets a run hold open;
+/// a message leaves when it completes or its run ends).
+#[derive(Debug, Default)]
+pub(crate) struct Messages {
+    open: std::collections::HashMap<String, (Option<String>, MessageText)>,
+}
+
+impl Messages {
+    /// The message text after `event`, for a `message_*` event (None otherwise).
+    pub(crate) fn take(&mut self, event: &Event) -> Option<Box<MessageText>> {
+        let Payload::Other { event: kind, data } = &event.payload else {
+            if event.payload.is_terminal() {
+                self.open.retain(|_, (run, _)| *run != event.run_id);
+            }
+            return None;
+        };
+        if !kind.starts_with("message_") {
+            return None;
+        }
+        let id = data.get("message_id")?.as_str()?.to_owned();
+        let delta = data.get("text").and_then(Value::as_str).unwrap_or("");
+        let first = data
+            .get("from_seq")
+            .or_else(|| data.get("seq"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let (_, m) = self.open.entry(id.clone()).or_insert_with(|| {
+            (
+                event.run_id.clone(),
+                MessageText {
+                    message_id: id.clone(),
+                    delta: String::new(),
+                    text: String::new(),
+                    seq: 0,
+                    complete: false,
+                    partial: kind != "message_started" && first > 1,
+                },
+            )
+        });
+        m.delta = delta.to_owned();
+        m.text.push_str(delta);
+        if let Some(seq) = data.get("seq").and_then(Value::as_u64) {
+            m.seq = seq;
+        }
+        m.complete = kind == "message_completed";
+        let out = Box::new(m.clone());
+        if out.complete {
+            self.open.remove(&id);
+        }
+        Some(out)
     }
 }
 

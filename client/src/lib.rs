@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 pub use config::{AckMode, Acks, Backoff, BoxError, Config, Resume, TokenSource};
 pub use error::Error;
-pub use frame::{Data, Event, Payload};
+pub use frame::{Data, Event, MessageText, Payload};
 pub use jwt::expiry as token_expiry;
 
 /// Where the client is.

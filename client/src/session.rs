@@ -81,6 +81,8 @@ struct Task {
     last: Option<u64>,
     /// With a thread filter, the last `thread_version` received.
     last_version: Option<u64>,
+    /// Streamed messages still open, accumulated.
+    messages: crate::frame::Messages,
     /// The highest ack a pong confirmed durable.
     durable: u64,
     flushes: Vec<(u64, oneshot::Sender<Result<u64, Error>>)>,
@@ -126,6 +128,7 @@ pub(crate) async fn run(
         exp: None,
         last: None,
         last_version: None,
+        messages: Default::default(),
         durable: 0,
         flushes: Vec::new(),
         closing: None,
@@ -609,22 +612,24 @@ impl Task {
     }
 
     /// Checks an event's place in the sequence and queues it for delivery.
-    fn accept(&mut self, conn: &mut Conn, event: Event) -> Result<(), Error> {
+    fn accept(&mut self, conn: &mut Conn, mut event: Event) -> Result<(), Error> {
         let last = self.last.unwrap_or(0);
         let seq = event.user_seq;
-        if seq <= last {
-            return Err(Error::Duplicate { got: seq, last });
+        // A merged frame covers `from_user_seq..=user_seq`: it must begin where the last ended.
+        let from = event.from_user_seq.unwrap_or(seq);
+        if seq <= last || from <= last {
+            return Err(Error::Duplicate { got: from, last });
         }
         if self.config.thread_id.is_none() {
-            if seq != last + 1 {
+            if from != last + 1 || seq < from {
                 return Err(Error::Gap {
                     expected: last + 1,
-                    got: seq,
+                    got: from,
                     resume_after: last,
                 });
             }
         } else if let Some(v) = self.last_version {
-            if event.thread_version != v + 1 {
+            if event.from_thread_version.unwrap_or(event.thread_version) != v + 1 {
                 return Err(Error::VersionGap {
                     thread_id: event.thread_id.clone(),
                     last: v,
@@ -636,6 +641,7 @@ impl Task {
         self.last = Some(seq);
         self.last_version = Some(event.thread_version);
         conn.progressed = true;
+        event.message = self.messages.take(&event);
         self.push(Update::Event(event));
         Ok(())
     }

@@ -1,7 +1,7 @@
 //! Commands (imperative) that `decide` turns into events, and the size limits it enforces.
 
 use crate::event::{AgentEventKind, Event};
-use crate::ids::{ClientId, RunId, ThreadId, UserId};
+use crate::ids::{ClientId, MessageId, RunId, ThreadId, UserId};
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -29,6 +29,23 @@ pub enum Command {
         user_id: UserId,
         client_id: ClientId,
         user_seq: u64,
+    },
+    /// Open a streamed message in a running run.
+    StartMessage {
+        run_id: RunId,
+        message_id: MessageId,
+    },
+    /// Append delta `seq` (the message's last + 1) to an open message.
+    AppendDelta {
+        run_id: RunId,
+        message_id: MessageId,
+        seq: u64,
+        text: String,
+    },
+    /// Complete an open message.
+    CompleteMessage {
+        run_id: RunId,
+        message_id: MessageId,
     },
 }
 
@@ -92,7 +109,51 @@ impl Command {
                     user_seq: s,
                 },
             ) => user_id == u && client_id == c && user_seq == s,
+            (
+                Command::StartMessage { run_id, message_id },
+                Event::MessageStarted {
+                    run_id: r,
+                    message_id: m,
+                    ..
+                },
+            ) => run_id == r && message_id == m,
+            (
+                Command::AppendDelta {
+                    run_id,
+                    message_id,
+                    seq,
+                    text,
+                },
+                Event::MessageDeltaAppended {
+                    run_id: r,
+                    message_id: m,
+                    seq: s,
+                    text: t,
+                    ..
+                },
+            ) => run_id == r && message_id == m && seq == s && text == t,
+            (
+                Command::CompleteMessage { run_id, message_id },
+                Event::MessageCompleted {
+                    run_id: r,
+                    message_id: m,
+                    ..
+                },
+            ) => run_id == r && message_id == m,
             _ => false,
+        }
+    }
+
+    /// The run a command acts on, if any.
+    pub fn run_id(&self) -> Option<&RunId> {
+        match self {
+            Command::RegisterRun { run_id, .. }
+            | Command::RecordAgentEvent { run_id, .. }
+            | Command::ExpireRun { run_id }
+            | Command::StartMessage { run_id, .. }
+            | Command::AppendDelta { run_id, .. }
+            | Command::CompleteMessage { run_id, .. } => Some(run_id),
+            Command::CreateThread { .. } | Command::AcknowledgeDelivery { .. } => None,
         }
     }
 }
@@ -112,6 +173,15 @@ pub struct Limits {
     pub max_open_tool_calls: usize,
     /// Longest `data.tool_call_id`, in bytes.
     pub max_tool_call_id_bytes: usize,
+    /// Streamed messages: total text bytes of one message…
+    pub max_message_bytes: u64,
+    /// …and of all messages of one run.
+    pub max_run_message_bytes: u64,
+    /// Deltas one message may take per second (of the clock), and one run.
+    pub max_message_deltas_per_sec: u32,
+    pub max_run_deltas_per_sec: u32,
+    /// Messages one run may have open at once.
+    pub max_open_messages: usize,
 }
 
 impl Default for Limits {
@@ -125,6 +195,11 @@ impl Default for Limits {
             max_threads_per_user: 10_000,
             max_open_tool_calls: 128,
             max_tool_call_id_bytes: 128,
+            max_message_bytes: 1024 * 1024,
+            max_run_message_bytes: 8 * 1024 * 1024,
+            max_message_deltas_per_sec: 200,
+            max_run_deltas_per_sec: 500,
+            max_open_messages: 16,
         }
     }
 }

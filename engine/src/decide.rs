@@ -4,8 +4,8 @@
 use crate::command::{Command, Limits};
 use crate::error::DomainError;
 use crate::event::{AgentEventKind, Event};
-use crate::ids::{Actor, ClientId, Role, RunId, ThreadId, UserId};
-use crate::state::{is_idle, Registry, RunStatus};
+use crate::ids::{Actor, ClientId, MessageId, Role, RunId, ThreadId, UserId};
+use crate::state::{is_idle, Registry, Run, RunStatus};
 
 /// Role checks come first (403), then existence (404), then everything else, so a caller
 /// without the right never learns whether a thread or run exists.
@@ -41,6 +41,18 @@ pub fn decide(
             client_id,
             user_seq,
         } => acknowledge(user_id, client_id, user_seq),
+        Command::StartMessage { run_id, message_id } => {
+            start_message(state, run_id, message_id, now_ms, limits)
+        }
+        Command::AppendDelta {
+            run_id,
+            message_id,
+            seq,
+            text,
+        } => append_delta(state, run_id, message_id, seq, text, now_ms, limits),
+        Command::CompleteMessage { run_id, message_id } => {
+            complete_message(state, run_id, message_id, now_ms, limits)
+        }
     }
 }
 
@@ -70,7 +82,10 @@ pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(
                 return Err(DomainError::ThreadNotFound(thread_id.clone()));
             }
         }
-        Command::RecordAgentEvent { run_id, .. } => {
+        Command::RecordAgentEvent { run_id, .. }
+        | Command::StartMessage { run_id, .. }
+        | Command::AppendDelta { run_id, .. }
+        | Command::CompleteMessage { run_id, .. } => {
             if actor.role != Role::Agent {
                 return Err(forbidden("only agents may append agent events"));
             }
@@ -281,5 +296,136 @@ fn acknowledge(
         user_id,
         client_id,
         user_seq,
+    }])
+}
+
+/// The run a message command acts on, if it still takes events: closed runs are
+/// 409, and a run that has not started yet is 422 (the lifecycle).
+fn running_run<'a>(
+    state: &'a Registry,
+    run_id: &RunId,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<&'a Run, DomainError> {
+    let Some(run) = state.run(run_id) else {
+        return Err(DomainError::RunNotFound(run_id.clone()));
+    };
+    match run.status {
+        RunStatus::Completed | RunStatus::Failed => Err(DomainError::RunClosed(run_id.clone())),
+        RunStatus::Expired => Err(DomainError::RunExpired(run_id.clone())),
+        _ if is_idle(run, now_ms, limits.run_ttl_ms) => {
+            Err(DomainError::RunExpired(run_id.clone()))
+        }
+        RunStatus::Registered => Err(DomainError::InvalidLifecycle(
+            "agent_started must come first".to_owned(),
+        )),
+        RunStatus::Running => Ok(run),
+    }
+}
+
+fn start_message(
+    state: &Registry,
+    run_id: RunId,
+    message_id: MessageId,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let run = running_run(state, &run_id, now_ms, limits)?;
+    if run.messages.contains_key(&message_id) {
+        return Err(DomainError::MessageExists(message_id));
+    }
+    if run.messages.values().filter(|m| m.open).count() >= limits.max_open_messages {
+        return Err(DomainError::QuotaExceeded {
+            what: "open messages per run",
+            limit: limits.max_open_messages as u64,
+        });
+    }
+    Ok(vec![Event::MessageStarted {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        message_id,
+    }])
+}
+
+fn append_delta(
+    state: &Registry,
+    run_id: RunId,
+    message_id: MessageId,
+    seq: u64,
+    text: String,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let run = running_run(state, &run_id, now_ms, limits)?;
+    let Some(message) = run.messages.get(&message_id) else {
+        return Err(DomainError::MessageNotFound(message_id));
+    };
+    if !message.open {
+        return Err(DomainError::MessageClosed(message_id));
+    }
+    let len = text.len() as u64;
+    if message.bytes + len > limits.max_message_bytes {
+        return Err(DomainError::TooLarge {
+            what: "message text",
+            limit: usize::try_from(limits.max_message_bytes).unwrap_or(usize::MAX),
+        });
+    }
+    if run.message_bytes + len > limits.max_run_message_bytes {
+        return Err(DomainError::TooLarge {
+            what: "the run's message text",
+            limit: usize::try_from(limits.max_run_message_bytes).unwrap_or(usize::MAX),
+        });
+    }
+    let retry_after_ms = 1000 - now_ms % 1000;
+    if message.delta_rate.used(now_ms) >= limits.max_message_deltas_per_sec {
+        return Err(DomainError::RateLimited {
+            what: "deltas per second per message",
+            limit: limits.max_message_deltas_per_sec,
+            retry_after_ms,
+        });
+    }
+    if run.delta_rate.used(now_ms) >= limits.max_run_deltas_per_sec {
+        return Err(DomainError::RateLimited {
+            what: "deltas per second per run",
+            limit: limits.max_run_deltas_per_sec,
+            retry_after_ms,
+        });
+    }
+    if seq != message.seq + 1 {
+        return Err(DomainError::SequenceGap {
+            message_id,
+            expected: message.seq + 1,
+            got: seq,
+        });
+    }
+    Ok(vec![Event::MessageDeltaAppended {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        message_id,
+        seq,
+        text,
+    }])
+}
+
+fn complete_message(
+    state: &Registry,
+    run_id: RunId,
+    message_id: MessageId,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<Vec<Event>, DomainError> {
+    let run = running_run(state, &run_id, now_ms, limits)?;
+    let Some(message) = run.messages.get(&message_id) else {
+        return Err(DomainError::MessageNotFound(message_id));
+    };
+    if !message.open {
+        return Err(DomainError::MessageClosed(message_id));
+    }
+    Ok(vec![Event::MessageCompleted {
+        thread_id: run.thread_id.clone(),
+        run_id,
+        message_id,
+        seq: message.seq,
+        bytes: message.bytes,
     }])
 }

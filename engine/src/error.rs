@@ -1,6 +1,6 @@
 //! Why `decide` rejected a command, with a stable code per reason for the edge to map.
 
-use crate::ids::{EventId, IdError, RunId, ThreadId};
+use crate::ids::{EventId, IdError, MessageId, RunId, ThreadId};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum DomainError {
@@ -32,6 +32,26 @@ pub enum DomainError {
     QuotaExceeded { what: &'static str, limit: u64 },
     #[error("invalid request: {0}")]
     InvalidInput(String),
+    #[error("message {0} not found in this run")]
+    MessageNotFound(MessageId),
+    #[error("message {0} already exists in this run")]
+    MessageExists(MessageId),
+    #[error("message {0} is complete: it takes no more deltas")]
+    MessageClosed(MessageId),
+    /// Deltas must come in order: the next one is `expected`.
+    #[error("message {message_id}: delta seq {got} is out of order, the next is {expected}")]
+    SequenceGap {
+        message_id: MessageId,
+        expected: u64,
+        got: u64,
+    },
+    /// A per-second rate is used up; retry after `retry_after_ms`.
+    #[error("rate limited: at most {limit} {what}")]
+    RateLimited {
+        what: &'static str,
+        limit: u32,
+        retry_after_ms: u64,
+    },
 }
 
 impl DomainError {
@@ -51,6 +71,11 @@ impl DomainError {
             Self::TooLarge { .. } => "payload_too_large",
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::InvalidInput(_) => "invalid_request",
+            Self::MessageNotFound(_) => "message_not_found",
+            Self::MessageExists(_) => "message_exists",
+            Self::MessageClosed(_) => "message_closed",
+            Self::SequenceGap { .. } => "sequence_gap",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{ClientId, RunId, ThreadId, UserId};
+use crate::ids::{ClientId, MessageId, RunId, ThreadId, UserId};
 
 /// The agent event types of the wire contract.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -79,6 +79,29 @@ pub enum Event {
         client_id: ClientId,
         user_seq: u64,
     },
+    // Streamed messages (issue 18). New variants go last: the encoding numbers them.
+    /// An agent opened a streamed message in a running run.
+    MessageStarted {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+    },
+    /// One delta of a message's text; `seq` counts the message's deltas from 1.
+    MessageDeltaAppended {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+        seq: u64,
+        text: String,
+    },
+    /// The message is complete: `seq` deltas, `bytes` of text in all.
+    MessageCompleted {
+        thread_id: ThreadId,
+        run_id: RunId,
+        message_id: MessageId,
+        seq: u64,
+        bytes: u64,
+    },
 }
 
 impl Event {
@@ -90,6 +113,9 @@ impl Event {
             Self::AgentEventRecorded { kind, .. } => kind.as_str(),
             Self::RunExpired { .. } => "run_expired",
             Self::CursorAdvanced { .. } => "cursor_advanced",
+            Self::MessageStarted { .. } => "message_started",
+            Self::MessageDeltaAppended { .. } => "message_delta",
+            Self::MessageCompleted { .. } => "message_completed",
         }
     }
 
@@ -111,8 +137,30 @@ impl Event {
             Self::ThreadCreated { thread_id, .. }
             | Self::RunRegistered { thread_id, .. }
             | Self::AgentEventRecorded { thread_id, .. }
-            | Self::RunExpired { thread_id, .. } => Some(thread_id),
+            | Self::RunExpired { thread_id, .. }
+            | Self::MessageStarted { thread_id, .. }
+            | Self::MessageDeltaAppended { thread_id, .. }
+            | Self::MessageCompleted { thread_id, .. } => Some(thread_id),
             Self::CursorAdvanced { .. } => None,
+        }
+    }
+
+    /// The streamed message the event belongs to, if any.
+    pub fn message_id(&self) -> Option<&MessageId> {
+        match self {
+            Self::MessageStarted { message_id, .. }
+            | Self::MessageDeltaAppended { message_id, .. }
+            | Self::MessageCompleted { message_id, .. } => Some(message_id),
+            _ => None,
+        }
+    }
+
+    /// Whether the event ends its run (and so completes the run's open messages).
+    pub fn ends_run(&self) -> bool {
+        match self {
+            Self::AgentEventRecorded { kind, .. } => kind.is_terminal(),
+            Self::RunExpired { .. } => true,
+            _ => false,
         }
     }
 
@@ -120,7 +168,10 @@ impl Event {
         match self {
             Self::RunRegistered { run_id, .. }
             | Self::AgentEventRecorded { run_id, .. }
-            | Self::RunExpired { run_id, .. } => Some(run_id),
+            | Self::RunExpired { run_id, .. }
+            | Self::MessageStarted { run_id, .. }
+            | Self::MessageDeltaAppended { run_id, .. }
+            | Self::MessageCompleted { run_id, .. } => Some(run_id),
             Self::ThreadCreated { .. } | Self::CursorAdvanced { .. } => None,
         }
     }

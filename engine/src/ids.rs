@@ -111,6 +111,10 @@ string_id!(
     RunId
 );
 string_id!(
+    /// A streamed message within its run: a UUID or `msg_<segments>`.
+    MessageId
+);
+string_id!(
     /// One client's delivery cursor name: `[A-Za-z0-9._-]{1,64}`.
     ClientId
 );
@@ -143,6 +147,16 @@ impl ThreadId {
 impl RunId {
     pub fn parse(s: &str) -> Result<Self, IdError> {
         parse_uuid_or_structured(s, "run_", "run id").map(Self)
+    }
+
+    pub fn generate() -> Self {
+        Self(Uuid::now_v7().hyphenated().to_string())
+    }
+}
+
+impl MessageId {
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        parse_uuid_or_structured(s, "msg_", "message id").map(Self)
     }
 
     pub fn generate() -> Self {

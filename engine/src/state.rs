@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{AgentEventKind, Event, EventMeta};
-use crate::ids::{RunId, ThreadId, UserId};
+use crate::ids::{MessageId, RunId, ThreadId, UserId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RunStatus {
@@ -67,6 +67,51 @@ pub struct Run {
     pub last_event: Option<String>,
     pub last_activity_ms: u64,
     pub open_tool_calls: BTreeSet<String>,
+    /// The run's streamed messages while it is open (dropped when it ends: nothing
+    /// can be appended to them after that).
+    pub messages: BTreeMap<MessageId, MessageState>,
+    /// Text bytes of all the run's messages.
+    pub message_bytes: u64,
+    /// Deltas of the run in the current second.
+    pub delta_rate: RateWindow,
+}
+
+/// What `decide` needs of one streamed message.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageState {
+    pub open: bool,
+    /// The last delta's `seq` (0 before the first).
+    pub seq: u64,
+    pub bytes: u64,
+    pub delta_rate: RateWindow,
+}
+
+/// Events counted in one second of the recorded clock (a fixed window: the fold is
+/// deterministic, so replay counts exactly what the live path counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateWindow {
+    pub second: u64,
+    pub count: u32,
+}
+
+impl RateWindow {
+    /// How many were counted in the second of `now_ms`.
+    pub fn used(&self, now_ms: u64) -> u32 {
+        if self.second == now_ms / 1000 {
+            self.count
+        } else {
+            0
+        }
+    }
+
+    fn count(&mut self, now_ms: u64) {
+        let second = now_ms / 1000;
+        if self.second == second {
+            self.count = self.count.saturating_add(1);
+        } else {
+            *self = RateWindow { second, count: 1 };
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -127,6 +172,9 @@ impl Registry {
                             last_event: None,
                             last_activity_ms: meta.recorded_at_ms,
                             open_tool_calls: BTreeSet::new(),
+                            messages: BTreeMap::new(),
+                            message_bytes: 0,
+                            delta_rate: RateWindow::default(),
                         },
                     );
                     if let Some(thread) = self.threads.get_mut(thread_id) {
@@ -143,8 +191,14 @@ impl Registry {
                 if let Some(run) = self.runs.get_mut(run_id) {
                     match kind {
                         AgentEventKind::Started => run.status = RunStatus::Running,
-                        AgentEventKind::Completed => run.status = RunStatus::Completed,
-                        AgentEventKind::Error => run.status = RunStatus::Failed,
+                        AgentEventKind::Completed => {
+                            run.status = RunStatus::Completed;
+                            run.messages.clear();
+                        }
+                        AgentEventKind::Error => {
+                            run.status = RunStatus::Failed;
+                            run.messages.clear();
+                        }
                         AgentEventKind::ToolExecuting => {
                             if let Some(id) = tool_call_id {
                                 run.open_tool_calls.insert(id.clone());
@@ -162,6 +216,48 @@ impl Registry {
             Event::RunExpired { run_id, .. } => {
                 if let Some(run) = self.runs.get_mut(run_id) {
                     run.status = RunStatus::Expired;
+                    run.messages.clear();
+                }
+            }
+            Event::MessageStarted {
+                run_id, message_id, ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    run.messages.insert(
+                        message_id.clone(),
+                        MessageState {
+                            open: true,
+                            ..MessageState::default()
+                        },
+                    );
+                }
+            }
+            Event::MessageDeltaAppended {
+                run_id,
+                message_id,
+                seq,
+                text,
+                ..
+            } => {
+                if let Some(run) = self.runs.get_mut(run_id) {
+                    run.message_bytes += text.len() as u64;
+                    run.delta_rate.count(meta.recorded_at_ms);
+                    if let Some(m) = run.messages.get_mut(message_id) {
+                        m.seq = *seq;
+                        m.bytes += text.len() as u64;
+                        m.delta_rate.count(meta.recorded_at_ms);
+                    }
+                }
+            }
+            Event::MessageCompleted {
+                run_id, message_id, ..
+            } => {
+                if let Some(m) = self
+                    .runs
+                    .get_mut(run_id)
+                    .and_then(|r| r.messages.get_mut(message_id))
+                {
+                    m.open = false;
                 }
             }
             Event::CursorAdvanced { .. } => return,

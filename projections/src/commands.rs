@@ -96,20 +96,16 @@ fn thread_of(registry: &threadline_engine::Registry, command: &Command) -> Optio
         Command::CreateThread { thread_id, .. } | Command::RegisterRun { thread_id, .. } => {
             Some(thread_id.clone())
         }
-        Command::RecordAgentEvent { run_id, .. } | Command::ExpireRun { run_id } => {
-            registry.run(run_id).map(|r| r.thread_id.clone())
-        }
         Command::AcknowledgeDelivery { .. } => None,
+        other => other
+            .run_id()
+            .and_then(|run_id| registry.run(run_id))
+            .map(|r| r.thread_id.clone()),
     }
 }
 
 fn run_of(command: &Command) -> Option<&RunId> {
-    match command {
-        Command::RegisterRun { run_id, .. }
-        | Command::RecordAgentEvent { run_id, .. }
-        | Command::ExpireRun { run_id } => Some(run_id),
-        _ => None,
-    }
+    command.run_id()
 }
 
 /// The write path: owns decide, append, retries and idempotency.

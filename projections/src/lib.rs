@@ -14,6 +14,7 @@ mod delivery;
 mod error;
 mod model;
 mod projector;
+mod streams;
 
 pub use acks::{Ack, Acks};
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
@@ -24,3 +25,4 @@ pub use model::{Digests, ReadModel, CHECKPOINT_NAME};
 pub use projector::{
     load_checkpoint, rebuild, store_checkpoint, CheckpointPolicy, Follower, Projector, PAGE,
 };
+pub use streams::{CompletedTexts, OpenMessage, OpenRun, Streams};

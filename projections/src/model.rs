@@ -6,22 +6,24 @@ use sha2::{Digest, Sha256};
 use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
-use crate::{decode_event, Acks, Delivery, ProjectionError};
+use crate::{decode_event, Acks, Delivery, ProjectionError, Streams};
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
 /// 2: threads without metadata, per-user thread counts (issue 11).
-/// 3: the delivery ledger (`acks`, issue 14).
-const CHECKPOINT_FORMAT: u8 = 3;
+/// 3: streamed messages (issue 18): run message state, the streams projection.
+/// 4: the delivery ledger (`acks`, issue 14).
+const CHECKPOINT_FORMAT: u8 = 4;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
     position: Position,
     registry: Registry,
     delivery: Delivery,
+    streams: Streams,
     acks: Acks,
 }
 
@@ -31,6 +33,9 @@ pub struct Digests {
     pub position: Position,
     pub registry: [u8; 32],
     pub delivery: [u8; 32],
+    /// Open messages' texts and the chained digest of completed ones.
+    pub streams: [u8; 32],
+    /// The delivery ledger: every forward move of every client's cursor.
     pub acks: [u8; 32],
 }
 
@@ -43,6 +48,9 @@ impl Digests {
         }
         if self.delivery != other.delivery {
             out.push("delivery");
+        }
+        if self.streams != other.streams {
+            out.push("streams");
         }
         if self.acks != other.acks {
             out.push("acks");
@@ -59,10 +67,11 @@ impl std::fmt::Display for Digests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "position {} registry {} delivery {} acks {}",
+            "position {} registry {} delivery {} streams {} acks {}",
             self.position,
             hex(&self.registry),
             hex(&self.delivery),
+            hex(&self.streams),
             hex(&self.acks)
         )
     }
@@ -85,6 +94,10 @@ impl ReadModel {
 
     pub fn delivery(&self) -> &Delivery {
         &self.delivery
+    }
+
+    pub fn streams(&self) -> &Streams {
+        &self.streams
     }
 
     /// The delivery ledger: every forward move of every client's cursor.
@@ -145,7 +158,8 @@ impl ReadModel {
                     .thread_id()
                     .and_then(|t| self.registry.owner_of(t))
                     .cloned()?;
-                self.delivery.enqueue(&owner, position);
+                let user_seq = self.delivery.enqueue(&owner, position);
+                self.streams.apply(other, &owner, user_seq);
                 Some(owner)
             }
         }
@@ -156,6 +170,7 @@ impl ReadModel {
             position: self.position,
             registry: Sha256::digest(encode(&self.registry)).into(),
             delivery: Sha256::digest(encode(&self.delivery)).into(),
+            streams: Sha256::digest(encode(&self.streams)).into(),
             acks: Sha256::digest(encode(&self.acks)).into(),
         }
     }

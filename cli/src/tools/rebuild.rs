@@ -81,7 +81,7 @@ pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
         model.position(),
     );
     let names: &[&str] = match args.projection {
-        Projection::All => &["registry", "delivery", "acks"],
+        Projection::All => &["registry", "delivery", "streams", "acks"],
         Projection::Registry => &["registry"],
         Projection::Delivery => &["delivery", "acks"],
     };

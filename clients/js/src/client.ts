@@ -3,7 +3,7 @@
 // token, and reconnects with backoff and jitter when anything breaks.
 
 import { ThreadlineError } from './errors.js';
-import type { ThreadlineEvent } from './events.js';
+import { isTerminal, type MessageText, type ThreadlineEvent } from './events.js';
 
 /** The standard WebSocket interface this client needs (browsers, `ws`, undici). */
 export interface WebSocketLike {
@@ -56,6 +56,10 @@ export interface ConnectOptions {
    *  consumer catches up (default 5000; the server keeps the rest in its log). */
   highWaterMark?: number;
   onEvent?: (e: ThreadlineEvent) => void;
+  /** Merged and compacted message frames (`merge=1`, default true). */
+  merge?: boolean;
+  /** Each frame of a streamed message, with the message's text accumulated so far. */
+  onDelta?: (m: MessageText, e: ThreadlineEvent) => void;
   onCaughtUp?: (userSeq: number) => void;
   onState?: (s: State) => void;
   onError?: (e: ThreadlineError) => void;
@@ -138,6 +142,7 @@ export function socketUrl(opts: ConnectOptions, after: string | null): string {
   if (after !== null) query.push(`after=${after}`);
   if (opts.clientId !== undefined) query.push(`client_id=${encodeURIComponent(opts.clientId)}`);
   if (opts.threadId !== undefined) query.push(`thread_id=${encodeURIComponent(opts.threadId)}`);
+  if (opts.merge !== false) query.push('merge=1');
   return `${scheme}://${rest}${path}${query.length ? '?' + query.join('&') : ''}`;
 }
 
@@ -592,26 +597,70 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
     this.#ensureFlush(conn);
   }
 
+  /** Open streamed messages, by id: they leave when complete or when their run ends. */
+  #messages = new Map<string, MessageText>();
+
+  #accumulate(e: ThreadlineEvent): void {
+    if (isTerminal(e)) {
+      for (const [id, m] of this.#messages) if (m.run_id === e.run_id) this.#messages.delete(id);
+      return;
+    }
+    if (e.event !== 'message_started' && e.event !== 'message_delta' && e.event !== 'message_completed') return;
+    const data = e.data as { message_id: string; seq?: number; from_seq?: number; text?: string };
+    let m = this.#messages.get(data.message_id);
+    if (!m) {
+      const first = data.from_seq ?? data.seq ?? 0;
+      m = {
+        message_id: data.message_id,
+        run_id: e.run_id,
+        delta: '',
+        text: '',
+        seq: 0,
+        complete: false,
+        partial: e.event !== 'message_started' && first > 1,
+      };
+      this.#messages.set(data.message_id, m);
+    }
+    m.delta = data.text ?? '';
+    m.text += m.delta;
+    if (data.seq !== undefined) m.seq = data.seq;
+    m.complete = e.event === 'message_completed';
+    if (m.complete) this.#messages.delete(data.message_id);
+    const onDelta = this.#opts.onDelta;
+    if (onDelta) {
+      try {
+        onDelta({ ...m }, e);
+      } catch {
+        // A throwing callback must not break the sequence.
+      }
+    }
+  }
+
   #onEvent(conn: Conn, e: ThreadlineEvent): void {
     if (!conn.welcomed) return;
     const last = this.#last ?? 0;
     const seq = e.user_seq;
+    // A merged frame covers from_user_seq..=user_seq: it must begin where the last ended.
+    const from = e.from_user_seq ?? seq;
     let error: ThreadlineError | null = null;
-    if (seq <= last) {
-      error = new ThreadlineError('duplicate', `duplicate: user_seq ${seq} after ${last}; resuming after ${last}`, {
-        got: seq,
+    if (seq <= last || from <= last) {
+      error = new ThreadlineError('duplicate', `duplicate: user_seq ${from} after ${last}; resuming after ${last}`, {
+        got: from,
         expected: last + 1,
         resumeAfter: last,
       });
     } else if (this.#opts.threadId === undefined) {
-      if (seq !== last + 1) {
-        error = new ThreadlineError('gap', `gap: expected user_seq ${last + 1}, got ${seq}; resuming after ${last}`, {
+      if (from !== last + 1 || seq < from) {
+        error = new ThreadlineError('gap', `gap: expected user_seq ${last + 1}, got ${from}; resuming after ${last}`, {
           expected: last + 1,
-          got: seq,
+          got: from,
           resumeAfter: last,
         });
       }
-    } else if (this.#lastVersion !== null && e.thread_version !== this.#lastVersion + 1) {
+    } else if (
+      this.#lastVersion !== null &&
+      (e.from_thread_version ?? e.thread_version) !== this.#lastVersion + 1
+    ) {
       error = new ThreadlineError(
         'version_gap',
         `thread_version ${e.thread_version} after ${this.#lastVersion}; resuming after user_seq ${last}`,
@@ -622,6 +671,7 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
     this.#last = seq;
     this.#lastVersion = e.thread_version;
     conn.progressed = true;
+    this.#accumulate(e);
     this.#emit('event', e);
     if (this.#iterating) {
       if (this.#waiting) {

@@ -20,6 +20,10 @@ interface Frame<E extends string, D> {
   event_id: string;
   /** RFC 3339 UTC with milliseconds. */
   recorded_at: string;
+  /** A merged frame (`merge`, streamed messages) covers `from_user_seq..=user_seq`. */
+  from_user_seq?: number;
+  /** …and `from_thread_version..=thread_version`. */
+  from_thread_version?: number;
 }
 
 export type ThreadCreated = Frame<'thread_created', { title: string | null; metadata: unknown }>;
@@ -35,6 +39,35 @@ export type AgentCompleted = Frame<'agent_completed', AgentData>;
 /** Terminal. */
 export type AgentError = Frame<'agent_error', AgentData>;
 
+/** A streamed message opened (its seq 0). */
+export type MessageStarted = Frame<'message_started', { message_id: string }>;
+/** Deltas of a message: one (`seq`), or merged (`from_seq..=seq`, `from_seq` 0 when the
+ *  frame also covers its start); append `text`. */
+export type MessageDelta = Frame<
+  'message_delta',
+  { message_id: string; seq: number; text: string; from_seq?: number }
+>;
+/** The message is complete: `seq` deltas, `bytes` of text; a merged one carries `text`. */
+export type MessageCompleted = Frame<
+  'message_completed',
+  { message_id: string; seq: number; bytes: number; text?: string; from_seq?: number }
+>;
+export type MessageEvent = MessageStarted | MessageDelta | MessageCompleted;
+
+/** A streamed message as the client has accumulated it. */
+export interface MessageText {
+  message_id: string;
+  run_id: string | null;
+  /** What this frame added. */
+  delta: string;
+  /** Everything received so far, `delta` included. */
+  text: string;
+  seq: number;
+  complete: boolean;
+  /** The client joined after the message began and has only its tail. */
+  partial: boolean;
+}
+
 export type SystemEvent = ThreadCreated | RunRegistered | RunExpired;
 export type AgentEvent =
   | AgentStarted
@@ -45,7 +78,7 @@ export type AgentEvent =
   | AgentError;
 
 /** One event of the user's threads; switch on `event` to narrow `data`. */
-export type ThreadlineEvent = SystemEvent | AgentEvent;
+export type ThreadlineEvent = SystemEvent | AgentEvent | MessageEvent;
 
 export type EventType = ThreadlineEvent['event'];
 

@@ -19,5 +19,6 @@ mod restart;
 mod slow_reader;
 mod smoke;
 mod sockets;
+mod streams;
 mod tail;
 mod tidy;
