@@ -92,6 +92,15 @@ pub fn message_submission(
                 Some(Value::String(t)) => t.clone(),
                 _ => return Err(invalid("data.text must be a string")),
             };
+            // As a frame carries it (escaped), a delta stays well within the 64 KiB frame.
+            let escaped = serde_json::to_string(&text).map_or(usize::MAX, |j| j.len());
+            if escaped > threadline_engine::MAX_DELTA_BYTES {
+                return Err(threadline_engine::DomainError::TooLarge {
+                    what: "a delta's text (as JSON)",
+                    limit: threadline_engine::MAX_DELTA_BYTES,
+                }
+                .into());
+            }
             (
                 Command::AppendDelta {
                     run_id: run_id.clone(),
@@ -174,9 +183,13 @@ pub fn frames(items: &[(u64, &Record, Event)], merge: bool) -> Vec<Out> {
     out
 }
 
+/// A delta's text as a frame carries it: escaped JSON, so that a merged frame's
+/// size is bounded by what is sent, not by the raw text.
 fn text_of(e: &Event) -> usize {
     match e {
-        Event::MessageDeltaAppended { text, .. } => text.len(),
+        Event::MessageDeltaAppended { text, .. } => {
+            serde_json::to_string(text).map_or(text.len(), |j| j.len())
+        }
         _ => 0,
     }
 }

@@ -385,9 +385,9 @@ impl<L: Log> Session<L> {
             if *shutdown.borrow() {
                 return Err(shutting_down());
             }
-            // Rollup: once live, at most one page per window, so a message's deltas
-            // that land within it go out merged into one frame. Whatever the peer
-            // sends meanwhile is answered at once.
+            // Rollup: once live and while a message streams, at most one page per
+            // window, so its deltas that land within it go out merged into one frame.
+            // Whatever the peer sends meanwhile is answered at once.
             if let Some(next) = last_live_page.map(|t| t + rollup) {
                 if caught_up && !rollup.is_zero() && tokio::time::Instant::now() < next {
                     tokio::select! {
@@ -411,11 +411,11 @@ impl<L: Log> Session<L> {
             // Mark the current position seen before reading, so a fold that
             // lands after the read still wakes the wait below: no lost wake-up.
             projected.borrow_and_update();
-            let (frames, last) = Self::page(&app, &user, progress.sent, &params).await?;
+            let (frames, last, streaming) = Self::page(&app, &user, progress.sent, &params).await?;
             if let Some(last) = last {
-                if caught_up {
-                    last_live_page = Some(tokio::time::Instant::now());
-                }
+                // Only a page that ended inside a streamed message opens a rollup
+                // window; any other event goes out as soon as it is durable.
+                last_live_page = (caught_up && streaming).then(tokio::time::Instant::now);
                 let send = self.send(frames);
                 tokio::select! {
                     sent = send => sent?,
@@ -513,7 +513,7 @@ impl<L: Log> Session<L> {
         user: &UserId,
         after: u64,
         params: &Params,
-    ) -> Result<(Vec<String>, Option<u64>), Close> {
+    ) -> Result<(Vec<String>, Option<u64>, bool), Close> {
         let limit = if params.merge { MERGE_PAGE } else { PAGE };
         let (entries, head) = app.projector().read(|m| {
             (
@@ -522,7 +522,7 @@ impl<L: Log> Session<L> {
             )
         });
         let Some(&(mut last, _)) = entries.last() else {
-            return Ok((Vec::new(), None));
+            return Ok((Vec::new(), None, false));
         };
         let positions: Vec<_> = entries.iter().map(|(_, p)| *p).collect();
         let records = app
@@ -554,13 +554,16 @@ impl<L: Log> Session<L> {
                 last = cut.first - 1;
             }
         }
+        // The page ends inside a message still being streamed: its next deltas are
+        // worth rolling up (nothing else is ever held back).
+        let streaming = outs.last().is_some_and(|o| o.open_tail);
         let mut frames = Vec::with_capacity(outs.len());
         for out in outs {
             frames.push(serde_json::to_string(&out.frame).map_err(|e| internal(e.to_string()))?);
         }
         metrics::histogram!("threadline_replay_lag_events")
             .record(head.saturating_sub(last) as f64);
-        Ok((frames, Some(last)))
+        Ok((frames, Some(last), streaming))
     }
 
     /// Sends `texts`, each write within the send deadline: a peer that does not read

@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
     /// Scenarios to run, e.g. `1,2,3` (4, 6 and 7 share one fill: any of them runs all three).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
     only: Vec<u8>,
     /// Bytes of JSON `data` per event (the same bytes are Redis's field value).
     #[arg(long, default_value_t = 200)]
@@ -86,6 +86,12 @@ struct Args {
     /// Events in the log rebuilt (6) and measured on disk (7) [default: 1000000, quick 100000].
     #[arg(long)]
     log_events: Option<usize>,
+    /// Concurrent token streams in scenario 8 [default: 200, quick 50].
+    #[arg(long)]
+    streams: Option<usize>,
+    /// Deltas per second of each stream in scenario 8.
+    #[arg(long, default_value_t = 50.0)]
+    stream_rate: f64,
     /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170].
     #[arg(long)]
     deadline_secs: Option<u64>,
@@ -308,6 +314,48 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         }
         drop(server);
         redis.stop()?;
+    }
+
+    // Server C: token streams (scenario 8), on fresh data dirs so the disk figure is its own.
+    if has(8) {
+        let streams = pick(a.streams, 200, 50);
+        let data = work.join("tl-streams");
+        let server = Threadline::start(&bin, &data, SECRET)?;
+        let redis_dir = work.join("redis-streams");
+        let mut redis = Redis::start(&a.redis_server, &redis_dir, max_clients)?;
+        redis.ready(Duration::from_secs(30)).await?;
+        let http = tl::Http::new(server.base())?;
+        let name = format!("8 token streams ({streams} × {:.0} deltas/s)", a.stream_rate);
+        let before = procs::disk_usage(&data).0;
+        let redis_before = procs::disk_usage(&redis_dir).0;
+        let mut deltas = 0;
+        let mut redis_deltas = 0;
+        for (tag, merge) in [("rolled", true), ("single", false)] {
+            let sa = sc::StreamArgs {
+                tag: tag.into(),
+                streams,
+                deltas_per_sec: a.stream_rate,
+                secs: live_secs,
+                merge,
+            };
+            let mode = if merge { "merged, 40 ms rollup" } else { "a frame per delta" };
+            eprintln!("scenario {name}, {mode}: threadline…");
+            let t = sc::tl_streams(&server, &http, SECRET, &sa).await?;
+            deltas += t.deltas;
+            eprintln!("scenario {name}, {mode}: redis (XADD per delta, XREAD BLOCK per stream)…");
+            let r = sc::redis_streams(redis.port, &sa).await?;
+            redis_deltas += r.deltas;
+            row(&name, &format!("{mode}: deltas/s acknowledged"), Some(t.deltas as f64 / t.secs), Some(r.deltas as f64 / r.secs), 0);
+            row(&name, &format!("{mode}: deltas received / appended"), Some(t.received as f64 / t.deltas.max(1) as f64), Some(r.received as f64 / r.deltas.max(1) as f64), 4);
+            row(&name, &format!("{mode}: frames/s to sockets (redis: entries read)"), Some(t.frames as f64 / t.secs), Some(r.frames as f64 / r.secs), 0);
+            row(&name, &format!("{mode}: p50 delta→frame, ms"), Some(t.lat.p50), Some(r.lat.p50), 2);
+            row(&name, &format!("{mode}: p99 delta→frame, ms"), Some(t.lat.p99), Some(r.lat.p99), 2);
+        }
+        drop(server);
+        redis.stop()?;
+        let grown = procs::disk_usage(&data).0.saturating_sub(before);
+        let redis_grown = procs::disk_usage(&redis_dir).0.saturating_sub(redis_before);
+        row(&name, "disk per delta (allocated bytes, ~17 B of text each)", Some(grown as f64 / deltas.max(1) as f64), Some(redis_grown as f64 / redis_deltas.max(1) as f64), 0);
     }
 
     // Server B: one log of `log_events` events holding the storm users' unseen events.

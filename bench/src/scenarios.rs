@@ -678,3 +678,178 @@ pub async fn redis_idle(redis: &crate::procs::Redis, k: usize) -> Result<(u64, u
     drop(conns);
     Ok((before, after))
 }
+
+// ------------------------------------------------------- 8: token streams
+
+pub struct StreamArgs {
+    pub tag: String,
+    pub streams: usize,
+    pub deltas_per_sec: f64,
+    pub secs: f64,
+    /// Sockets ask for merged frames (rolled up live by the server's window).
+    pub merge: bool,
+}
+
+pub struct Streamed {
+    pub deltas: u64,
+    pub received: u64,
+    pub frames: u64,
+    pub secs: f64,
+    pub lat: Lat,
+}
+
+/// A delta's text: its send time, so a merged frame's latencies are all readable.
+fn delta_text(t_us: u64) -> String {
+    format!("{t_us};")
+}
+
+fn record_deltas(h: &mut Histogram<u64>, got: &mut u64, text: &str) {
+    let now = tl::now_us();
+    for t in text.split(';').filter_map(|t| t.parse::<u64>().ok()) {
+        h.saturating_record(now.saturating_sub(t));
+        *got += 1;
+    }
+}
+
+/// `streams` agents each stream one message at `deltas_per_sec` (single-delta
+/// appends) to a user whose socket reads it; latency from each delta's send to
+/// the frame that carries it.
+pub async fn tl_streams(
+    server: &crate::procs::Threadline,
+    http: &Http,
+    secret: &str,
+    a: &StreamArgs,
+) -> Result<Streamed> {
+    let agent = tl::token(secret, "stream-agent", "agent");
+    let users: Vec<String> = (0..a.streams).map(|i| format!("stream-{}-user-{i}", a.tag)).collect();
+    let runs = http.started_runs(&agent, &users).await?;
+    let addr = server.addr;
+    let mut readers = Vec::new();
+    let done = Arc::new(AtomicBool::new(false));
+    for u in &users {
+        let mut client = tl::connect_merging(addr, &tl::token(secret, u, "user"), Resume::Latest, a.merge);
+        tl::wait_caught_up(&mut client).await?;
+        let (done, hard) = (done.clone(), Instant::now() + Duration::from_secs_f64(a.secs + 60.0));
+        let per_stream = (a.deltas_per_sec * a.secs).ceil() as u64;
+        readers.push(tokio::spawn(async move {
+            let (mut h, mut got, mut frames) = (hist(), 0u64, 0u64);
+            while !(done.load(Ordering::Acquire) && got >= per_stream) && Instant::now() < hard {
+                match timeout(Duration::from_millis(200), client.next()).await {
+                    Err(_) => {}
+                    Ok(Some(Update::Event(e))) => {
+                        frames += 1;
+                        if let Some(m) = &e.message {
+                            record_deltas(&mut h, &mut got, &m.delta);
+                        }
+                    }
+                    Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("socket ended"),
+                }
+            }
+            anyhow::Ok((got, frames, h))
+        }));
+    }
+    let started = Instant::now();
+    let writers: Vec<_> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| {
+            let (http, run, tag) = (http.clone(), run.clone(), a.tag.clone());
+            let agent = tl::token(secret, &format!("stream-agent-{i}"), "agent");
+            let (rate, secs) = (a.deltas_per_sec, a.secs);
+            tokio::spawn(async move {
+                let path = format!("/v1/runs/{run}/events");
+                let message = format!("msg_bench_{tag}_{i}");
+                let start = serde_json::json!({"type": "message_started", "data": {"message_id": message}});
+                http.post(&agent, &path, start.to_string(), 201).await?;
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+                let n = (rate * secs).ceil() as u64;
+                for seq in 1..=n {
+                    tick.tick().await;
+                    let body = serde_json::json!({"type": "message_delta",
+                        "data": {"message_id": message, "seq": seq, "text": delta_text(tl::now_us())}});
+                    http.post(&agent, &path, body.to_string(), 201).await?;
+                }
+                let end = serde_json::json!({"type": "message_completed", "data": {"message_id": message}});
+                http.post(&agent, &path, end.to_string(), 201).await?;
+                anyhow::Ok(n)
+            })
+        })
+        .collect();
+    let mut deltas = 0;
+    for w in futures_util::future::join_all(writers).await {
+        deltas += w??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Release);
+    let (mut received, mut frames, mut hists) = (0, 0, Vec::new());
+    for r in futures_util::future::join_all(readers).await {
+        let (g, f, h) = r??;
+        received += g;
+        frames += f;
+        hists.push(h);
+    }
+    Ok(Streamed { deltas, received, frames, secs, lat: (&merge(hists)).into() })
+}
+
+/// The same with Redis Streams: one `XADD` per delta, one `XREAD BLOCK` reader per stream.
+pub async fn redis_streams(port: u16, a: &StreamArgs) -> Result<Streamed> {
+    let done = Arc::new(AtomicBool::new(false));
+    let per_stream = (a.deltas_per_sec * a.secs).ceil() as u64;
+    let mut readers = Vec::new();
+    for i in 0..a.streams {
+        let mut conn = Conn::connect(port).await?;
+        let key = format!("tokens:{}:{i}", a.tag);
+        let (done, hard) = (done.clone(), Instant::now() + Duration::from_secs_f64(a.secs + 60.0));
+        readers.push(tokio::spawn(async move {
+            let mut last = b"0-0".to_vec();
+            let (mut h, mut got, mut frames) = (hist(), 0u64, 0u64);
+            while !(done.load(Ordering::Acquire) && got >= per_stream) && Instant::now() < hard {
+                let reply = conn
+                    .call(&[b"XREAD", b"COUNT", b"1000", b"BLOCK", b"200", b"STREAMS", key.as_bytes(), &last])
+                    .await?;
+                let entries = resp::entries(&reply, true);
+                for (_, v) in &entries {
+                    frames += 1;
+                    record_deltas(&mut h, &mut got, std::str::from_utf8(v).unwrap_or(""));
+                }
+                if let Some((id, _)) = entries.last() {
+                    last = id.clone();
+                }
+            }
+            anyhow::Ok((got, frames, h))
+        }));
+    }
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for i in 0..a.streams {
+        let mut conn = Conn::connect(port).await?;
+        let key = format!("tokens:{}:{i}", a.tag);
+        let (rate, secs) = (a.deltas_per_sec, a.secs);
+        writers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let n = (rate * secs).ceil() as u64;
+            for _ in 0..n {
+                tick.tick().await;
+                let text = delta_text(tl::now_us());
+                conn.call(&[b"XADD", key.as_bytes(), b"*", b"d", text.as_bytes()]).await?;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut deltas = 0;
+    for w in futures_util::future::join_all(writers).await {
+        deltas += w??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, Ordering::Release);
+    let (mut received, mut frames, mut hists) = (0, 0, Vec::new());
+    for r in futures_util::future::join_all(readers).await {
+        let (g, f, h) = r??;
+        received += g;
+        frames += f;
+        hists.push(h);
+    }
+    Ok(Streamed { deltas, received, frames, secs, lat: (&merge(hists)).into() })
+}

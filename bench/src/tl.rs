@@ -155,9 +155,20 @@ pub fn batch_body<'a>(events: impl Iterator<Item = (&'a str, String)>) -> String
 /// figures are the server's delivery, not cursor writes). It would reconnect as a chat
 /// client does, but a run that needs to has already failed to measure what it meant.
 pub fn connect(addr: std::net::SocketAddr, token: &str, resume: Resume) -> Client {
+    connect_merging(addr, token, resume, true)
+}
+
+/// [`connect`], asking for merged message frames (`merge=1`, rolled up live) or not.
+pub fn connect_merging(
+    addr: std::net::SocketAddr,
+    token: &str,
+    resume: Resume,
+    merge: bool,
+) -> Client {
     let mut config = Config::new(format!("ws://{addr}"), TokenSource::fixed(token))
         .resume(resume)
-        .ack_mode(AckMode::Off);
+        .ack_mode(AckMode::Off)
+        .merge(merge);
     config.connect_timeout = Duration::from_secs(60);
     Client::connect(config)
 }

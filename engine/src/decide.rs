@@ -347,6 +347,10 @@ fn start_message(
     }])
 }
 
+/// Most text one delta may carry, so that its frame (and any frame merging it)
+/// stays within the contract's 64 KiB frame limit.
+pub const MAX_DELTA_BYTES: usize = 32 * 1024;
+
 fn append_delta(
     state: &Registry,
     run_id: RunId,
@@ -362,6 +366,12 @@ fn append_delta(
     };
     if !message.open {
         return Err(DomainError::MessageClosed(message_id));
+    }
+    if text.len() > MAX_DELTA_BYTES {
+        return Err(DomainError::TooLarge {
+            what: "a delta's text",
+            limit: MAX_DELTA_BYTES,
+        });
     }
     let len = text.len() as u64;
     if message.bytes + len > limits.max_message_bytes {

@@ -269,36 +269,48 @@ async fn a_real_full_disk_stops_writes_without_acknowledging_and_loses_nothing()
     let (thread, run) = started_run(&agent, "alice").await;
     let pad = "x".repeat(60 * 1024);
     let mut acked: Vec<(String, u64)> = Vec::new();
+    // What a full disk may do: answer 503 (the log stops taking writes), or stop the
+    // server outright (fail-stop; a connection refused). Never acknowledge.
     let mut refused = None;
     for n in 0..2000 {
         let id = Uuid::now_v7().to_string();
         let reply = agent
-            .post(
+            .try_post(
                 &format!("/v1/runs/{run}/events"),
                 &json!({"type": "agent_thinking", "data": {"n": n, "pad": pad}, "event_id": id}),
             )
             .await;
-        match reply.status {
-            201 => acked.push((id, reply.body["position"].as_u64().unwrap())),
-            _ => {
-                refused = Some(reply);
+        match reply {
+            Some(r) if r.status == 201 => acked.push((id, r.body["position"].as_u64().unwrap())),
+            other => {
+                refused = Some(other);
                 break;
             }
         }
     }
     let refused = refused.expect("24 MiB filled without a refusal");
-    if refused.status != 503 {
-        eprintln!("server log: {:#?}", server.log.lock().unwrap());
-    }
-    refused.assert_error(503, "storage_unavailable");
     assert!(acked.len() > 10, "only {} events fit", acked.len());
-    let again = agent
-        .post(
-            &format!("/v1/runs/{run}/events"),
-            &json!({"type": "agent_thinking", "data": {}}),
-        )
-        .await;
-    again.assert_error(503, "storage_unavailable");
+    match refused {
+        Some(reply) => {
+            if reply.status != 503 {
+                eprintln!("server log: {:#?}", server.log.lock().unwrap());
+            }
+            reply.assert_error(503, "storage_unavailable");
+            let again = agent
+                .try_post(
+                    &format!("/v1/runs/{run}/events"),
+                    &json!({"type": "agent_thinking", "data": {}}),
+                )
+                .await;
+            if let Some(again) = again {
+                again.assert_error(503, "storage_unavailable");
+            }
+        }
+        None => eprintln!(
+            "the full disk stopped the server (fail-stop); its log: {:#?}",
+            server.log.lock().unwrap()
+        ),
+    }
 
     // The fault clears: the disk grows, the server restarts on the same data dir.
     server.kill();

@@ -604,3 +604,31 @@ async fn the_rust_client_accumulates_messages_across_merged_frames_and_a_cut() {
     }
     assert_eq!(deltas_seen, all[30..].concat(), "each delta once");
 }
+
+/// One delta can never make a frame over the contract's 64 KiB: its text, as a
+/// frame carries it (escaped JSON), is capped at 32 KiB, and a longer one is 413.
+#[tokio::test]
+async fn a_delta_too_large_for_a_frame_is_refused() {
+    let server = TestServer::spawn();
+    let agent = server.api(&token("bot", "agent"));
+    let (_, run) = started_run(&agent, "alice").await;
+    let url = format!("/v1/runs/{run}/events");
+    let started = agent
+        .post(
+            &url,
+            &json!({"type": "message_started", "data": {"message_id": "msg_big_1"}}),
+        )
+        .await;
+    assert_eq!(started.status, 201, "{:?}", started.body);
+    // 20 000 quote characters: 20 KB raw, 40 KB escaped.
+    let quotes = "\"".repeat(20_000);
+    let reply = agent
+        .post(&url, &json!({"type": "message_delta", "data": {"message_id": "msg_big_1", "seq": 1, "text": quotes}}))
+        .await;
+    reply.assert_error(413, "payload_too_large");
+    let fits = "a".repeat(30_000);
+    let reply = agent
+        .post(&url, &json!({"type": "message_delta", "data": {"message_id": "msg_big_1", "seq": 1, "text": fits}}))
+        .await;
+    assert_eq!(reply.status, 201, "{:?}", reply.body);
+}
