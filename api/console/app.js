@@ -302,6 +302,8 @@ async function startLive() {
       const before = new Set(tl.rows.slice(-1000).map((e) => e.position));
       await fetchMore(1000);
       for (const e of tl.rows.slice(-1000)) if (!before.has(e.position)) tl.fresh.add(e.position);
+      // Only the newest highlights are kept (a Set iterates in insertion order).
+      for (const p of tl.fresh) { if (tl.fresh.size <= 1000) break; tl.fresh.delete(p); }
       renderRows();
       $('timeline-status').textContent = `Live: ${tl.rows.length} events shown, up to position ${tl.next}.`;
     } catch (e) {
@@ -329,7 +331,16 @@ function openDetail(obj) {
   if (obj.thread_id) {
     actions.append(
       el('button', { type: 'button', onclick: () => { closeDetail(); openThread(obj.thread_id); } }, 'Open its thread'), ' ',
-      el('button', { type: 'button', onclick: () => { closeDetail(); openLedger(obj.thread_id); } }, 'Its delivery ledger'));
+      el('button', { type: 'button', onclick: () => { closeDetail(); openLedger(obj.thread_id); } }, 'Its delivery ledger'), ' ',
+      el('button', {
+        type: 'button',
+        onclick: () => {
+          closeDetail();
+          selectTab('timeline');
+          $('filters').elements.thread_id.value = obj.thread_id;
+          $('filters').requestSubmit();
+        },
+      }, 'Only this thread in the timeline'));
   }
   $('detail-close').after(actions);
   $('detail').hidden = false;
