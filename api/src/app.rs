@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::audit::{audit_page, AuditQuery};
 use crate::auth::{Authenticator, Principal};
 use crate::config::LimitArgs;
+use crate::deliveries::{deliveries_page, DeliveryQuery};
 use crate::error::AppError;
 use crate::presence::Presence;
 use crate::rate::RateLimits;
@@ -483,6 +484,21 @@ impl<L: Log> AppState<L> {
             ));
         }
         self.blocking(move |projector| audit_page(projector, &q))
+            .await
+    }
+
+    /// One page of the delivery ledger (auditors only).
+    pub async fn deliveries(
+        &self,
+        p: &Principal,
+        q: DeliveryQuery,
+    ) -> Result<crate::deliveries::Deliveries, AppError> {
+        if p.actor.role != Role::Auditor {
+            return Err(AppError::Forbidden(
+                "only auditors read the delivery ledger".into(),
+            ));
+        }
+        self.blocking(move |projector| deliveries_page(projector, &q))
             .await
     }
 

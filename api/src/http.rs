@@ -16,6 +16,7 @@ use utoipa::IntoParams;
 
 use crate::app::{AppState, Log, MAX_LIMIT};
 use crate::audit::AuditParams;
+use crate::deliveries::DeliveryParams;
 use crate::error::AppError;
 use crate::extract::{Auth, IfMatch, JsonBody, OptionalJsonBody, PathArg, QueryArgs};
 use crate::wire::{self, ErrorBody};
@@ -54,11 +55,15 @@ pub fn router<L: Log>(state: AppState<L>) -> Router {
         .route("/v1/users/{user_id}/presence", get(presence::<L>))
         .route("/v1/events", post(append_batch::<L>))
         .route("/v1/audit/events", get(audit_events::<L>))
+        .route("/v1/audit/deliveries", get(audit_deliveries::<L>))
         .route("/v1/ws", get(crate::ws::upgrade::<L>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<L>))
         .route("/metrics", get(crate::metrics::render))
         .route("/openapi.json", get(crate::openapi::document))
+        .route("/console", get(crate::console::index))
+        .route("/console/app.js", get(crate::console::script))
+        .route("/console/app.css", get(crate::console::style))
         .route_layer(axum::middleware::from_fn(crate::extract::known_query))
         .fallback(|| async { AppError::NoRoute })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
@@ -410,6 +415,31 @@ async fn audit_events<L: Log>(
     QueryArgs(q): QueryArgs<AuditParams>,
 ) -> Result<Json<wire::Envelopes>, AppError> {
     Ok(Json(app.audit(&p, q.parse()?).await?))
+}
+
+/// The delivery ledger (auditors only): every durable ack in log order.
+///
+/// Without `thread_id`: every `cursor_advanced` record after `after`, filtered; one call
+/// scans a bounded stretch of the log and `next_after` is the last position examined.
+/// With `thread_id`: the thread's events after position `after` under `thread`, each with
+/// the owner's clients that acknowledged it (the first covering ack) and those that have
+/// not; `deliveries` lists the acks those events cite, `next_after` is the last event's
+/// position.
+#[utoipa::path(get, path = "/v1/audit/deliveries", tag = "audit", params(DeliveryParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "one page of the ledger", body = crate::deliveries::Deliveries),
+        (status = 400, description = E400, body = ErrorBody),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: not an auditor", body = ErrorBody),
+        (status = 404, description = "thread_not_found (also for a user_id other than the owner)", body = ErrorBody),
+    ))]
+async fn audit_deliveries<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+    QueryArgs(q): QueryArgs<DeliveryParams>,
+) -> Result<Json<crate::deliveries::Deliveries>, AppError> {
+    Ok(Json(app.deliveries(&p, q.parse()?).await?))
 }
 
 /// The page size a list call asked for (default 100), within 1 to [`MAX_LIMIT`].

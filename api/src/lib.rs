@@ -12,6 +12,8 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 mod conn;
+mod console;
+pub mod deliveries;
 mod error;
 mod extract;
 mod http;

@@ -38,11 +38,15 @@ use crate::wire;
         crate::http::run_signals,
         crate::http::presence,
         crate::http::audit_events,
+        crate::http::audit_deliveries,
         crate::ws::upgrade,
         crate::http::healthz,
         crate::http::readyz,
         crate::metrics::render,
         document,
+        crate::console::index,
+        crate::console::script,
+        crate::console::style,
     ),
     modifiers(&CommonAnswers),
 )]
@@ -205,6 +209,7 @@ mod tests {
             "/v1/threads",
             "/v1/threads/{thread_id}/events",
             "/v1/audit/events",
+            "/v1/audit/deliveries",
         ] {
             let limit = &parameter("get", path, "limit")["schema"];
             assert_eq!(limit["minimum"], 1, "{path}: {limit}");
@@ -309,7 +314,13 @@ mod tests {
             for (method, op) in item.as_object().unwrap() {
                 let open = matches!(
                     path.as_str(),
-                    "/healthz" | "/readyz" | "/metrics" | "/openapi.json"
+                    "/healthz"
+                        | "/readyz"
+                        | "/metrics"
+                        | "/openapi.json"
+                        | "/console"
+                        | "/console/app.js"
+                        | "/console/app.css"
                 );
                 assert_eq!(op.get("security").is_none(), open, "{method} {path}");
                 assert!(op["responses"]["503"].is_object(), "{method} {path}");

@@ -7,6 +7,7 @@
 //! the fold writes the model, and the write side ([`CommandService`]) reads it
 //! and waits on the projected position, never folding itself.
 
+mod acks;
 mod codec;
 mod commands;
 mod delivery;
@@ -15,6 +16,7 @@ mod model;
 mod projector;
 mod streams;
 
+pub use acks::{Ack, Acks};
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};
 pub use commands::{CommandService, Outcome, Submission, SubmitError};
 pub use delivery::Delivery;

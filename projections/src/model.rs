@@ -6,17 +6,18 @@ use sha2::{Digest, Sha256};
 use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
-use crate::{decode_event, Delivery, ProjectionError, Streams};
+use crate::{decode_event, Acks, Delivery, ProjectionError, Streams};
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
 /// 2: threads without metadata, per-user thread counts (issue 11).
 /// 3: streamed messages (issue 18): run message state, the streams projection.
-/// 4: runs carry their cancel request, inputs and signal count (issue 19).
-const CHECKPOINT_FORMAT: u8 = 4;
+/// 4: the delivery ledger (`acks`, issue 14).
+/// 5: runs carry their cancel request, inputs and signal count (issue 19).
+const CHECKPOINT_FORMAT: u8 = 5;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3, 4];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
@@ -24,6 +25,7 @@ pub struct ReadModel {
     registry: Registry,
     delivery: Delivery,
     streams: Streams,
+    acks: Acks,
 }
 
 /// A deterministic digest of each projection's state (SHA-256 of its encoding).
@@ -34,6 +36,8 @@ pub struct Digests {
     pub delivery: [u8; 32],
     /// Open messages' texts and the chained digest of completed ones.
     pub streams: [u8; 32],
+    /// The delivery ledger: every forward move of every client's cursor.
+    pub acks: [u8; 32],
 }
 
 impl Digests {
@@ -49,6 +53,9 @@ impl Digests {
         if self.streams != other.streams {
             out.push("streams");
         }
+        if self.acks != other.acks {
+            out.push("acks");
+        }
         out
     }
 }
@@ -61,11 +68,12 @@ impl std::fmt::Display for Digests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "position {} registry {} delivery {} streams {}",
+            "position {} registry {} delivery {} streams {} acks {}",
             self.position,
             hex(&self.registry),
             hex(&self.delivery),
-            hex(&self.streams)
+            hex(&self.streams),
+            hex(&self.acks)
         )
     }
 }
@@ -91,6 +99,11 @@ impl ReadModel {
 
     pub fn streams(&self) -> &Streams {
         &self.streams
+    }
+
+    /// The delivery ledger: every forward move of every client's cursor.
+    pub fn acks(&self) -> &Acks {
+        &self.acks
     }
 
     /// Folds the next record in. Records must come in order, each once:
@@ -137,6 +150,8 @@ impl ReadModel {
                 user_seq,
             } => {
                 self.delivery.advance(user_id, client_id, *user_seq);
+                self.acks
+                    .record(user_id, client_id, *user_seq, position, recorded_at_ms);
                 None
             }
             other => {
@@ -157,6 +172,7 @@ impl ReadModel {
             registry: Sha256::digest(encode(&self.registry)).into(),
             delivery: Sha256::digest(encode(&self.delivery)).into(),
             streams: Sha256::digest(encode(&self.streams)).into(),
+            acks: Sha256::digest(encode(&self.acks)).into(),
         }
     }
 

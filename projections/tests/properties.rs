@@ -5,14 +5,17 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use threadline_engine::{
-    Actor, AgentEventKind, ClientId, Command, DomainError, Limits, Role, RunId, ThreadId, UserId,
+    Actor, AgentEventKind, ClientId, Command, DomainError, Event, Limits, Role, RunId, ThreadId,
+    UserId,
 };
 use threadline_projections::{
-    rebuild, CheckpointPolicy, CommandService, Follower, Projector, Submission, SubmitError,
+    decode_event, rebuild, CheckpointPolicy, CommandService, Follower, Projector, Submission,
+    SubmitError,
 };
 use threadline_storage::{EventLog, MemoryLog, Position};
 
 const USERS: [&str; 3] = ["alice", "bob@example.com", "e2e-user-7"];
+const CLIENTS: [&str; 3] = ["default", "phone", "laptop.2"];
 
 #[derive(Debug, Clone)]
 struct Op {
@@ -119,7 +122,7 @@ impl World {
             }
             4 => Command::AcknowledgeDelivery {
                 user_id: UserId::parse(USERS[op.target % 3]).unwrap(),
-                client_id: ClientId::default_client(),
+                client_id: ClientId::parse(CLIENTS[op.target / 3 % CLIENTS.len()]).unwrap(),
                 user_seq: op.extra as u64 + 1,
             },
             5 if !self.runs.is_empty() => {
@@ -222,7 +225,68 @@ fn check_invariants(world: &World) {
             queued, thread_events,
             "an event was delivered to more than one user"
         );
+        check_ledger(model, &records);
     });
+}
+
+/// The delivery ledger, against the log's own `cursor_advanced` records: an ack recorded
+/// for a client is listed for exactly the events up to its `user_seq`, and each event's
+/// ack is the first record (in log order) that covered it.
+fn check_ledger(model: &threadline_projections::ReadModel, records: &[threadline_storage::Record]) {
+    let mut acks: Vec<(UserId, ClientId, u64, u64, u64)> = Vec::new();
+    for record in records {
+        if let Ok(Event::CursorAdvanced {
+            user_id,
+            client_id,
+            user_seq,
+        }) = decode_event(&record.payload)
+        {
+            acks.push((
+                user_id,
+                client_id,
+                user_seq,
+                record.position.0,
+                record.recorded_at_ms,
+            ));
+        }
+    }
+    for user in USERS {
+        let user = UserId::parse(user).unwrap();
+        let head = model.delivery().user_head(&user);
+        for client in CLIENTS {
+            let client = ClientId::parse(client).unwrap();
+            let mine: Vec<_> = acks
+                .iter()
+                .filter(|a| a.0 == user && a.1 == client)
+                .collect();
+            let acked = mine.iter().map(|a| a.2).max().unwrap_or(0);
+            assert_eq!(model.delivery().cursor(&user, &client), acked);
+            // Every user_seq the user has, and a few past it (acks may run ahead of the queue).
+            for seq in 1..=head.max(acked) + 2 {
+                let listed = model.acks().covering(&user, &client, seq);
+                let expected = mine.iter().find(|a| a.2 >= seq);
+                match (listed, expected) {
+                    (None, None) => assert!(seq > acked),
+                    (Some(l), Some(e)) => {
+                        assert!(
+                            seq <= acked,
+                            "{user}/{client} listed for {seq} beyond {acked}"
+                        );
+                        assert_eq!((l.user_seq, l.position, l.at_ms), (e.2, e.3, e.4));
+                    }
+                    (l, e) => panic!("{user}/{client} seq {seq}: listed {l:?}, log says {e:?}"),
+                }
+            }
+        }
+        let listed: Vec<_> = model
+            .acks()
+            .clients(&user)
+            .map(|(c, a)| (c.clone(), a.user_seq))
+            .collect();
+        for (client, seq) in &listed {
+            assert_eq!(model.delivery().cursor(&user, client), *seq);
+        }
+    }
 }
 
 proptest! {

@@ -354,6 +354,40 @@ fn cursors_only_move_forward() {
 }
 
 #[test]
+fn the_ledger_keeps_each_forward_ack_and_answers_which_covered_an_event() {
+    let g = given();
+    g.thread("alice");
+    let alice = UserId::parse("alice").unwrap();
+    let phone = ClientId::parse("phone").unwrap();
+    let ack = |client: &ClientId, seq| Command::AcknowledgeDelivery {
+        user_id: alice.clone(),
+        client_id: client.clone(),
+        user_seq: seq,
+    };
+    let first = g.ok(&user("alice"), ack(&phone, 3)).position;
+    g.ok(&user("alice"), ack(&phone, 2)); // behind the cursor: nothing to record
+    g.ok(&user("alice"), ack(&phone, 3)); // not forward either
+    let second = g.ok(&user("alice"), ack(&phone, 7)).position;
+    g.ok(&user("alice"), ack(&ClientId::default_client(), 1));
+    g.projector.read(|m| {
+        let acks = m.acks();
+        assert_eq!(acks.len(), 3, "only forward moves are held");
+        let covering = |seq| acks.covering(&alice, &phone, seq).map(|a| a.position);
+        assert_eq!(covering(1), Some(first.0));
+        assert_eq!(covering(3), Some(first.0));
+        assert_eq!(covering(4), Some(second.0));
+        assert_eq!(covering(7), Some(second.0));
+        assert_eq!(covering(8), None, "beyond the cursor: not acknowledged");
+        let clients: Vec<(String, u64)> = acks
+            .clients(&alice)
+            .map(|(c, a)| (c.to_string(), a.user_seq))
+            .collect();
+        assert_eq!(clients, [("default".into(), 1), ("phone".into(), 7)]);
+        assert_eq!(acks.clients(&UserId::parse("bob").unwrap()).count(), 0);
+    });
+}
+
+#[test]
 fn records_apply_in_order_exactly_once() {
     let g = given();
     g.thread("alice");

@@ -12,12 +12,13 @@ use indicatif::ProgressBar;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use threadline_engine::{RunId, ThreadId, UserId};
+use threadline_engine::{ClientId, RunId, ThreadId, UserId};
 use threadline_projections::Projector;
 use threadline_storage::{salvage, EventLog, StorageError};
 
 use threadline_api::audit::{audit_page, AuditQuery};
 use threadline_api::config::DataArgs;
+use threadline_api::deliveries::{deliveries_page, Deliveries, DeliveryQuery, DeliveryRecord};
 use threadline_api::wire;
 
 /// Events asked for per page (the audit endpoint's largest page).
@@ -90,6 +91,22 @@ pub struct AuditArgs {
     /// Do not draw progress (it is also hidden when stderr is not a terminal).
     #[arg(long, short)]
     pub quiet: bool,
+    /// Print the delivery ledger instead of the events: every durable ack (filtered by
+    /// --user, --client, --since, --until); with --thread, each event of the thread and
+    /// which of its owner's clients acknowledged it, and when.
+    #[arg(long, conflicts_with_all = ["with_acks", "follow", "run", "event_type"])]
+    pub deliveries: bool,
+    /// Interleave the durable acks (cursor_advanced records) with the events, in log
+    /// order, so positions read densely; acks are filtered by --user, --client and time.
+    #[arg(long)]
+    pub with_acks: bool,
+    /// With --deliveries or --with-acks: only this client's acks.
+    #[arg(long, value_name = "CLIENT", value_parser = parse_client)]
+    pub client: Option<ClientId>,
+}
+
+fn parse_client(s: &str) -> Result<ClientId, String> {
+    ClientId::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_user(s: &str) -> Result<UserId, String> {
@@ -108,6 +125,9 @@ pub fn run(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.deliveries {
+        return rt.block_on(super::ledger::run(&args));
+    }
     let mut printer = Printer::new(args.format);
     let result = rt.block_on(async {
         let work = async {
@@ -211,9 +231,18 @@ async fn offline_from<L: EventLog>(
     while let Some(room) = room(args.limit, printer.printed) {
         q.limit = room as usize;
         let page = audit_page(&projector, &q).map_err(|e| anyhow!("reading the log: {e}"))?;
-        for envelope in &page.events {
-            printer.event(&serde_json::to_string(envelope)?)?;
-        }
+        let acks = if args.with_acks {
+            let mut dq = ack_filters(args);
+            offline_acks(&projector, &mut dq, q.after, page.next_after)?
+        } else {
+            Vec::new()
+        };
+        let events = page
+            .events
+            .iter()
+            .map(|e| Ok((e.frame.position, serde_json::to_string(e)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        printer.merged(events, acks)?;
         printer.flush(&bar)?;
         let progressed = page.next_after > q.after || !page.events.is_empty();
         q.after = q.after.max(page.next_after);
@@ -232,6 +261,97 @@ async fn offline_from<L: EventLog>(
     }
     bar.finish_and_clear();
     Ok(())
+}
+
+/// The ledger filters `--with-acks` applies to the acks it interleaves.
+fn ack_filters(args: &AuditArgs) -> DeliveryQuery {
+    DeliveryQuery {
+        after: 0,
+        limit: threadline_api::MAX_LIMIT,
+        user_id: args.user.clone(),
+        client_id: args.client.clone(),
+        thread_id: None,
+        since_ms: args.since,
+        until_ms: args.until,
+    }
+}
+
+/// The acks at positions in `(from, to]`, read offline.
+fn offline_acks<L: EventLog + threadline_storage::Checkpoints>(
+    projector: &Projector<L>,
+    q: &mut DeliveryQuery,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<Vec<DeliveryRecord>> {
+    let mut out = Vec::new();
+    q.after = from;
+    while q.after < to {
+        let page = deliveries_page(projector, q).map_err(|e| anyhow!("reading the log: {e}"))?;
+        out.extend(page.deliveries.into_iter().filter(|d| d.position <= to));
+        if page.next_after <= q.after {
+            break;
+        }
+        q.after = page.next_after;
+    }
+    Ok(out)
+}
+
+/// The acks at positions in `(from, to]`, read through `GET /v1/audit/deliveries`.
+async fn remote_acks(
+    client: &reqwest::Client,
+    base: &str,
+    token: &str,
+    args: &AuditArgs,
+    from: u64,
+    to: u64,
+) -> anyhow::Result<Vec<DeliveryRecord>> {
+    let endpoint = format!("{base}/v1/audit/deliveries");
+    let mut filters: Vec<(&str, String)> = vec![("limit", threadline_api::MAX_LIMIT.to_string())];
+    if let Some(u) = &args.user {
+        filters.push(("user_id", u.to_string()));
+    }
+    if let Some(c) = &args.client {
+        filters.push(("client_id", c.to_string()));
+    }
+    if let Some(s) = args.since {
+        filters.push(("since", wire::timestamp(s)));
+    }
+    if let Some(u) = args.until {
+        filters.push(("until", wire::timestamp(u)));
+    }
+    let mut out = Vec::new();
+    let mut after = from;
+    while after < to {
+        let response = client
+            .get(&endpoint)
+            .bearer_auth(token)
+            .query(&[("after", after)])
+            .query(&filters)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {base}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let message = body["error"]["message"].as_str().unwrap_or("no detail");
+            bail!("{endpoint} answered {status}: {message}");
+        }
+        let page: Deliveries = response
+            .json()
+            .await
+            .with_context(|| format!("{endpoint} did not answer a ledger page"))?;
+        out.extend(page.deliveries.into_iter().filter(|d| d.position <= to));
+        if page.next_after <= after {
+            break;
+        }
+        after = page.next_after;
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct Positioned {
+    position: u64,
 }
 
 /// One page of `GET /v1/audit/events`, its envelopes kept as the server wrote them.
@@ -299,9 +419,20 @@ async fn remote(args: &AuditArgs, url: &str, printer: &mut Printer) -> anyhow::R
             .json()
             .await
             .with_context(|| format!("{endpoint} did not answer an audit page"))?;
-        for envelope in &page.events {
-            printer.event(envelope.get())?;
-        }
+        let acks = if args.with_acks {
+            remote_acks(&client, base, token, args, after, page.next_after).await?
+        } else {
+            Vec::new()
+        };
+        let events = page
+            .events
+            .iter()
+            .map(|e| {
+                let at: Positioned = serde_json::from_str(e.get())?;
+                Ok((at.position, e.get().to_owned()))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        printer.merged(events, acks)?;
         printer.flush(&spinner)?;
         let progressed = page.next_after > after || !page.events.is_empty();
         after = after.max(page.next_after);
@@ -362,6 +493,48 @@ impl Printer {
             s("event"),
             v["actor"]["role"].as_str().unwrap_or("-"),
             v["actor"]["sub"].as_str().unwrap_or("-"),
+        )?;
+        Ok(())
+    }
+
+    /// Adds a page of events and acks, in log order.
+    fn merged(
+        &mut self,
+        events: Vec<(u64, String)>,
+        acks: Vec<DeliveryRecord>,
+    ) -> anyhow::Result<()> {
+        let mut acks = acks.into_iter().peekable();
+        for (position, json) in events {
+            while let Some(ack) = acks.next_if(|a| a.position < position) {
+                self.ack(&ack)?;
+            }
+            self.event(&json)?;
+        }
+        for ack in acks {
+            self.ack(&ack)?;
+        }
+        Ok(())
+    }
+
+    /// Adds one ack: a table row, or a JSON line with `"event":"cursor_advanced"`.
+    fn ack(&mut self, ack: &DeliveryRecord) -> anyhow::Result<()> {
+        if self.format == Format::Jsonl {
+            let mut v = serde_json::to_value(ack)?;
+            v["event"] = Value::from("cursor_advanced");
+            writeln!(self.buf, "{v}")?;
+            return Ok(());
+        }
+        writeln!(
+            self.buf,
+            "{:>8}  {:<24}  {:<16}  {:<36}  {:<36}  {:<15}  client {} acked user_seq {}",
+            ack.position,
+            ack.acked_at,
+            ack.user_id,
+            "-",
+            "-",
+            "cursor_advanced",
+            ack.client_id,
+            ack.user_seq,
         )?;
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! share: opening a data dir without ever creating it, and progress bars.
 
 pub mod audit;
+pub mod ledger;
 pub mod maintenance;
 pub mod rebuild;
 pub mod tail;

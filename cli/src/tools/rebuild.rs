@@ -72,18 +72,18 @@ pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     println!(
         "rebuilt {} from {events} events in {:.2}s ({:.0} events/s); checkpoint stored at position {}",
         match args.projection {
-            Projection::All => "registry and delivery",
+            Projection::All => "registry, delivery and the delivery ledger (acks)",
             Projection::Registry => "registry (and delivery, stored with it)",
-            Projection::Delivery => "delivery (and registry, stored with it)",
+            Projection::Delivery => "delivery and its ledger (and registry, stored with them)",
         },
         elapsed.as_secs_f64(),
         super::rate(events, elapsed),
         model.position(),
     );
     let names: &[&str] = match args.projection {
-        Projection::All => &["registry", "delivery"],
+        Projection::All => &["registry", "delivery", "streams", "acks"],
         Projection::Registry => &["registry"],
-        Projection::Delivery => &["delivery"],
+        Projection::Delivery => &["delivery", "acks"],
     };
     match previous {
         None => println!("there was no checkpoint before"),

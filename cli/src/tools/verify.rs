@@ -218,7 +218,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 .into(),
         ),
         Ok(Some(model)) if model.position() > head => pass.report.problems.push(format!(
-            "projections registry and delivery: checkpoint at position {} is ahead of the log head {head}",
+            "projections registry, delivery and acks: checkpoint at position {} is ahead of the log head {head}",
             model.position()
         )),
         Ok(Some(model)) => {
@@ -230,7 +230,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             checkpoint_usable = true;
         }
         Err(e) => pass.report.problems.push(format!(
-            "projections registry and delivery: the checkpoint cannot be decoded: {e}"
+            "projections registry, delivery and acks: the checkpoint cannot be decoded: {e}"
         )),
     }
 
@@ -296,7 +296,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             .notes
             .push("projections not compared: the log has records that cannot be folded".into()),
         (Some(_), None) if checkpoint_usable => pass.report.problems.push(
-            "projections registry and delivery: the checkpoint cannot fold the records after it"
+            "projections registry, delivery and acks: the checkpoint cannot fold the records after it"
                 .into(),
         ),
         _ => {}

@@ -4,6 +4,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod client;
+mod deliveries;
 mod faults;
 mod handover;
 mod hostile;

@@ -225,6 +225,20 @@ async fn documented_schemas_validate_real_answers() {
                 )
                 .await,
         ),
+        (
+            "get",
+            "/v1/audit/deliveries",
+            auditor
+                .get(&format!("/v1/audit/deliveries?thread_id={thread}"))
+                .await,
+        ),
+        (
+            "get",
+            "/v1/audit/deliveries",
+            auditor
+                .get("/v1/audit/deliveries?thread_id=thread_nobody")
+                .await,
+        ),
     ];
     let mut statuses = Vec::new();
     for (method, path, reply) in &cases {
@@ -235,7 +249,7 @@ async fn documented_schemas_validate_real_answers() {
         statuses,
         [
             200, 200, 200, 200, 200, 200, 404, 400, 401, 400, 400, 403, 409, 403, 400, 422, 404,
-            409
+            409, 200, 404
         ]
     );
     let (detail, list, frames, envelopes) = (
