@@ -14,10 +14,13 @@ pub const CHECKPOINT_NAME: &str = "read-model";
 /// 3: streamed messages (issue 18): run message state, the streams projection.
 /// 4: the delivery ledger (`acks`, issue 14).
 /// 5: runs carry their cancel request, inputs and signal count (issue 19).
-const CHECKPOINT_FORMAT: u8 = 5;
+/// 6: a CRC32C of the body after the tag: a damaged checkpoint is refused before
+///    it is decoded (fuzzing found a damaged length prefix aborting the process
+///    on a multi-exabyte allocation).
+const CHECKPOINT_FORMAT: u8 = 6;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3, 4];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3, 4, 5];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
@@ -176,10 +179,13 @@ impl ReadModel {
         }
     }
 
-    /// The checkpoint bytes: `[format][bincode(model)]`.
+    /// The checkpoint bytes: `[format][crc32c of the body, LE][bincode(model)]`.
     pub fn to_checkpoint(&self) -> Vec<u8> {
-        let mut out = vec![CHECKPOINT_FORMAT];
-        out.extend(encode(self));
+        let body = encode(self);
+        let mut out = Vec::with_capacity(body.len() + 5);
+        out.push(CHECKPOINT_FORMAT);
+        out.extend(crc32c::crc32c(&body).to_le_bytes());
+        out.extend(body);
         out
     }
 
@@ -192,7 +198,14 @@ impl ReadModel {
 
     pub fn from_checkpoint(bytes: &[u8]) -> Result<ReadModel, ProjectionError> {
         match bytes.split_first() {
-            Some((&CHECKPOINT_FORMAT, body)) => {
+            Some((&CHECKPOINT_FORMAT, rest)) if rest.len() >= 4 => {
+                let (crc, body) = rest.split_at(4);
+                let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+                if crc32c::crc32c(body) != stored {
+                    return Err(ProjectionError::Checkpoint(
+                        "the checkpoint fails its checksum".into(),
+                    ));
+                }
                 bincode::serde::decode_from_slice(body, bincode::config::standard())
                     .map(|(m, _)| m)
                     .map_err(|e| ProjectionError::Checkpoint(e.to_string()))

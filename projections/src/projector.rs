@@ -103,7 +103,14 @@ pub fn load_checkpoint(store: &dyn Checkpoints) -> Result<Option<ReadModel>, Pro
             );
             Ok(None)
         }
-        Some(bytes) => ReadModel::from_checkpoint(&bytes).map(Some),
+        // Checkpoints are advisory: a damaged one (its checksum fails) costs a rebuild.
+        Some(bytes) => match ReadModel::from_checkpoint(&bytes) {
+            Ok(model) => Ok(Some(model)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the projections checkpoint is unreadable; rebuilding from the log");
+                Ok(None)
+            }
+        },
         None => Ok(None),
     }
 }

@@ -644,3 +644,28 @@ fn a_write_that_loses_every_race_is_contended_and_appends_nothing() {
     let landed = log.read_from(before.next(), 100).unwrap();
     assert!(landed.iter().all(|r| r.actor == "agent:rival"));
 }
+
+#[test]
+fn a_damaged_checkpoint_costs_a_rebuild_not_the_start() {
+    let g = given();
+    g.thread("alice");
+    g.projector.checkpoint().unwrap();
+    let live = g.projector.read(|m| m.digests());
+    let mut bytes = threadline_storage::Checkpoints::load_checkpoint(
+        &*g.log,
+        threadline_projections::CHECKPOINT_NAME,
+    )
+    .unwrap()
+    .unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    threadline_storage::Checkpoints::store_checkpoint(
+        &*g.log,
+        threadline_projections::CHECKPOINT_NAME,
+        &bytes,
+    )
+    .unwrap();
+    assert!(load_checkpoint(&*g.log).unwrap().is_none());
+    let reopened = Projector::open(g.log.clone()).unwrap();
+    assert_eq!(reopened.read(|m| m.digests()), live);
+}

@@ -453,4 +453,51 @@ mod tests {
         let (_, bytes) = frames(&[record(9, 10)]).remove(0);
         assert!(decode(8, &bytes).is_err());
     }
+
+    /// Fuzzing without nightly: stored bytes are untrusted input. Cases per property:
+    /// `PROPTEST_CASES` (256 by default; the long run in docs/reliability.md sets more).
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Any bytes under any key: an error or records, never a panic, and a
+            /// record that decodes carries a position of the frame it was read from.
+            #[test]
+            fn arbitrary_bytes_never_panic(first in 0u64..1_000, bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                if let Ok((header, records)) = decode(first, &bytes) {
+                    for r in records.into_iter().flatten() {
+                        prop_assert!(header.contains(r.position.0));
+                    }
+                }
+            }
+
+            /// A valid frame with bytes overwritten anywhere: never a panic, never a
+            /// record that differs from the one written at its position.
+            #[test]
+            fn damaged_frames_never_yield_wrong_records(
+                count in 1u64..6,
+                len in 0usize..64,
+                damage in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            ) {
+                let records: Vec<Record> = (1..=count).map(|p| record(p, len)).collect();
+                let (first, mut bytes) = frames(&records).remove(0);
+                for (at, value) in damage {
+                    let i = at.index(bytes.len());
+                    bytes[i] = value;
+                }
+                if let Ok((_, rs)) = decode(first, &bytes) {
+                    for r in rs.iter().flatten() {
+                        prop_assert_eq!(r, &records[(r.position.0 - 1) as usize]);
+                    }
+                }
+            }
+
+            /// The frozen format-1 record envelope: any bytes, never a panic.
+            #[test]
+            fn record_envelopes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+                let _ = Record::decode(Position(1), &bytes);
+            }
+        }
+    }
 }
