@@ -777,20 +777,7 @@ pub async fn tl_streams(
             })
         })
         .collect();
-    let mut deltas = 0;
-    for w in futures_util::future::join_all(writers).await {
-        deltas += w??;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    done.store(true, Ordering::Release);
-    let (mut received, mut frames, mut hists) = (0, 0, Vec::new());
-    for r in futures_util::future::join_all(readers).await {
-        let (g, f, h) = r??;
-        received += g;
-        frames += f;
-        hists.push(h);
-    }
-    Ok(Streamed { deltas, received, frames, secs, lat: (&merge(hists)).into() })
+    streamed(writers, readers, started, &done).await
 }
 
 /// The same with Redis Streams: one `XADD` per delta, one `XREAD BLOCK` reader per stream.
@@ -838,6 +825,19 @@ pub async fn redis_streams(port: u16, a: &StreamArgs) -> Result<Streamed> {
             anyhow::Ok(n)
         }));
     }
+    streamed(writers, readers, started, &done).await
+}
+
+type Task<T> = tokio::task::JoinHandle<Result<T>>;
+
+/// Waits for the writers (deltas each), then tells the readers appending is over
+/// and sums what they received.
+async fn streamed(
+    writers: Vec<Task<u64>>,
+    readers: Vec<Task<(u64, u64, Histogram<u64>)>>,
+    started: Instant,
+    done: &AtomicBool,
+) -> Result<Streamed> {
     let mut deltas = 0;
     for w in futures_util::future::join_all(writers).await {
         deltas += w??;

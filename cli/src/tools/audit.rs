@@ -322,24 +322,12 @@ async fn remote_acks(
     let mut out = Vec::new();
     let mut after = from;
     while after < to {
-        let response = client
+        let request = client
             .get(&endpoint)
             .bearer_auth(token)
             .query(&[("after", after)])
-            .query(&filters)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {base}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let message = body["error"]["message"].as_str().unwrap_or("no detail");
-            bail!("{endpoint} answered {status}: {message}");
-        }
-        let page: Deliveries = response
-            .json()
-            .await
-            .with_context(|| format!("{endpoint} did not answer a ledger page"))?;
+            .query(&filters);
+        let page: Deliveries = super::get_json(request, base, &endpoint, "a ledger page").await?;
         out.extend(page.deliveries.into_iter().filter(|d| d.position <= to));
         if page.next_after <= after {
             break;
@@ -401,24 +389,12 @@ async fn remote(args: &AuditArgs, url: &str, printer: &mut Printer) -> anyhow::R
     };
     let mut after = args.after;
     while let Some(room) = room(args.limit, printer.printed) {
-        let response = client
+        let request = client
             .get(&endpoint)
             .bearer_auth(token)
             .query(&[("after", after), ("limit", room)])
-            .query(&filters)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {base}"))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let message = body["error"]["message"].as_str().unwrap_or("no detail");
-            bail!("{endpoint} answered {status}: {message}");
-        }
-        let page: RemotePage = response
-            .json()
-            .await
-            .with_context(|| format!("{endpoint} did not answer an audit page"))?;
+            .query(&filters);
+        let page: RemotePage = super::get_json(request, base, &endpoint, "an audit page").await?;
         let acks = if args.with_acks {
             remote_acks(&client, base, token, args, after, page.next_after).await?
         } else {

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
-use serde_json::Value;
 use threadline_api::deliveries::{deliveries_page, Deliveries, DeliveryQuery};
 use threadline_api::wire;
 use threadline_projections::Projector;
@@ -111,24 +110,12 @@ impl Remote {
         if let Some(u) = q.until_ms {
             query.push(("until", wire::timestamp(u)));
         }
-        let response = self
+        let request = self
             .client
             .get(&self.endpoint)
             .bearer_auth(&self.token)
-            .query(&query)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach {}", self.endpoint))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body: Value = response.json().await.unwrap_or(Value::Null);
-            let message = body["error"]["message"].as_str().unwrap_or("no detail");
-            bail!("{} answered {status}: {message}", self.endpoint);
-        }
-        response
-            .json()
-            .await
-            .with_context(|| format!("{} did not answer a ledger page", self.endpoint))
+            .query(&query);
+        super::get_json(request, &self.endpoint, &self.endpoint, "a ledger page").await
     }
 }
 

@@ -185,6 +185,32 @@ impl<L: EventLog> Checkpoints for Tolerant<L> {
     }
 }
 
+/// Sends `request` to a running server's JSON endpoint and decodes its answer as a
+/// `what`: unreachable, a non-2xx status (with the server's own message) or an
+/// undecodable body are each one clear error naming the endpoint.
+pub(crate) async fn get_json<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+    reach: &str,
+    endpoint: &str,
+    what: &str,
+) -> anyhow::Result<T> {
+    use anyhow::Context;
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {reach}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let body: serde_json::Value = response.json().await.unwrap_or(serde_json::Value::Null);
+        let message = body["error"]["message"].as_str().unwrap_or("no detail");
+        anyhow::bail!("{endpoint} answered {status}: {message}");
+    }
+    response
+        .json()
+        .await
+        .with_context(|| format!("{endpoint} did not answer {what}"))
+}
+
 /// Whether progress may be drawn: never with `--quiet` or when stderr is not a terminal.
 fn progress_visible(quiet: bool) -> bool {
     !quiet && std::io::stderr().is_terminal()
