@@ -5,7 +5,7 @@ use crate::command::{Command, Limits};
 use crate::error::DomainError;
 use crate::event::{AgentEventKind, Event};
 use crate::ids::{Actor, ClientId, MessageId, Role, RunId, ThreadId, UserId};
-use crate::state::{is_idle, Registry, Run, RunStatus};
+use crate::state::{is_idle, MessageState, Registry, Run, RunStatus};
 
 /// Role checks come first (403), then existence (404), then everything else, so a caller
 /// without the right never learns whether a thread or run exists.
@@ -380,6 +380,24 @@ fn start_message(
 /// stays within the contract's 64 KiB frame limit.
 pub const MAX_DELTA_BYTES: usize = 32 * 1024;
 
+/// A message still open in a running run: the one rule both a delta and a completion keep.
+fn open_message<'a>(
+    state: &'a Registry,
+    run_id: &RunId,
+    message_id: &MessageId,
+    now_ms: u64,
+    limits: &Limits,
+) -> Result<(&'a Run, &'a MessageState), DomainError> {
+    let run = running_run(state, run_id, now_ms, limits)?;
+    let Some(message) = run.messages.get(message_id) else {
+        return Err(DomainError::MessageNotFound(message_id.clone()));
+    };
+    if !message.open {
+        return Err(DomainError::MessageClosed(message_id.clone()));
+    }
+    Ok((run, message))
+}
+
 fn append_delta(
     state: &Registry,
     run_id: RunId,
@@ -389,13 +407,7 @@ fn append_delta(
     now_ms: u64,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    let run = running_run(state, &run_id, now_ms, limits)?;
-    let Some(message) = run.messages.get(&message_id) else {
-        return Err(DomainError::MessageNotFound(message_id));
-    };
-    if !message.open {
-        return Err(DomainError::MessageClosed(message_id));
-    }
+    let (run, message) = open_message(state, &run_id, &message_id, now_ms, limits)?;
     if text.len() > MAX_DELTA_BYTES {
         return Err(DomainError::TooLarge {
             what: "a delta's text",
@@ -453,13 +465,7 @@ fn complete_message(
     now_ms: u64,
     limits: &Limits,
 ) -> Result<Vec<Event>, DomainError> {
-    let run = running_run(state, &run_id, now_ms, limits)?;
-    let Some(message) = run.messages.get(&message_id) else {
-        return Err(DomainError::MessageNotFound(message_id));
-    };
-    if !message.open {
-        return Err(DomainError::MessageClosed(message_id));
-    }
+    let (run, message) = open_message(state, &run_id, &message_id, now_ms, limits)?;
     Ok(vec![Event::MessageCompleted {
         thread_id: run.thread_id.clone(),
         run_id,
