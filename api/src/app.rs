@@ -59,6 +59,8 @@ struct Inner<L> {
     edge: LimitArgs,
     connections: Mutex<HashMap<UserId, usize>>,
     presence: Presence,
+    /// The nudge webhook, when configured (`serve` starts its worker).
+    nudge: std::sync::OnceLock<Arc<crate::nudge::NudgeConfig>>,
     /// Raised when the server begins shutting down.
     shutdown: watch::Sender<bool>,
 }
@@ -111,6 +113,7 @@ impl<L: Log> AppState<L> {
                 presence: Presence::new(edge.presence_grace),
                 edge,
                 connections: Mutex::default(),
+                nudge: std::sync::OnceLock::new(),
                 shutdown: watch::Sender::new(false),
             }),
         }
@@ -118,6 +121,16 @@ impl<L: Log> AppState<L> {
 
     pub fn projector(&self) -> &Arc<Projector<L>> {
         &self.inner.projector
+    }
+
+    /// Turns the nudge webhook on (before `serve`; a second call changes nothing).
+    pub fn with_nudges(self, config: crate::nudge::NudgeConfig) -> AppState<L> {
+        let _ = self.inner.nudge.set(Arc::new(config));
+        self
+    }
+
+    pub(crate) fn nudges(&self) -> Option<&Arc<crate::nudge::NudgeConfig>> {
+        self.inner.nudge.get()
     }
 
     pub(crate) fn auth(&self) -> &Authenticator {

@@ -18,6 +18,7 @@ mod error;
 mod extract;
 mod http;
 pub mod metrics;
+pub mod nudge;
 pub mod openapi;
 mod presence;
 mod rate;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use threadline_api::auth::Authenticator;
-use threadline_api::config::{create_private_dir, DataArgs, KeyArgs, LimitArgs};
+use threadline_api::config::{create_private_dir, DataArgs, KeyArgs, LimitArgs, NudgeArgs};
 use threadline_api::{serve, shutdown_signal, AppState};
 use threadline_engine::Limits;
 use threadline_projections::Projector;
@@ -36,6 +36,8 @@ pub struct ServeArgs {
     run_ttl: Duration,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    nudge: NudgeArgs,
 }
 
 /// Opens everything and serves until ctrl-c or SIGTERM.
@@ -44,6 +46,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let data: PathBuf = args.data.data;
     create_private_dir(&data)?;
     let auth = Authenticator::from_config(&args.keys, &data, true)?;
+    let nudge = args.nudge.config()?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
     let dir = log_dir(&data);
     let log = tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
@@ -85,7 +88,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_run_deltas_per_sec: args.limits.max_run_deltas_per_sec,
         ..Limits::default()
     };
-    let state = AppState::new(projector, auth, limits, args.limits);
+    let mut state = AppState::new(projector, auth, limits, args.limits);
+    if let Some(nudge) = nudge {
+        tracing::info!(url = nudge.url(), "nudge webhook configured");
+        state = state.with_nudges(nudge);
+    }
     serve(listener, state, shutdown_signal()).await?;
     Ok(())
 }

@@ -11,6 +11,7 @@ mod hostile;
 mod integrity;
 mod isolation;
 mod lifecycle;
+mod nudge;
 mod observability;
 mod openapi;
 mod refresh;
