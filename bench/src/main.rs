@@ -10,6 +10,7 @@
 mod procs;
 mod resp;
 mod scenarios;
+mod soak;
 mod tl;
 
 use std::path::PathBuf;
@@ -92,7 +93,23 @@ struct Args {
     /// Deltas per second of each stream in scenario 8.
     #[arg(long, default_value_t = 50.0)]
     stream_rate: f64,
-    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170].
+    /// Instead of the scenarios: a soak of this many seconds (e.g. 600) at half the
+    /// measured maximum ingest (or `--live-rate`) over `--live-users` sockets, of which
+    /// `--soak-reconnecting` disconnect and resume at random; one row per `--soak-interval`
+    /// (RSS, open fds, append→frame latency); fails if any client lost, skipped or was
+    /// given twice an event.
+    #[arg(long, value_name = "SECS")]
+    soak: Option<f64>,
+    /// Seconds per soak sample row [default: 60, or a sixth of a shorter soak].
+    #[arg(long, value_name = "SECS")]
+    soak_interval: Option<f64>,
+    /// Share of the soak's sockets that disconnect and resume at random.
+    #[arg(long, default_value_t = 0.1)]
+    soak_reconnecting: f64,
+    /// A reconnecting soak socket stays connected a random time up to this many seconds.
+    #[arg(long, default_value_t = 20.0)]
+    soak_max_connected: f64,
+    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170; a soak: its length + 900].
     #[arg(long)]
     deadline_secs: Option<u64>,
 }
@@ -177,7 +194,11 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let q = args.quick;
-    let deadline = args.deadline_secs.unwrap_or(if q { 170 } else { 1500 });
+    let deadline = args.deadline_secs.unwrap_or(match args.soak {
+        Some(secs) => secs as u64 + 900,
+        None if q => 170,
+        None => 1500,
+    });
     let header = format!(
         "threadline-bench{}: {}\nredis-server {} (appendonly yes, appendfsync always, save ''); payload {} B of JSON data per event",
         if q { " --quick" } else { "" },
@@ -225,6 +246,9 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         )
     })?;
     let max_clients = idle + live_users + storm_clients + 1000;
+    if let Some(secs) = a.soak {
+        return run_soak(a, &bin, work, secs, ingest_secs, live_users).await;
+    }
 
     // Server A: scenarios 1, 2, 3, 5. Redis A likewise.
     if has(1) || has(2) || has(3) || has(5) {
@@ -620,6 +644,172 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `--soak`: the maximum ingest (scenario 2's loop, unless `--live-rate` is given),
+/// then the soak at half of it on the same server.
+async fn run_soak(
+    a: &Args,
+    bin: &std::path::Path,
+    work: &std::path::Path,
+    secs: f64,
+    ingest_secs: f64,
+    users: usize,
+) -> Result<()> {
+    let server = Threadline::start(bin, &work.join("tl-soak"), SECRET)?;
+    let http = tl::Http::new(server.base())?;
+    let rate = match a.live_rate {
+        Some(rate) => rate,
+        None => {
+            let names: Vec<String> = (0..a.agents).map(|i| format!("max-user-{i}")).collect();
+            let runs = http
+                .started_runs(&tl::token(SECRET, "max-setup", "agent"), &names)
+                .await?;
+            let agents: Vec<(String, String)> = runs
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (tl::token(SECRET, &format!("max-agent-{i}"), "agent"), r))
+                .collect();
+            eprintln!(
+                "soak: measuring the maximum ingest ({ingest_secs} s, batches of {})…",
+                a.batch
+            );
+            let max = sc::tl_ingest(&http, &agents, a.batch, a.payload, ingest_secs).await?;
+            row(
+                "soak",
+                "maximum ingest measured first, events/s",
+                Some(max.rate),
+                None,
+                0,
+            );
+            (max.rate / 2.0).round()
+        }
+    };
+    let interval = a.soak_interval.unwrap_or(if secs >= 360.0 {
+        60.0
+    } else {
+        (secs / 6.0).max(1.0)
+    });
+    let sa = soak::SoakArgs {
+        users,
+        appenders: a.live_appenders,
+        batch: a.live_batch,
+        rate,
+        secs,
+        interval: Duration::from_secs_f64(interval),
+        reconnecting: a.soak_reconnecting,
+        max_connected: Duration::from_secs_f64(a.soak_max_connected),
+        payload: a.payload,
+    };
+    eprintln!(
+        "soak: {secs} s at {rate} events/s over {users} sockets ({:.0} % reconnecting), a row every {interval} s…",
+        a.soak_reconnecting * 100.0
+    );
+    let s = soak::tl_soak(&server, &http, SECRET, &sa).await?;
+    drop(server);
+    soak::print_samples(&s.samples);
+    let name = format!("soak {secs:.0} s ({users} sockets, {rate:.0} events/s asked)");
+    row(
+        &name,
+        "achieved append rate, events/s",
+        Some(s.achieved_rate),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events appended (acknowledged)",
+        Some(s.appended as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events received by their user's clients",
+        Some(s.received as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events lost (acknowledged, never received)",
+        Some(s.lost as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "user_seqs given twice",
+        Some(s.duplicated as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "user_seqs skipped over",
+        Some(s.gaps as f64),
+        None,
+        0,
+    );
+    row(&name, "reconnects", Some(s.reconnects as f64), None, 0);
+    row(
+        &name,
+        "…of which resumed from the durable cursor",
+        Some(s.cursor_resumes as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "client-reported errors (handled)",
+        Some(s.client_errors as f64),
+        None,
+        0,
+    );
+    if let Some((min, max, spread)) = soak::rss_spread(&s.samples) {
+        row(
+            &name,
+            "RSS after warm-up, min MiB",
+            Some(min as f64 / 1048576.0),
+            None,
+            1,
+        );
+        row(
+            &name,
+            "RSS after warm-up, max MiB",
+            Some(max as f64 / 1048576.0),
+            None,
+            1,
+        );
+        row(
+            &name,
+            "RSS after warm-up, spread ± %",
+            Some(spread),
+            None,
+            1,
+        );
+    }
+    let p99s: Vec<f64> = s.samples.iter().skip(1).map(|x| x.lat.p99).collect();
+    if let (Some(lo), Some(hi)) = (
+        p99s.iter().cloned().reduce(f64::min),
+        p99s.iter().cloned().reduce(f64::max),
+    ) {
+        row(
+            &name,
+            "p99 append→frame per interval after warm-up, lowest ms",
+            Some(lo),
+            None,
+            2,
+        );
+        row(
+            &name,
+            "p99 append→frame per interval after warm-up, highest ms",
+            Some(hi),
+            None,
+            2,
+        );
+    }
+    soak::check(&s)
 }
 
 /// Runs a tool to completion; returns its wall time and stdout. Fails on a non-zero exit.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use futures_util::future::BoxFuture;
 use futures_util::{stream, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::time::timeout;
@@ -178,7 +179,7 @@ pub struct Fanout {
 /// users round-robin. `send(first_user, t_us)` performs one request and
 /// returns once it is acknowledged. Returns the acknowledged count per user
 /// and the time spent appending.
-async fn paced<F, Fut>(
+pub async fn paced<F, Fut>(
     users: usize,
     appenders: usize,
     batch: usize,
@@ -305,24 +306,7 @@ pub async fn tl_fanout(
             .map(|k| tl::token(secret, &format!("live-agent-{k}"), "agent"))
             .collect(),
     );
-    let (http2, n, batch, payload) = (http.clone(), a.users, a.batch, a.payload);
-    let send = move |k: usize, first: usize, t: u64| {
-        let (http, runs, agents) = (http2.clone(), runs.clone(), agents.clone());
-        async move {
-            if batch == 1 {
-                let run = &runs[first % n];
-                let body = tl::single_body(&tl::payload(payload, t));
-                http.post(&agents[k], &format!("/v1/runs/{run}/events"), body, 201)
-                    .await?;
-            } else {
-                let events =
-                    (0..batch).map(|j| (runs[(first + j) % n].as_str(), tl::payload(payload, t)));
-                http.post(&agents[k], "/v1/events", tl::batch_body(events), 201)
-                    .await?;
-            }
-            Ok(())
-        }
-    };
+    let send = tl_sender(http.clone(), runs, agents, a.users, a.batch, a.payload);
     let spent = paced(
         a.users,
         a.appenders,
@@ -337,10 +321,43 @@ pub async fn tl_fanout(
     fanout_result(spent, &acked, readers).await
 }
 
+/// The append of [`paced`] for Threadline: appender `k` sends `batch` events to the runs
+/// of the users from `first` round-robin (`POST /v1/runs/{run}/events` for one, else
+/// `POST /v1/events`), each carrying its send time `t`.
+pub fn tl_sender(
+    http: Http,
+    runs: Arc<Vec<String>>,
+    agents: Arc<Vec<String>>,
+    n: usize,
+    batch: usize,
+    payload: usize,
+) -> impl Fn(usize, usize, u64) -> BoxFuture<'static, Result<()>> + Clone + Send + 'static {
+    move |k: usize, first: usize, t: u64| {
+        let (http, runs, agents) = (http.clone(), runs.clone(), agents.clone());
+        Box::pin(async move {
+            if batch == 1 {
+                let run = &runs[first % n];
+                let body = tl::single_body(&tl::payload(payload, t));
+                http.post(&agents[k], &format!("/v1/runs/{run}/events"), body, 201)
+                    .await?;
+            } else {
+                let events =
+                    (0..batch).map(|j| (runs[(first + j) % n].as_str(), tl::payload(payload, t)));
+                http.post(&agents[k], "/v1/events", tl::batch_body(events), 201)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A socket reader's task: events received and their latencies.
+type Reader = tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>;
+
 async fn fanout_result(
     spent: Duration,
     acked: &[AtomicU64],
-    readers: Vec<tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>>,
+    readers: Vec<Reader>,
 ) -> Result<Fanout> {
     let appended: u64 = acked.iter().map(|x| x.load(Ordering::Relaxed)).sum();
     let mut received = 0;
