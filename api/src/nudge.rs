@@ -377,7 +377,10 @@ async fn record<L: Log>(
         expected_thread_version: None,
     };
     for wait in [1, 2, 4] {
-        match state.submit(&Actor::system(), &[submission.clone()]).await {
+        match state
+            .submit(&Actor::system(), std::slice::from_ref(&submission))
+            .await
+        {
             Ok(outcomes) => {
                 let duplicate = outcomes.iter().flatten().any(|o| o.duplicate);
                 let result = if o.delivered { "delivered" } else { "failed" };
