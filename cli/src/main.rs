@@ -74,10 +74,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match &cli.command {
-        Cmd::Serve(a) => init_tracing("info", a.log_format),
-        _ => init_tracing("warn", serve::LogFormat::Text),
-    }
+    let format = match &cli.command {
+        Cmd::Serve(a) => a.log_format,
+        _ => serve::LogFormat::Text,
+    };
+    init_tracing(
+        if matches!(cli.command, Cmd::Serve(_)) {
+            "info"
+        } else {
+            "warn"
+        },
+        format,
+    );
     let result = match cli.command {
         Cmd::Serve(a) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -95,6 +103,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // With JSON logs, the last word is a JSON line too.
+        Err(e) if format == serve::LogFormat::Json => {
+            tracing::error!(error = format!("{e:#}"), "threadline stopped");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("threadline: {e:#}");
             ExitCode::FAILURE

@@ -98,17 +98,21 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %data.display(), "threadline listening");
-    eprintln!(
-        "threadline listening on http://{addr} (data in {})",
-        data.display()
-    );
-    eprintln!(
-        "mint a token: {} token --data {} --sub alice",
-        std::env::args()
-            .next()
-            .unwrap_or_else(|| "threadline".into()),
-        data.display()
-    );
+    // For a person at a terminal; with JSON logs stderr holds JSON lines only (the
+    // line above has the address).
+    if args.log_format == LogFormat::Text {
+        eprintln!(
+            "threadline listening on http://{addr} (data in {})",
+            data.display()
+        );
+        eprintln!(
+            "mint a token: {} token --data {} --sub alice",
+            std::env::args()
+                .next()
+                .unwrap_or_else(|| "threadline".into()),
+            data.display()
+        );
+    }
     let limits = Limits {
         run_ttl_ms: u64::try_from(args.run_ttl.as_millis()).unwrap_or(u64::MAX),
         max_threads_per_user: args.limits.max_threads_per_user,

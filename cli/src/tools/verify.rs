@@ -137,7 +137,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                 "; stop it before verifying offline, or check it online without stopping it: \
                  `curl -X POST -H \"Authorization: Bearer $AUDITOR_TOKEN\" \
                  http://<listen>/v1/admin/verify`, then GET the same path for the result \
-                 (mint the token with `threadline token --role auditor`)",
+                 (an auditor's token: `threadline token --sub NAME --role auditor`)",
             ))
         }
     };
