@@ -306,6 +306,12 @@ async fn rebuild_then_verify_pass_and_the_api_answers_the_same() {
         if tool == "audit" {
             assert!(line.contains("--url"), "{line}");
         }
+        if tool == "verify" {
+            assert!(
+                line.contains("POST") && line.contains("/v1/admin/verify"),
+                "{line}"
+            );
+        }
     }
 
     assert!(server.stop().success());
