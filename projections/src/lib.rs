@@ -16,6 +16,7 @@ mod model;
 mod nudges;
 mod projector;
 mod streams;
+pub mod verify;
 
 pub use acks::{Ack, Acks};
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};

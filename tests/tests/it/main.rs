@@ -14,6 +14,7 @@ mod lifecycle;
 mod nudge;
 mod observability;
 mod openapi;
+mod operations;
 mod refresh;
 mod replay;
 mod restart;
