@@ -720,6 +720,7 @@ fn verify_checks_to_the_head_folds_to_its_position_and_names_a_differing_model()
         "{:?}",
         findings.problems
     );
+}
 
 fn system() -> Actor {
     Actor::system()
