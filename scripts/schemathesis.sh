@@ -59,16 +59,17 @@ for role in user agent auditor; do
   echo "== schemathesis as $role ($examples examples per operation)" >&2
   # /v1/ws is a WebSocket upgrade (plain HTTP gets its documented 400) and the
   # long poll on signals waits up to wait_ms: both stay in, with a timeout that fits.
-  "$venv/bin/st" run "http://$addr/openapi.json" \
+  # Run from the temp dir: schemathesis keeps a cache in its working directory.
+  (cd "$work" && "$venv/bin/st" run "http://$addr/openapi.json" \
     --header "Authorization: Bearer $token" \
     --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,response_headers_conformance \
     --phases examples,coverage,fuzzing \
     --max-examples "$examples" \
     ${ST_SEED:+--seed "$ST_SEED"} \
     --request-timeout 40 \
-    --workers 2 \
+    --workers 1 \
     --suppress-health-check all \
-    --report junit --report-dir "${ST_REPORT_DIR:-$work/report}/$role" \
+    --report junit --report-dir "${ST_REPORT_DIR:-$work/report}/$role") \
     || status=1
 done
 if ! kill -0 "$server_pid" 2>/dev/null; then
