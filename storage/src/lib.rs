@@ -6,6 +6,7 @@
 //! [`MemoryLog`] in memory (for tests of the layers above). Both pass the same
 //! contract suite (`tests/contract.rs`).
 
+mod checkpoints;
 pub mod clock;
 mod error;
 pub mod evidence;
@@ -18,6 +19,7 @@ mod record;
 pub mod salvage;
 mod sled_log;
 
+pub use checkpoints::{DirCheckpoints, CHECKPOINT_DIR};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{LossReport, StorageError};
 pub use frame::FRAME_FORMAT;

@@ -15,6 +15,7 @@ mod isolation;
 mod lifecycle;
 mod observability;
 mod openapi;
+mod operations;
 mod refresh;
 mod replay;
 mod restart;
