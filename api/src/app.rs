@@ -203,7 +203,7 @@ impl<L: Log> AppState<L> {
         subs: &[Submission],
     ) -> Result<Vec<Option<Outcome>>, AppError> {
         let started = std::time::Instant::now();
-        let result = self.inner.commands.submit(actor, subs, now_ms()).await;
+        let result = self.inner.commands.submit(actor, subs, self.now_ms()).await;
         metrics::histogram!("threadline_append_seconds").record(started.elapsed().as_secs_f64());
         let outcomes = result?;
         metrics::counter!("threadline_appends_total")
@@ -703,9 +703,17 @@ impl<L: Log> AppState<L> {
         })
     }
 
-    /// Appends `run_expired` for every open run idle beyond the TTL.
+    /// Appends `run_expired` for every open run idle beyond the TTL, measured on the
+    /// log's clock (recorded time, which never goes back: a wall clock jumping
+    /// backwards delays an expiry, never brings one forward).
     pub async fn expire_idle_runs(&self) -> Result<usize, AppError> {
-        Ok(self.inner.commands.expire_idle_runs(now_ms()).await?)
+        Ok(self.inner.commands.expire_idle_runs(self.now_ms()).await?)
+    }
+
+    /// The log's time (see `threadline_storage::clock`): decisions and TTLs use the
+    /// same clock that stamps `recorded_at`.
+    fn now_ms(&self) -> u64 {
+        self.inner.projector.log().now_ms()
     }
 }
 

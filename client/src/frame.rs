@@ -381,3 +381,167 @@ mod tests {
         assert_eq!(p.data(), json!({"a": 1}));
     }
 }
+
+/// Fuzzing the frame decoder (stable Rust, proptest via `threadline-fuzz`): what a server,
+/// or anything in between, sends is untrusted. `THREADLINE_FUZZ_SECS=<n>` runs each target
+/// for `n` seconds.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 20, 5, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("message_id".to_owned()),
+                        Just("text".to_owned()),
+                        Just("seq".to_owned()),
+                        Just("from_seq".to_owned()),
+                        Just("tool_call_id".to_owned()),
+                        Just("title".to_owned()),
+                        Just("metadata".to_owned()),
+                        Just("agent_name".to_owned()),
+                        "[a-z_]{1,8}",
+                    ],
+                    inner,
+                    0..5,
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const TYPES: &[&str] = &[
+        "welcome",
+        "event",
+        "caught_up",
+        "pong",
+        "refreshed",
+        "error",
+        "news",
+    ];
+    const EVENTS: &[&str] = &[
+        "thread_created",
+        "run_registered",
+        "run_expired",
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "agent_completed",
+        "agent_error",
+        "message_started",
+        "message_delta",
+        "message_completed",
+    ];
+    const FIELDS: &[&str] = &[
+        "user_seq",
+        "position",
+        "thread_id",
+        "thread_version",
+        "run_id",
+        "event",
+        "data",
+        "event_id",
+        "recorded_at",
+        "from_user_seq",
+        "from_thread_version",
+        "resume_after",
+        "head",
+        "exp",
+        "code",
+        "message",
+    ];
+
+    /// A frame-shaped object: a known `type`, known fields with values of any type.
+    fn frame() -> impl Strategy<Value = Value> {
+        let field = (
+            proptest::sample::select(FIELDS),
+            prop_oneof![
+                3 => any::<u64>().prop_map(Value::from),
+                2 => proptest::sample::select(EVENTS).prop_map(Value::from),
+                2 => json_value(),
+            ],
+        );
+        (
+            proptest::sample::select(TYPES),
+            proptest::collection::vec(field, 0..12),
+        )
+            .prop_map(|(kind, fields)| {
+                let mut f = json!({ "type": kind });
+                for (k, v) in fields {
+                    f[k] = v;
+                }
+                f
+            })
+    }
+
+    /// What the session does with a text frame, up to handing events on: parse, turn an
+    /// event frame into an [`Event`], fold its message text. A decoded event re-encodes to
+    /// a frame that decodes to the same event.
+    fn decode(texts: &[String]) -> Result<(), TestCaseError> {
+        let mut messages = Messages::default();
+        for text in texts {
+            let Ok(Incoming::Event(f)) = serde_json::from_str::<Incoming>(text) else {
+                continue;
+            };
+            let mut event = Event::from(f);
+            let _ = event.payload.tool_call_id();
+            let _ = event.payload.is_terminal();
+            let line = event.to_frame_json();
+            let Ok(Incoming::Event(again)) = serde_json::from_str::<Incoming>(&line) else {
+                return Err(TestCaseError::fail(format!(
+                    "re-encoded frame unreadable: {line}"
+                )));
+            };
+            prop_assert_eq!(Event::from(again), event.clone());
+            event.message = messages.take(&event);
+            let _ = event.to_frame();
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn arbitrary_text_never_panics() {
+        let texts = proptest::collection::vec(
+            prop_oneof![any::<String>(), "[{}\\[\\]\":,0-9a-z_ ]{0,80}"],
+            1..4,
+        );
+        threadline_fuzz::run("client_frame_text", texts, |texts| decode(&texts));
+    }
+
+    #[test]
+    fn frame_shaped_objects_never_panic_and_round_trip() {
+        let frames = proptest::collection::vec(frame().prop_map(|f| f.to_string()), 1..8);
+        threadline_fuzz::run("client_frame_objects", frames, |texts| decode(&texts));
+    }
+
+    /// A valid event frame with its text cut, or a byte replaced.
+    #[test]
+    fn damaged_event_frames_never_panic() {
+        let valid = json!({"type":"event","user_seq":42,"position":1093,"thread_id":"t","thread_version":7,
+            "run_id":"r","event":"message_delta","data":{"message_id":"m1","seq":3,"text":"hé"},"event_id":"e",
+            "recorded_at":"2026-11-24T10:00:00.123Z","from_user_seq":40,"from_thread_version":5})
+        .to_string();
+        let damage = proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6);
+        threadline_fuzz::run("client_frame_damaged", damage, |damage| {
+            let mut bytes = valid.clone().into_bytes();
+            for (at, b) in damage {
+                let i = at.index(bytes.len());
+                bytes[i] = b;
+            }
+            decode(&[String::from_utf8_lossy(&bytes).into_owned()])
+        });
+    }
+}

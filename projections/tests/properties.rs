@@ -325,30 +325,41 @@ proptest! {
     }
 }
 
-proptest! {
-    /// Fuzzing without nightly: a checkpoint is stored bytes, so damage to it is refused
-    /// (by its checksum) or read, never a panic or an abort. (The decoder trusts a body
-    /// that passes its checksum: the data dir is private to the server's user.)
+/// Fuzzing without nightly: a checkpoint is stored bytes, so damage to it is refused
+/// (by its checksum) or read, never a panic or an abort. (The decoder trusts a body
+/// that passes its checksum: the data dir is private to the server's user.) Runs for
+/// `THREADLINE_FUZZ_SECS` seconds when set (see `threadline-fuzz`).
+mod fuzz {
+    use super::*;
+
     #[test]
-    fn damaged_checkpoints_are_refused_never_a_crash(
-        bytes in proptest::collection::vec(any::<u8>(), 0..400),
-        crc in any::<u32>(),
-        flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
-    ) {
-        // Anything at all.
-        let _ = threadline_projections::ReadModel::from_checkpoint(&bytes);
-        // The current tag and a checksum that does not match the body.
-        let mut tagged = vec![6u8];
-        let wrong = if crc == crc32c::crc32c(&bytes) { crc ^ 1 } else { crc };
-        tagged.extend(wrong.to_le_bytes());
-        tagged.extend(&bytes);
-        prop_assert!(threadline_projections::ReadModel::from_checkpoint(&tagged).is_err());
-        // A real checkpoint with bytes flipped after its tag.
-        let mut real = threadline_projections::ReadModel::default().to_checkpoint();
-        for (at, x) in flips {
-            let i = 1 + at.index(real.len() - 1);
-            real[i] ^= x;
-        }
-        let _ = threadline_projections::ReadModel::from_checkpoint(&real);
+    fn damaged_checkpoints_are_refused_never_a_crash() {
+        let input = (
+            proptest::collection::vec(any::<u8>(), 0..400),
+            any::<u32>(),
+            proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..6),
+        );
+        threadline_fuzz::run("checkpoint", input, |(bytes, crc, flips)| {
+            // Anything at all.
+            let _ = threadline_projections::ReadModel::from_checkpoint(&bytes);
+            // The current tag and a checksum that does not match the body.
+            let mut tagged = vec![6u8];
+            let wrong = if crc == crc32c::crc32c(&bytes) {
+                crc ^ 1
+            } else {
+                crc
+            };
+            tagged.extend(wrong.to_le_bytes());
+            tagged.extend(&bytes);
+            prop_assert!(threadline_projections::ReadModel::from_checkpoint(&tagged).is_err());
+            // A real checkpoint with bytes flipped after its tag.
+            let mut real = threadline_projections::ReadModel::default().to_checkpoint();
+            for (at, x) in flips {
+                let i = 1 + at.index(real.len() - 1);
+                real[i] ^= x;
+            }
+            let _ = threadline_projections::ReadModel::from_checkpoint(&real);
+            Ok(())
+        });
     }
 }

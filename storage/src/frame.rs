@@ -454,32 +454,38 @@ mod tests {
         assert!(decode(8, &bytes).is_err());
     }
 
-    /// Fuzzing without nightly: stored bytes are untrusted input. Cases per property:
-    /// `PROPTEST_CASES` (256 by default; the long run in docs/reliability.md sets more).
+    /// Fuzzing without nightly: stored bytes are untrusted input. Each target runs
+    /// proptest's default cases (`PROPTEST_CASES`, 256) in `cargo test`, or for
+    /// `THREADLINE_FUZZ_SECS` seconds (the long runs in docs/reliability.md).
     mod fuzz {
         use super::*;
         use proptest::prelude::*;
 
-        proptest! {
-            /// Any bytes under any key: an error or records, never a panic, and a
-            /// record that decodes carries a position of the frame it was read from.
-            #[test]
-            fn arbitrary_bytes_never_panic(first in 0u64..1_000, bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        /// Any bytes under any key: an error or records, never a panic, and a
+        /// record that decodes carries a position of the frame it was read from.
+        #[test]
+        fn arbitrary_bytes_never_panic() {
+            let input = (0u64..1_000, proptest::collection::vec(any::<u8>(), 0..600));
+            threadline_fuzz::run("frame_arbitrary_bytes", input, |(first, bytes)| {
                 if let Ok((header, records)) = decode(first, &bytes) {
                     for r in records.into_iter().flatten() {
                         prop_assert!(header.contains(r.position.0));
                     }
                 }
-            }
+                Ok(())
+            });
+        }
 
-            /// A valid frame with bytes overwritten anywhere: never a panic, never a
-            /// record that differs from the one written at its position.
-            #[test]
-            fn damaged_frames_never_yield_wrong_records(
-                count in 1u64..6,
-                len in 0usize..64,
-                damage in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
-            ) {
+        /// A valid frame with bytes overwritten anywhere: never a panic, never a
+        /// record that differs from the one written at its position.
+        #[test]
+        fn damaged_frames_never_yield_wrong_records() {
+            let input = (
+                1u64..6,
+                0usize..64,
+                proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            );
+            threadline_fuzz::run("frame_damaged", input, |(count, len, damage)| {
                 let records: Vec<Record> = (1..=count).map(|p| record(p, len)).collect();
                 let (first, mut bytes) = frames(&records).remove(0);
                 for (at, value) in damage {
@@ -491,13 +497,18 @@ mod tests {
                         prop_assert_eq!(r, &records[(r.position.0 - 1) as usize]);
                     }
                 }
-            }
+                Ok(())
+            });
+        }
 
-            /// The frozen format-1 record envelope: any bytes, never a panic.
-            #[test]
-            fn record_envelopes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        /// The frozen format-1 record envelope: any bytes, never a panic.
+        #[test]
+        fn record_envelopes_never_panic() {
+            let input = proptest::collection::vec(any::<u8>(), 0..300);
+            threadline_fuzz::run("record_envelope", input, |bytes| {
                 let _ = Record::decode(Position(1), &bytes);
-            }
+                Ok(())
+            });
         }
     }
 }

@@ -7,6 +7,7 @@
 //! contract suite (`tests/contract.rs`).
 
 mod checkpoints;
+pub mod clock;
 mod error;
 pub mod evidence;
 mod frame;
@@ -19,6 +20,7 @@ pub mod salvage;
 mod sled_log;
 
 pub use checkpoints::{DirCheckpoints, CHECKPOINT_DIR};
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{LossReport, StorageError};
 pub use frame::FRAME_FORMAT;
 pub use log::{AppendResult, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position};

@@ -73,6 +73,12 @@ pub trait EventLog: Send + Sync + 'static {
     fn append(&self, events: Vec<NewEvent>) -> PendingAppend;
     /// The highest durable position (`Position::ZERO` for an empty log).
     fn head(&self) -> Position;
+    /// The log's time, in ms since the Unix epoch: what it would stamp as `recorded_at`
+    /// on a record appended now. The logs here never go back from the last stamp (see
+    /// [`crate::clock`]); the default is the wall clock.
+    fn now_ms(&self) -> u64 {
+        crate::now_ms()
+    }
     /// A receiver that sees the durable head move; sending to it never blocks the writer.
     fn watch_head(&self) -> watch::Receiver<Position>;
     /// Up to `limit` durable records from position `from` on, in order, checksums verified.

@@ -2,15 +2,15 @@
 //! above and as the reference the sled backend is compared with.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::clock::{Clock, Stamps, SystemClock};
 use crate::plan::{Committed, Planner};
 use crate::{
-    now_ms, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record,
-    StorageError,
+    Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record, StorageError,
 };
 
 /// An in-memory [`EventLog`]: same semantics as [`crate::SledLog`], no durability.
@@ -18,6 +18,7 @@ use crate::{
 pub struct MemoryLog {
     state: Mutex<State>,
     head_tx: watch::Sender<Position>,
+    stamps: Stamps,
 }
 
 #[derive(Debug, Default)]
@@ -46,9 +47,16 @@ impl Default for MemoryLog {
 
 impl MemoryLog {
     pub fn new() -> MemoryLog {
+        Self::with_clock(Arc::new(SystemClock))
+    }
+
+    /// A log whose `recorded_at` stamps come from `clock` (kept monotonic, see
+    /// [`crate::clock`]); tests use a [`crate::ManualClock`].
+    pub fn with_clock(clock: Arc<dyn Clock>) -> MemoryLog {
         MemoryLog {
             state: Mutex::new(State::default()),
             head_tx: watch::Sender::new(Position::ZERO),
+            stamps: Stamps::new(clock, 0),
         }
     }
 
@@ -70,7 +78,7 @@ impl EventLog for MemoryLog {
     fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
         let mut state = self.lock();
         let head = Position(state.records.len() as u64);
-        let mut planner = Planner::new(head, now_ms());
+        let mut planner = Planner::new(head, self.stamps.stamp());
         let (results, records) = match planner.plan(&mut *state, events) {
             Ok(planned) => planned,
             Err(e) => return PendingAppend::ready(Err(e)),
@@ -99,6 +107,10 @@ impl EventLog for MemoryLog {
 
     fn head(&self) -> Position {
         Position(self.lock().records.len() as u64)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.stamps.now()
     }
 
     fn watch_head(&self) -> watch::Receiver<Position> {

@@ -34,6 +34,7 @@ use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
 use crate::checkpoints::DirCheckpoints;
+use crate::clock::{Stamps, SystemClock};
 use crate::evidence::{self, Evidence, EvidenceFile};
 use crate::frame::{self, FrameWriter};
 use crate::plan::{Committed, Planner};
@@ -133,6 +134,8 @@ struct Shared {
     /// The head at open: what a first index build covers (nothing is applied before it).
     opened_head: Position,
     tolerate_damage: bool,
+    /// `recorded_at` stamps, never before the head record's (see [`crate::clock`]).
+    stamps: Stamps,
 }
 
 impl Shared {
@@ -332,6 +335,12 @@ impl SledLog {
         let mut evidence_file = EvidenceFile::open(dir, last)?;
         evidence_file.write(generation, head)?;
 
+        // A damaged head record (tolerant tools only) stamps from the wall clock.
+        let last_stamp = match head.0 {
+            0 => 0,
+            _ => read_record(&log, head).map_or(0, |r| r.recorded_at_ms),
+        };
+        let stamps = Stamps::new(Arc::new(SystemClock), last_stamp);
         let shared = Arc::new(Shared {
             db,
             log,
@@ -346,6 +355,7 @@ impl SledLog {
             index_build: Mutex::new(()),
             opened_head: head,
             tolerate_damage: options.tolerate_damage,
+            stamps,
         });
         if !options.lazy_indexes {
             shared.index()?;
@@ -824,7 +834,7 @@ impl Writer {
             }
             return None;
         }
-        let recorded_at = now_ms();
+        let recorded_at = self.shared.stamps.stamp();
         let mut planner = Planner::new(self.head, recorded_at);
         let mut frames = FrameWriter::new(self.shared.generation, recorded_at);
         let mut added = Vec::new();
@@ -1028,6 +1038,10 @@ fn evidence_loop(shared: &Shared, mut file: EvidenceFile, rx: mpsc::Receiver<Pos
 impl EventLog for SledLog {
     fn close(&self) -> Result<(), StorageError> {
         self.shut()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.stamps.now()
     }
 
     fn accepting(&self) -> bool {
