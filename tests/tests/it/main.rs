@@ -10,6 +10,7 @@ mod handover;
 mod hostile;
 mod integrity;
 mod isolation;
+mod jwks;
 mod lifecycle;
 mod observability;
 mod openapi;
