@@ -391,6 +391,8 @@ impl<L: Log> Session<L> {
         let mut shutdown = app.shutdown_signal();
         // The trusted keys changed (a refreshed key set, a reload): is this token's still one?
         let mut keys = app.auth().changes();
+        // A change between the upgrade's check and this subscription is not missed.
+        key_still_trusted(&app, &principal)?;
         let mut progress = Progress {
             resumed_after: resume_after,
             sent: resume_after,
