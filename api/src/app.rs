@@ -61,6 +61,8 @@ struct Inner<L> {
     presence: Presence,
     /// Raised when the server begins shutting down.
     shutdown: watch::Sender<bool>,
+    /// The online verify job's slot.
+    verifier: crate::verify::Verifier,
 }
 
 /// What the request extractors need of the state, whatever its log: who the
@@ -112,6 +114,7 @@ impl<L: Log> AppState<L> {
                 edge,
                 connections: Mutex::default(),
                 shutdown: watch::Sender::new(false),
+                verifier: crate::verify::Verifier::default(),
             }),
         }
     }
@@ -485,6 +488,31 @@ impl<L: Log> AppState<L> {
         }
         self.blocking(move |projector| audit_page(projector, &q))
             .await
+    }
+
+    /// Starts the online verify (auditors only) unless one is running; returns
+    /// whether it started one, and that job's status.
+    pub fn start_verify(
+        &self,
+        p: &Principal,
+    ) -> Result<(bool, crate::verify::VerifyStatus), AppError> {
+        if p.actor.role != Role::Auditor {
+            return Err(AppError::Forbidden("only auditors run verify".into()));
+        }
+        Ok(self
+            .inner
+            .verifier
+            .start(Arc::clone(&self.inner.projector), p.actor.user.as_str()))
+    }
+
+    /// The running or last online verify job (auditors only).
+    pub fn verify_status(&self, p: &Principal) -> Result<crate::verify::VerifyStatus, AppError> {
+        if p.actor.role != Role::Auditor {
+            return Err(AppError::Forbidden(
+                "only auditors read verify's result".into(),
+            ));
+        }
+        Ok(self.inner.verifier.status())
     }
 
     /// One page of the delivery ledger (auditors only).

@@ -23,6 +23,7 @@ mod presence;
 mod rate;
 mod server;
 mod stream;
+pub mod verify;
 pub mod wire;
 mod ws;
 

@@ -174,24 +174,34 @@ pub struct Fanout {
     pub lat: Lat,
 }
 
+/// How [`paced`] appends: `appenders` tasks sending `rate` events/s in all, in
+/// requests of `batch`, to `users` round-robin, for `secs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub users: usize,
+    pub appenders: usize,
+    pub batch: usize,
+    pub rate: f64,
+    pub secs: f64,
+}
+
 /// Paces `appenders` tasks so that together they send `rate` events/s in
 /// requests of `batch`, for `secs`; each request goes to the next `batch`
 /// users round-robin. `send(first_user, t_us)` performs one request and
 /// returns once it is acknowledged. Returns the acknowledged count per user
 /// and the time spent appending.
-pub async fn paced<F, Fut>(
-    users: usize,
-    appenders: usize,
-    batch: usize,
-    rate: f64,
-    secs: f64,
-    acked: Arc<Vec<AtomicU64>>,
-    send: F,
-) -> Result<Duration>
+pub async fn paced<F, Fut>(p: Pace, acked: Arc<Vec<AtomicU64>>, send: F) -> Result<Duration>
 where
     F: Fn(usize, usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
+    let Pace {
+        users,
+        appenders,
+        batch,
+        rate,
+        secs,
+    } = p;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
     let interval = Duration::from_secs_f64(appenders as f64 * batch as f64 / rate);
@@ -255,6 +265,18 @@ pub struct FanoutArgs {
     pub payload: usize,
 }
 
+impl FanoutArgs {
+    pub fn pace(&self) -> Pace {
+        Pace {
+            users: self.users,
+            appenders: self.appenders,
+            batch: self.batch,
+            rate: self.rate,
+            secs: self.secs,
+        }
+    }
+}
+
 pub async fn tl_fanout(
     server: &crate::procs::Threadline,
     http: &Http,
@@ -301,30 +323,44 @@ pub async fn tl_fanout(
             })
         })
         .collect();
-    let agents: Arc<Vec<String>> = Arc::new(
-        (0..a.appenders)
-            .map(|k| tl::token(secret, &format!("live-agent-{k}"), "agent"))
-            .collect(),
-    );
-    let send = tl_sender(http.clone(), runs, agents, a.users, a.batch, a.payload);
-    let spent = paced(
-        a.users,
-        a.appenders,
-        a.batch,
-        a.rate,
-        a.secs,
-        acked.clone(),
-        send,
+    let spent = tl_paced(
+        http,
+        secret,
+        "live-agent",
+        runs,
+        a.pace(),
+        a.payload,
+        &acked,
     )
     .await?;
     done.store(true, Ordering::Release);
     fanout_result(spent, &acked, readers).await
 }
 
+/// [`paced`] appends to Threadline by agents `{prefix}-{k}`, to `runs` (one per user),
+/// with `payload` bytes of data; counts what was acknowledged per user in `acked`.
+pub async fn tl_paced(
+    http: &Http,
+    secret: &str,
+    prefix: &str,
+    runs: Arc<Vec<String>>,
+    p: Pace,
+    payload: usize,
+    acked: &Arc<Vec<AtomicU64>>,
+) -> Result<Duration> {
+    let agents: Arc<Vec<String>> = Arc::new(
+        (0..p.appenders)
+            .map(|k| tl::token(secret, &format!("{prefix}-{k}"), "agent"))
+            .collect(),
+    );
+    let send = tl_sender(http.clone(), runs, agents, p.users, p.batch, payload);
+    paced(p, acked.clone(), send).await
+}
+
 /// The append of [`paced`] for Threadline: appender `k` sends `batch` events to the runs
 /// of the users from `first` round-robin (`POST /v1/runs/{run}/events` for one, else
 /// `POST /v1/events`), each carrying its send time `t`.
-pub fn tl_sender(
+fn tl_sender(
     http: Http,
     runs: Arc<Vec<String>>,
     agents: Arc<Vec<String>>,
@@ -440,16 +476,7 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
             conn.read_ok(batch).await
         }
     };
-    let spent = paced(
-        a.users,
-        a.appenders,
-        a.batch,
-        a.rate,
-        a.secs,
-        acked.clone(),
-        send,
-    )
-    .await?;
+    let spent = paced(a.pace(), acked.clone(), send).await?;
     done.store(true, Ordering::Release);
     fanout_result(spent, &acked, readers).await
 }

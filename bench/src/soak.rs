@@ -252,22 +252,14 @@ pub async fn tl_soak(server: &Threadline, http: &Http, secret: &str, a: &SoakArg
         })
     };
 
-    let agents: Arc<Vec<String>> = Arc::new(
-        (0..a.appenders)
-            .map(|k| tl::token(secret, &format!("soak-agent-{k}"), "agent"))
-            .collect(),
-    );
-    let send = sc::tl_sender(http.clone(), runs, agents, a.users, a.batch, a.payload);
-    let spent = sc::paced(
-        a.users,
-        a.appenders,
-        a.batch,
-        a.rate,
-        a.secs,
-        acked.clone(),
-        send,
-    )
-    .await?;
+    let pace = sc::Pace {
+        users: a.users,
+        appenders: a.appenders,
+        batch: a.batch,
+        rate: a.rate,
+        secs: a.secs,
+    };
+    let spent = sc::tl_paced(http, secret, "soak-agent", runs, pace, a.payload, &acked).await?;
     done.store(true, Ordering::Release);
     sampler.abort();
 

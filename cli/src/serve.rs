@@ -17,10 +17,21 @@ use threadline_projections::Projector;
 use threadline_storage::{SledLog, SledOptions};
 use tokio::net::TcpListener;
 
+use crate::config_file::Effective;
 use crate::tools::{explain_open_error, log_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// TOML file of serve options: each key a long option (`max-connections` or
+    /// `max_connections`), e.g. `listen = "0.0.0.0:7070"`. A flag or an environment
+    /// variable overrides the file; the file overrides the defaults. An unknown key or a
+    /// bad value is an error naming its line.
+    #[arg(long, env = "THREADLINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted), each value with where it
+    /// came from (flag, env, file or default), and exit without serving.
+    #[arg(long)]
+    pub print_config: bool,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -36,12 +47,36 @@ pub struct ServeArgs {
     /// A run idle this long is expired (e.g. `24h`, `30m`, `2s`).
     #[arg(long, env = "THREADLINE_RUN_TTL", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     run_ttl: Duration,
+    /// Log lines as human-readable text, or as one JSON object per line (timestamp,
+    /// level, target, message, span fields with the request id).
+    #[arg(
+        long,
+        env = "THREADLINE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(flatten)]
     limits: LimitArgs,
 }
 
-/// Opens everything and serves until ctrl-c or SIGTERM.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// How log lines are written to stderr.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Opens everything and serves until ctrl-c or SIGTERM (or, with `--print-config`,
+/// prints the effective configuration and returns).
+pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Result<()> {
+    if args.print_config {
+        print!("{}", effective.unwrap_or_default().render());
+        return Ok(());
+    }
     threadline_api::metrics::install();
     // Before anything slow: SIGHUP's default action would end the process.
     #[cfg(unix)]
@@ -77,17 +112,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %data.display(), "threadline listening");
-    eprintln!(
-        "threadline listening on http://{addr} (data in {})",
-        data.display()
-    );
-    eprintln!(
-        "mint a token: {} token --data {} --sub alice",
-        std::env::args()
-            .next()
-            .unwrap_or_else(|| "threadline".into()),
-        data.display()
-    );
+    // For a person at a terminal; with JSON logs stderr holds JSON lines only (the
+    // line above has the address).
+    if args.log_format == LogFormat::Text {
+        eprintln!(
+            "threadline listening on http://{addr} (data in {})",
+            data.display()
+        );
+        eprintln!(
+            "mint a token: {} token --data {} --sub alice",
+            std::env::args()
+                .next()
+                .unwrap_or_else(|| "threadline".into()),
+            data.display()
+        );
+    }
     let limits = Limits {
         run_ttl_ms: u64::try_from(args.run_ttl.as_millis()).unwrap_or(u64::MAX),
         max_threads_per_user: args.limits.max_threads_per_user,

@@ -15,6 +15,7 @@ mod error;
 mod model;
 mod projector;
 mod streams;
+pub mod verify;
 
 pub use acks::{Ack, Acks};
 pub use codec::{decode_event, encode_event, PAYLOAD_FORMAT};

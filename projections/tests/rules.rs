@@ -669,3 +669,55 @@ fn a_damaged_checkpoint_costs_a_rebuild_not_the_start() {
     let reopened = Projector::open(g.log.clone()).unwrap();
     assert_eq!(reopened.read(|m| m.digests()), live);
 }
+
+#[test]
+fn verify_checks_to_the_head_folds_to_its_position_and_names_a_differing_model() {
+    use threadline_projections::verify::{compare, Check};
+    let g = given();
+    let t = g.thread("alice");
+    let run = g.started_run(&t);
+    // The live model at P, then more writes past it (as while a server runs).
+    let live = g.projector.read(ReadModel::clone);
+    let at = live.position();
+    for _ in 0..3 {
+        g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    }
+    let head = g.log.head();
+    assert!(head > at);
+
+    // A checkpoint from before P is caught up to P and compared there.
+    let mut early = ReadModel::default();
+    early
+        .apply(&g.log.read_at(Position(1)).unwrap().unwrap())
+        .unwrap();
+    let mut check = Check::new(Some(early), at);
+    let mut progress = Vec::new();
+    check.scan(&*g.log, head, |p| progress.push(p)).unwrap();
+    let (mut findings, fresh) = check.finish("stored checkpoint");
+    let fresh = fresh.unwrap();
+    assert_eq!(fresh.position, at);
+    assert_eq!(findings.checked, head);
+    assert_eq!(progress.last(), Some(&head));
+    compare(&mut findings, &fresh, &live.digests(), "live state");
+    assert!(findings.problems.is_empty(), "{:?}", findings.problems);
+
+    // A model that folded something else is named, projection by projection.
+    let other = given();
+    other.thread("bob");
+    let (mut findings, fresh) = {
+        let mut check = Check::new(None, at);
+        check.scan(&*g.log, head, |_| {}).unwrap();
+        check.finish("stored checkpoint")
+    };
+    let mut wrong = other.projector.read(|m| m.digests());
+    wrong.position = at;
+    compare(&mut findings, &fresh.unwrap(), &wrong, "live state");
+    assert!(
+        findings
+            .problems
+            .iter()
+            .any(|p| p == "projection registry: live state differs from a rebuild from the log"),
+        "{:?}",
+        findings.problems
+    );
+}

@@ -9,7 +9,9 @@ fn rss() -> u64 {
 }
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let n: usize = std::env::args().nth(1).map_or(600_000, |s| s.parse().unwrap());
+    let n: usize = std::env::args()
+        .nth(1)
+        .map_or(600_000, |s| s.parse().unwrap());
     {
         let log = SledLog::open(dir.path(), SledOptions::default()).unwrap();
         let mut pending = Vec::new();

@@ -14,6 +14,7 @@ mod jwks;
 mod lifecycle;
 mod observability;
 mod openapi;
+mod operations;
 mod refresh;
 mod replay;
 mod restart;
