@@ -1,14 +1,17 @@
-//! JWT authentication: turns a bearer token into an engine [`Actor`] with one configured algorithm, and mints tokens for `threadline token`.
+//! JWT authentication: turns a bearer token into an engine [`Actor`] with a static key or an identity provider's key set (each key with its one algorithm), reloads them on SIGHUP, and mints tokens for `threadline token`.
+
+pub mod jwks;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use threadline_engine::{Actor, Role, UserId};
+use tokio::sync::watch;
 
 use crate::config::{self, bail, ConfigError, Context, KeyArgs, MAX_JWT_LEEWAY};
 
@@ -48,6 +51,8 @@ pub struct Principal {
     pub actor: Actor,
     /// The token's `exp`, unix seconds (leeway not included).
     pub expires_at: u64,
+    /// The key that verified the token.
+    pub key: KeyTag,
 }
 
 /// Why a token was refused. Every variant is a 401; none carries the token.
@@ -64,6 +69,9 @@ pub enum AuthError {
     Expired,
     #[error("token not yet valid")]
     NotYetValid,
+    /// The token's `kid` names no key in the key set (even after fetching it again).
+    #[error("invalid token: no key with its kid")]
+    UnknownKey,
 }
 
 impl From<jsonwebtoken::errors::Error> for AuthError {
@@ -98,6 +106,8 @@ pub enum KeySource {
     PublicKeyFile(PathBuf),
     /// `<data>/jwt.secret`; `created` when this start generated it.
     DataDirSecret { path: PathBuf, created: bool },
+    /// `--jwks-url`: the identity provider's key set.
+    Jwks(String),
 }
 
 impl fmt::Display for KeySource {
@@ -116,37 +126,237 @@ impl fmt::Display for KeySource {
                 path,
                 created: false,
             } => write!(f, "secret {}", path.display()),
+            Self::Jwks(url) => write!(f, "key set {url}"),
         }
     }
 }
 
-/// Verifies bearer tokens. Cheap to clone.
+/// Which key verified a token: a digest of the key's material, algorithm and `kid`. A
+/// socket keeps the tag of the key that verified its token, and stays open only while a
+/// key with that tag is trusted (see [`Authenticator::trusts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyTag(u64);
+
+impl KeyTag {
+    fn of(alg: Algorithm, kid: Option<&str>, material: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(format!("{alg:?}").as_bytes());
+        h.update([0]);
+        h.update(kid.unwrap_or_default().as_bytes());
+        h.update([0]);
+        h.update(material);
+        let digest = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        Self(u64::from_be_bytes(first))
+    }
+}
+
+/// One verification key and the one algorithm it is used with: a token whose header
+/// names another algorithm is refused, whatever its signature.
+struct VerifyKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+    /// `Validation` with `algorithms = [alg]`, the rest as configured.
+    validation: Validation,
+    tag: KeyTag,
+}
+
+impl VerifyKey {
+    fn new(
+        alg: Algorithm,
+        kid: Option<String>,
+        key: DecodingKey,
+        material: &[u8],
+        base: &Validation,
+    ) -> Self {
+        let mut validation = base.clone();
+        validation.algorithms = vec![alg];
+        let tag = KeyTag::of(alg, kid.as_deref(), material);
+        Self {
+            kid,
+            alg,
+            key,
+            validation,
+            tag,
+        }
+    }
+}
+
+/// The keys in force. A static key verifies every token (its `kid`, if any, is not
+/// read); a key set's keys are chosen by the token's `kid`.
+struct KeyRing {
+    by_kid: bool,
+    keys: Vec<VerifyKey>,
+    /// The set's keys that were left out, as `kid: why` (logged when first seen).
+    ignored: Vec<String>,
+    source: KeySource,
+}
+
+impl KeyRing {
+    fn fixed(key: VerifyKey, source: KeySource) -> Self {
+        Self {
+            by_kid: false,
+            keys: vec![key],
+            ignored: Vec::new(),
+            source,
+        }
+    }
+
+    fn tags(&self) -> Vec<KeyTag> {
+        let mut tags: Vec<_> = self.keys.iter().map(|k| k.tag).collect();
+        tags.sort_unstable_by_key(|t| t.0);
+        tags
+    }
+}
+
+/// What SIGHUP ([`Authenticator::reload`]) reads again.
+enum Reload {
+    /// A key handed over in code: nothing to read again.
+    Fixed,
+    /// `--jwt-secret(-file)`, `--jwt-public-key` or `<data>/jwt.secret`, read again.
+    Static { keys: KeyArgs, data_dir: PathBuf },
+    /// `--jwks-url`, fetched again.
+    Jwks(jwks::Provider),
+}
+
+/// Verifies bearer tokens. Cheap to clone; every clone sees a reload or a refreshed key set.
 #[derive(Clone)]
 pub struct Authenticator {
     inner: Arc<AuthInner>,
 }
 
 struct AuthInner {
-    alg: Algorithm,
-    key: DecodingKey,
-    validation: Validation,
+    ring: RwLock<Arc<KeyRing>>,
+    /// Bumped whenever the trusted keys change, so open sockets re-check theirs.
+    changes: watch::Sender<u64>,
+    /// The checks every key shares (`exp`, `nbf`, leeway, `iss`/`aud`); each key adds its algorithm.
+    base: Validation,
     leeway_secs: u64,
     issuer: Option<String>,
     audience: Option<String>,
-    source: KeySource,
+    reload: Reload,
 }
 
 impl fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let i = &self.inner;
+        let ring = self.ring();
+        let algs: Vec<_> = ring.keys.iter().map(|k| (k.kid.clone(), k.alg)).collect();
         f.debug_struct("Authenticator")
-            .field("alg", &i.alg)
+            .field("keys", &algs)
             .field("issuer", &i.issuer)
             .field("audience", &i.audience)
             .field("leeway_secs", &i.leeway_secs)
-            .field("source", &i.source)
+            .field("source", &ring.source)
             .finish_non_exhaustive()
     }
+}
+
+/// `exp` (required), `nbf`, the leeway and `iss`/`aud` when configured; no algorithm yet.
+fn base_validation(leeway_secs: u64, issuer: Option<&str>, audience: Option<&str>) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms = Vec::new();
+    validation.leeway = leeway_secs;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    // jsonwebtoken checks iss/aud only when the token carries them, so a configured one
+    // must also be required.
+    let mut required = vec!["exp"];
+    if let Some(iss) = issuer {
+        validation.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    match audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            validation.validate_aud = true;
+            required.push("aud");
+        }
+        // Otherwise jsonwebtoken would reject every token that names an audience.
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// The static key `keys` configure (not `--jwks-url`), read from wherever it lives.
+fn static_key(
+    keys: &KeyArgs,
+    data_dir: &Path,
+    create_secret: bool,
+    base: &Validation,
+) -> Result<(VerifyKey, KeySource), ConfigError> {
+    let secret = keys.secret()?;
+    let hs256 = |secret: &[u8]| {
+        VerifyKey::new(
+            Algorithm::HS256,
+            None,
+            DecodingKey::from_secret(secret),
+            secret,
+            base,
+        )
+    };
+    match (&secret, &keys.jwt_public_key) {
+        (Some(_), Some(_)) => {
+            bail!("configure exactly one of --jwt-secret and --jwt-public-key")
+        }
+        (Some(secret), None) => {
+            check_secret_only(keys)?;
+            Ok((hs256(secret.as_bytes()), KeySource::Secret))
+        }
+        (None, Some(path)) => {
+            let alg = pem_alg(keys, "--jwt-public-key")?;
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --jwt-public-key {}", path.display()))?;
+            let key = pem_key(alg, &pem, base)
+                .with_context(|| format!("--jwt-public-key {}", path.display()))?;
+            Ok((key, KeySource::PublicKeyFile(path.clone())))
+        }
+        (None, None) => {
+            if keys.jwt_private_key.is_some() {
+                bail!(
+                    "--jwt-private-key only signs tokens (threadline token); \
+                     the server verifies them with --jwt-public-key"
+                );
+            }
+            if let Some(alg) = keys.jwt_alg {
+                bail!("--jwt-alg {alg} needs --jwt-public-key");
+            }
+            let path = config::secret_file(data_dir);
+            let (secret, created) = if create_secret {
+                config::load_or_create_secret(data_dir)?
+            } else {
+                let secret = config::load_secret(data_dir)?.with_context(|| {
+                    format!(
+                        "no key configured and no jwt.secret in {}",
+                        data_dir.display()
+                    )
+                })?;
+                (secret, false)
+            };
+            Ok((
+                hs256(secret.as_bytes()),
+                KeySource::DataDirSecret { path, created },
+            ))
+        }
+    }
+}
+
+/// An RS256 or ES256 PEM public key, checked now.
+fn pem_key(alg: Algorithm, pem: &[u8], base: &Validation) -> Result<VerifyKey, ConfigError> {
+    let key = match alg {
+        Algorithm::RS256 => DecodingKey::from_rsa_pem(pem).context("not an RSA public key PEM")?,
+        Algorithm::ES256 => DecodingKey::from_ec_pem(pem).context("not an EC public key PEM")?,
+        other => bail!("public keys are used with RS256 or ES256, not {other:?}"),
+    };
+    // The crypto backend only parses the key when a token arrives; probe it now so a
+    // wrong key fails at start-up instead of turning every request into a 401.
+    jsonwebtoken::crypto::verify("", b"probe", &key, alg)
+        .with_context(|| format!("the public key cannot verify {alg:?}"))?;
+    Ok(VerifyKey::new(alg, None, key, pem, base))
 }
 
 impl Authenticator {
@@ -157,14 +367,19 @@ impl Authenticator {
         audience: Option<String>,
         leeway_secs: u64,
     ) -> Self {
-        Self::new(
-            Algorithm::HS256,
-            DecodingKey::from_secret(secret),
-            issuer,
-            audience,
-            leeway_secs,
-            KeySource::Secret,
-        )
+        Self::build(issuer, audience, leeway_secs, Reload::Fixed, |base| {
+            Ok(KeyRing::fixed(
+                VerifyKey::new(
+                    Algorithm::HS256,
+                    None,
+                    DecodingKey::from_secret(secret),
+                    secret,
+                    base,
+                ),
+                KeySource::Secret,
+            ))
+        })
+        .expect("an HS256 key is always usable")
     }
 
     /// RS256 or ES256 with a PEM public key. `leeway_secs` is capped at 60.
@@ -175,149 +390,113 @@ impl Authenticator {
         audience: Option<String>,
         leeway_secs: u64,
     ) -> Result<Self, ConfigError> {
-        let key = match alg {
-            Algorithm::RS256 => {
-                DecodingKey::from_rsa_pem(pem).context("not an RSA public key PEM")?
-            }
-            Algorithm::ES256 => {
-                DecodingKey::from_ec_pem(pem).context("not an EC public key PEM")?
-            }
-            other => bail!("public keys are used with RS256 or ES256, not {other:?}"),
-        };
-        // The crypto backend only parses the key when a token arrives; probe it now so a
-        // wrong key fails at start-up instead of turning every request into a 401.
-        jsonwebtoken::crypto::verify("", b"probe", &key, alg)
-            .with_context(|| format!("the public key cannot verify {alg:?}"))?;
-        Ok(Self::new(
-            alg,
-            key,
-            issuer,
-            audience,
-            leeway_secs,
-            KeySource::PublicKeyPem,
-        ))
+        Self::build(issuer, audience, leeway_secs, Reload::Fixed, |base| {
+            Ok(KeyRing::fixed(
+                pem_key(alg, pem, base)?,
+                KeySource::PublicKeyPem,
+            ))
+        })
     }
 
-    /// The configured key: `--jwt-secret` (HS256), `--jwt-public-key` with `--jwt-alg`, or else
-    /// `<data>/jwt.secret`, generated when `create_secret` and absent.
+    /// The configured static key: `--jwt-secret(-file)` (HS256), `--jwt-public-key` with
+    /// `--jwt-alg`, or else `<data>/jwt.secret`, generated when `create_secret` and absent.
+    /// [`Authenticator::reload`] reads it again from the same place. `--jwks-url` is
+    /// [`Authenticator::with_jwks`]'s.
     pub fn from_config(
         keys: &KeyArgs,
         data_dir: &Path,
         create_secret: bool,
     ) -> Result<Self, ConfigError> {
-        let leeway_secs = leeway_secs(keys)?;
-        let issuer = keys.jwt_issuer.clone();
-        let audience = keys.jwt_audience.clone();
-        let secret = keys.secret()?;
-        match (&secret, &keys.jwt_public_key) {
-            (Some(_), Some(_)) => {
-                bail!("configure exactly one of --jwt-secret and --jwt-public-key")
-            }
-            (Some(secret), None) => {
-                check_secret_only(keys)?;
-                Ok(Self::hs256(
-                    secret.as_bytes(),
-                    issuer,
-                    audience,
-                    leeway_secs,
-                ))
-            }
-            (None, Some(path)) => {
-                let alg = pem_alg(keys, "--jwt-public-key")?;
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("cannot read --jwt-public-key {}", path.display()))?;
-                let mut auth = Self::from_public_key_pem(alg, &pem, issuer, audience, leeway_secs)
-                    .with_context(|| format!("--jwt-public-key {}", path.display()))?;
-                Arc::get_mut(&mut auth.inner).expect("freshly built").source =
-                    KeySource::PublicKeyFile(path.clone());
-                Ok(auth)
-            }
-            (None, None) => {
-                if keys.jwt_private_key.is_some() {
-                    bail!(
-                        "--jwt-private-key only signs tokens (threadline token); \
-                         the server verifies them with --jwt-public-key"
-                    );
-                }
-                if let Some(alg) = keys.jwt_alg {
-                    bail!("--jwt-alg {alg} needs --jwt-public-key");
-                }
-                let path = config::secret_file(data_dir);
-                let (secret, created) = if create_secret {
-                    config::load_or_create_secret(data_dir)?
-                } else {
-                    let secret = config::load_secret(data_dir)?.with_context(|| {
-                        format!(
-                            "no key configured and no jwt.secret in {}",
-                            data_dir.display()
-                        )
-                    })?;
-                    (secret, false)
-                };
-                Ok(Self::new(
-                    Algorithm::HS256,
-                    DecodingKey::from_secret(secret.as_bytes()),
-                    issuer,
-                    audience,
-                    leeway_secs,
-                    KeySource::DataDirSecret { path, created },
-                ))
-            }
+        if let Some(url) = &keys.jwks_url {
+            bail!("--jwks-url {url} is fetched by Authenticator::with_jwks");
         }
+        let reload = Reload::Static {
+            keys: keys.clone(),
+            data_dir: data_dir.to_owned(),
+        };
+        let leeway = leeway_secs(keys)?;
+        Self::build(
+            keys.jwt_issuer.clone(),
+            keys.jwt_audience.clone(),
+            leeway,
+            reload,
+            |base| {
+                let (key, source) = static_key(keys, data_dir, create_secret, base)?;
+                Ok(KeyRing::fixed(key, source))
+            },
+        )
     }
 
-    fn new(
-        alg: Algorithm,
-        key: DecodingKey,
+    fn build(
         issuer: Option<String>,
         audience: Option<String>,
         leeway_secs: u64,
-        source: KeySource,
-    ) -> Self {
+        reload: Reload,
+        ring: impl FnOnce(&Validation) -> Result<KeyRing, ConfigError>,
+    ) -> Result<Self, ConfigError> {
         let leeway_secs = leeway_secs.min(MAX_JWT_LEEWAY.as_secs());
-        let mut validation = Validation::new(alg);
-        validation.algorithms = vec![alg];
-        validation.leeway = leeway_secs;
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        // jsonwebtoken checks iss/aud only when the token carries them, so a configured one
-        // must also be required.
-        let mut required = vec!["exp"];
-        if let Some(iss) = &issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        match &audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                validation.validate_aud = true;
-                required.push("aud");
-            }
-            // Otherwise jsonwebtoken would reject every token that names an audience.
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-        Self {
+        let base = base_validation(leeway_secs, issuer.as_deref(), audience.as_deref());
+        let ring = ring(&base)?;
+        Ok(Self {
             inner: Arc::new(AuthInner {
-                alg,
-                key,
-                validation,
+                ring: RwLock::new(Arc::new(ring)),
+                changes: watch::Sender::new(0),
+                base,
                 leeway_secs,
                 issuer,
                 audience,
-                source,
+                reload,
             }),
+        })
+    }
+
+    fn ring(&self) -> Arc<KeyRing> {
+        self.inner
+            .ring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Puts `ring` in force; when its keys differ from the ones it replaces, sockets are
+    /// told to re-check theirs. Returns whether they differed.
+    fn install(&self, ring: KeyRing) -> bool {
+        let new_tags = ring.tags();
+        let old = std::mem::replace(
+            &mut *self.inner.ring.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(ring),
+        );
+        let changed = old.tags() != new_tags;
+        if changed {
+            self.inner.changes.send_modify(|g| *g += 1);
         }
+        changed
     }
 
     /// Checks signature, algorithm, `exp` (required), `nbf`, `iss`/`aud` when configured,
-    /// then `sub` and `role` (absent = user; `system` is never granted by a token).
+    /// then `sub` and `role` (absent = user; `system` is never granted by a token). With a
+    /// key set, the key is the one named by the token's `kid`, and the token's `alg` must
+    /// be that key's. Uses the keys in hand only; [`Authenticator::authenticate`] also
+    /// fetches the set again for an unknown `kid`.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(AuthError::Malformed);
         }
-        let i = &self.inner;
-        let claims = jsonwebtoken::decode::<IncomingClaims>(token, &i.key, &i.validation)?.claims;
+        let ring = self.ring();
+        let key = if ring.by_kid {
+            let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
+            let kid = header
+                .kid
+                .ok_or_else(|| AuthError::Invalid("the token has no kid".to_owned()))?;
+            ring.keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid.as_str()))
+                .ok_or(AuthError::UnknownKey)?
+        } else {
+            ring.keys.first().ok_or(AuthError::UnknownKey)?
+        };
+        let claims =
+            jsonwebtoken::decode::<IncomingClaims>(token, &key.key, &key.validation)?.claims;
         let sub = claims
             .sub
             .ok_or_else(|| AuthError::Invalid("missing sub claim".to_owned()))?;
@@ -332,7 +511,88 @@ impl Authenticator {
         Ok(Principal {
             actor: Actor::new(user, role),
             expires_at,
+            key: key.tag,
         })
+    }
+
+    /// [`Authenticator::verify`], and with a key set, a token whose `kid` is unknown
+    /// fetches the set again (at most once per `--jwks-min-refresh-interval`; a fetch
+    /// already under way is waited for) and is checked once more.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.verify(token) {
+            Err(AuthError::UnknownKey) => {
+                if let Reload::Jwks(provider) = &self.inner.reload {
+                    self.refresh_for_unknown_kid(provider).await;
+                }
+                self.verify(token)
+            }
+            other => other,
+        }
+    }
+
+    /// Whether the key that verified `principal`'s token is still trusted: false once the
+    /// provider dropped it from its set, or a reload replaced the static key.
+    pub fn trusts(&self, principal: &Principal) -> bool {
+        self.ring().keys.iter().any(|k| k.tag == principal.key)
+    }
+
+    /// Changes whenever the trusted keys change (a refreshed set, a reload).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Reads the key configuration again (SIGHUP): the static key from its file (or
+    /// secret), or the key set from its URL. On failure the keys in force stay, and the
+    /// error says why. Returns what is now in force, for the log.
+    pub async fn reload(&self) -> Result<String, ConfigError> {
+        let result = match &self.inner.reload {
+            Reload::Fixed => Ok(format!(
+                "{} (given at start; nothing to read again)",
+                self.describe()
+            )),
+            Reload::Static { keys, data_dir } => {
+                let (keys, data_dir) = (keys.clone(), data_dir.clone());
+                let base = self.inner.base.clone();
+                let read =
+                    tokio::task::spawn_blocking(move || static_key(&keys, &data_dir, false, &base))
+                        .await
+                        .map_err(|e| {
+                            ConfigError::Invalid(format!("reading the key failed: {e}"))
+                        })?;
+                read.map(|(key, source)| {
+                    let changed = self.install(KeyRing::fixed(key, source));
+                    let what = if changed { "a new key" } else { "the same key" };
+                    format!("{what}: {}", self.describe())
+                })
+            }
+            Reload::Jwks(provider) => self
+                .refresh(provider, jwks::Trigger::Reload)
+                .await
+                .map(|_| self.describe())
+                .map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "fetching the key set {} failed ({e}); the cached keys stay in force",
+                        provider.url()
+                    ))
+                }),
+        };
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("threadline_key_reloads_total", "result" => label).increment(1);
+        result
+    }
+
+    /// What verifies tokens now, for the operator: the source and each key's algorithm.
+    pub fn describe(&self) -> String {
+        let ring = self.ring();
+        let keys: Vec<String> = ring
+            .keys
+            .iter()
+            .map(|k| match &k.kid {
+                Some(kid) => format!("{kid} ({:?})", k.alg),
+                None => format!("{:?}", k.alg),
+            })
+            .collect();
+        format!("{} with {}", ring.source, keys.join(", "))
     }
 
     /// Seconds of clock skew tolerated on `exp` and `nbf` (0–60).
@@ -340,13 +600,16 @@ impl Authenticator {
         self.inner.leeway_secs
     }
 
-    /// The one algorithm accepted.
-    pub fn algorithm(&self) -> Algorithm {
-        self.inner.alg
+    /// The one algorithm accepted with a static key; `None` with a key set (each of its
+    /// keys has its own).
+    pub fn algorithm(&self) -> Option<Algorithm> {
+        let ring = self.ring();
+        (!ring.by_kid).then(|| ring.keys.first().map(|k| k.alg))?
     }
 
-    pub fn source(&self) -> &KeySource {
-        &self.inner.source
+    /// Where the keys in force came from.
+    pub fn source(&self) -> KeySource {
+        self.ring().source.clone()
     }
 }
 
@@ -406,6 +669,12 @@ impl Signer {
                 (alg, key)
             }
             (None, None) => {
+                if let Some(url) = &keys.jwks_url {
+                    bail!(
+                        "with --jwks-url {url}, tokens come from the identity provider; \
+                         threadline token mints only with --jwt-secret or --jwt-private-key"
+                    );
+                }
                 if keys.jwt_public_key.is_some() {
                     bail!("--jwt-public-key only verifies; minting tokens needs --jwt-private-key");
                 }
@@ -588,7 +857,7 @@ whk71KTy/KA+6n+vK0xlTQFHowYf2e0Gt5YBMfK1Ag00LaguaZnDtOlZFw==
         assert_eq!(p.actor.user.as_str(), "alice");
         assert_eq!(p.actor.role, Role::Agent);
         assert!(p.expires_at.abs_diff(in_secs(3600)) <= 2);
-        assert_eq!(auth.source(), &KeySource::Secret);
+        assert_eq!(auth.source(), KeySource::Secret);
         assert!(!config::secret_file(&dir.0).exists());
     }
 
@@ -821,7 +1090,7 @@ whk71KTy/KA+6n+vK0xlTQFHowYf2e0Gt5YBMfK1Ag00LaguaZnDtOlZFw==
         let signer = Signer::from_config(&keys, &dir.0).unwrap();
         assert_eq!(signer.algorithm(), Algorithm::ES256);
         let auth = Authenticator::from_config(&keys, &dir.0, true).unwrap();
-        assert_eq!(auth.algorithm(), Algorithm::ES256);
+        assert_eq!(auth.algorithm(), Some(Algorithm::ES256));
         assert!(matches!(auth.source(), KeySource::PublicKeyFile(_)));
         assert!(!config::secret_file(&dir.0).exists());
 

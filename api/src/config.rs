@@ -145,7 +145,7 @@ impl fmt::Display for JwtAlg {
 /// `--jwt-secret` or `--jwt-secret-file`, RS256/ES256 with a PEM key, or else the HS256
 /// secret in `<data>/jwt.secret`.
 // Debug is written by hand so the secret never reaches a log line.
-#[derive(clap::Args, Clone, Default)]
+#[derive(clap::Args, Clone)]
 pub struct KeyArgs {
     /// Shared secret for HS256, at least 32 bytes. Without any key option, the secret
     /// generated into `<data>/jwt.secret` on the first `serve` is used instead. A secret on
@@ -207,6 +207,99 @@ pub struct KeyArgs {
         value_name = "DURATION"
     )]
     pub jwt_leeway: Duration,
+
+    /// URL of the identity provider's JSON Web Key Set (`https://`, or `http://` to a
+    /// loopback address only). Tokens are then verified by their `kid` against the keys
+    /// it publishes (RS256, ES256, EdDSA…), each with its own algorithm, instead of with
+    /// one configured key. The set is fetched at start (failing the start if it cannot
+    /// be), then refreshed on a schedule, on an unknown `kid` and on SIGHUP.
+    #[arg(
+        long,
+        env = "THREADLINE_JWKS_URL",
+        value_name = "URL",
+        value_parser = parse_jwks_url,
+        conflicts_with_all = ["jwt_secret", "jwt_secret_file", "jwt_public_key", "jwt_alg"]
+    )]
+    pub jwks_url: Option<String>,
+
+    /// How often the key set is fetched again: a key the provider removed stops
+    /// verifying (and its sockets close with 4001) within this.
+    #[arg(long, env = "THREADLINE_JWKS_REFRESH_INTERVAL", default_value = "5m", value_parser = parse_timeout, value_name = "DURATION")]
+    pub jwks_refresh_interval: Duration,
+
+    /// A token naming a `kid` not in the cached set fetches the set again, at most
+    /// once per this (other such tokens meanwhile are refused without a fetch).
+    #[arg(long, env = "THREADLINE_JWKS_MIN_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub jwks_min_refresh_interval: Duration,
+
+    /// One fetch of the key set (connecting, sending, reading the body) must complete
+    /// within this.
+    #[arg(long, env = "THREADLINE_JWKS_TIMEOUT", default_value = "10s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub jwks_timeout: Duration,
+}
+
+/// The JWKS defaults (the flags' own; a test checks they agree).
+pub const JWKS_REFRESH_INTERVAL: Duration = Duration::from_secs(300);
+pub const JWKS_MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+pub const JWKS_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Default for KeyArgs {
+    /// The flags' defaults: no key configured (so `<data>/jwt.secret`), no leeway.
+    fn default() -> Self {
+        Self {
+            jwt_secret: None,
+            jwt_secret_file: None,
+            jwt_public_key: None,
+            jwt_alg: None,
+            jwt_private_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::ZERO,
+            jwks_url: None,
+            jwks_refresh_interval: JWKS_REFRESH_INTERVAL,
+            jwks_min_refresh_interval: JWKS_MIN_REFRESH_INTERVAL,
+            jwks_timeout: JWKS_TIMEOUT,
+        }
+    }
+}
+
+/// A JWKS URL: `https://`, or `http://` to a loopback host (a key set fetched in clear
+/// over a network could be swapped by anyone on the path, and with it every identity).
+pub fn parse_jwks_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (scheme, rest) = s
+        .split_once("://")
+        .ok_or_else(|| format!("{s:?} is not a URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = match authority.rsplit_once('@') {
+        Some((_, h)) => h,
+        None => authority,
+    };
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.split(':').next().unwrap_or_default()
+    };
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    match scheme.to_ascii_lowercase().as_str() {
+        "https" => Ok(s.to_owned()),
+        "http" => {
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(s.to_owned())
+            } else {
+                Err(format!(
+                    "{s:?}: a key set must be fetched over https (plain http only to a loopback address)"
+                ))
+            }
+        }
+        other => Err(format!("{s:?}: unsupported scheme {other:?}; use https")),
+    }
 }
 
 impl fmt::Debug for KeyArgs {
@@ -223,6 +316,10 @@ impl fmt::Debug for KeyArgs {
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_leeway", &self.jwt_leeway)
+            .field("jwks_url", &self.jwks_url)
+            .field("jwks_refresh_interval", &self.jwks_refresh_interval)
+            .field("jwks_min_refresh_interval", &self.jwks_min_refresh_interval)
+            .field("jwks_timeout", &self.jwks_timeout)
             .finish()
     }
 }
@@ -922,6 +1019,58 @@ mod tests {
         assert!(Cli::try_parse_from(["t", "--jwt-alg", "HS256"]).is_err());
         assert!(
             Cli::try_parse_from(["t", "--jwt-secret", "s", "--jwt-public-key", "k.pem"]).is_err()
+        );
+    }
+
+    #[test]
+    fn jwks_defaults_are_the_flags_defaults_and_urls_are_checked() {
+        let cli = Cli::try_parse_from(["t"]).unwrap();
+        let d = KeyArgs::default();
+        assert_eq!(cli.keys.jwks_refresh_interval, d.jwks_refresh_interval);
+        assert_eq!(
+            cli.keys.jwks_min_refresh_interval,
+            d.jwks_min_refresh_interval
+        );
+        assert_eq!(cli.keys.jwks_timeout, d.jwks_timeout);
+        assert_eq!(cli.keys.jwt_leeway, d.jwt_leeway);
+        let cli = Cli::try_parse_from([
+            "t",
+            "--jwks-url",
+            "https://idp.example/.well-known/jwks.json",
+            "--jwks-refresh-interval",
+            "1m",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.keys.jwks_url.as_deref(),
+            Some("https://idp.example/.well-known/jwks.json")
+        );
+        assert_eq!(cli.keys.jwks_refresh_interval, Duration::from_secs(60));
+        for ok in [
+            "http://127.0.0.1:8080/jwks",
+            "http://localhost/jwks",
+            "http://[::1]:9/x",
+            "HTTPS://a.example",
+        ] {
+            assert!(parse_jwks_url(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://idp.example/jwks",
+            "http://127.0.0.1.evil.example/",
+            "http://user@10.0.0.1/",
+            "ftp://127.0.0.1/",
+            "idp.example",
+            "https:///jwks",
+        ] {
+            assert!(parse_jwks_url(bad).is_err(), "{bad}");
+        }
+        // One key source at a time.
+        assert!(
+            Cli::try_parse_from(["t", "--jwks-url", "https://a", "--jwt-secret", "s"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["t", "--jwks-url", "https://a", "--jwt-public-key", "k.pem"])
+                .is_err()
         );
     }
 

@@ -36,7 +36,7 @@ where
         let token = bearer_token(value).ok_or_else(|| {
             AuthError::Invalid("the Authorization header must be `Bearer <jwt>`".into())
         })?;
-        let principal = auth.verify(token)?;
+        let principal = auth.authenticate(token).await?;
         tracing::Span::current().record("user_id", principal.actor.user.as_str());
         app.rate
             .check(&principal.actor)

@@ -60,6 +60,27 @@ fn describe() {
         "The position the projections have folded."
     );
     describe_gauge!(
+        "threadline_jwks_keys",
+        "Usable keys in the cached JWKS key set (--jwks-url)."
+    );
+    describe_gauge!(
+        "threadline_jwks_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "Unix time of the last successful fetch of the JWKS key set."
+    );
+    describe_counter!(
+        "threadline_jwks_refresh_failures_total",
+        "Fetches of the JWKS key set that failed (unreachable, bad answer, no usable key); the cached keys stayed in force."
+    );
+    describe_counter!(
+        "threadline_jwks_fetches_total",
+        "Fetches of the JWKS key set, by trigger (start, schedule, unknown_kid, reload)."
+    );
+    describe_counter!(
+        "threadline_key_reloads_total",
+        "Reloads of the key configuration (SIGHUP), by result."
+    );
+    describe_gauge!(
         "threadline_verify_running",
         "1 while an online verify (POST /v1/admin/verify) runs, else 0."
     );

@@ -169,9 +169,10 @@ pub(crate) async fn upgrade<L: Log>(
     let query = axum::extract::Query::<WsQuery>::try_from_uri(&uri)
         .ok()
         .map(|q| q.0);
-    let auth = token(&headers, query.as_ref())
-        .ok_or(AuthError::Missing)
-        .and_then(|t| app.auth().verify(t));
+    let auth = match token(&headers, query.as_ref()) {
+        Some(t) => app.auth().authenticate(t).await,
+        None => Err(AuthError::Missing),
+    };
     // Opening a socket counts against the user's request rate; over it, the
     // upgrade is refused with 429 before it happens.
     if let Ok(p) = &auth {
@@ -257,6 +258,20 @@ fn shutting_down() -> Close {
         "shutting_down",
         "server shutting down".into(),
     )
+}
+
+/// 4001 once the key that verified the connection's token is no longer trusted: the
+/// identity provider dropped it from its set, or a reload (SIGHUP) replaced the static
+/// key. A `refresh` with a token of a trusted key moves the connection onto that key.
+fn key_still_trusted<L: Log>(app: &AppState<L>, principal: &Principal) -> Result<(), Close> {
+    if app.auth().trusts(principal) {
+        return Ok(());
+    }
+    Err(Close(
+        close::EXPIRED,
+        "token_expired",
+        "the key that signed the token is no longer trusted; reconnect with a new token".into(),
+    ))
 }
 
 /// The peer is gone or does not take what is sent: drop it without a close.
@@ -376,6 +391,10 @@ impl<L: Log> Session<L> {
         tokio::pin!(expiry);
         let mut projected = app.projector().watch_user(&user);
         let mut shutdown = app.shutdown_signal();
+        // The trusted keys changed (a refreshed key set, a reload): is this token's still one?
+        let mut keys = app.auth().changes();
+        // A change between the upgrade's check and this subscription is not missed.
+        key_still_trusted(&app, &principal)?;
         let mut progress = Progress {
             resumed_after: resume_after,
             sent: resume_after,
@@ -386,6 +405,10 @@ impl<L: Log> Session<L> {
         loop {
             if *shutdown.borrow() {
                 return Err(shutting_down());
+            }
+            if keys.has_changed().unwrap_or(false) {
+                keys.borrow_and_update();
+                key_still_trusted(&app, &principal)?;
             }
             // Rollup: once live and while a message streams, at most one page per
             // window, so its deltas that land within it go out merged into one frame.
@@ -406,6 +429,7 @@ impl<L: Log> Session<L> {
                             continue;
                         }
                         _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
+                        Ok(()) = keys.changed() => key_still_trusted(&app, &principal)?,
                         _ = shutdown.changed() => return Err(shutting_down()),
                     }
                 }
@@ -467,6 +491,7 @@ impl<L: Log> Session<L> {
                     }
                 }
                 _ = &mut expiry => return Err(Close(close::EXPIRED, "token_expired", "the token expired".into())),
+                Ok(()) = keys.changed() => key_still_trusted(&app, &principal)?,
                 _ = shutdown.changed() => return Err(shutting_down()),
             }
         }
@@ -744,10 +769,11 @@ impl<L: Log> Session<L> {
         let invalid = |message: String| {
             json!({"type": "error", "code": "invalid_token", "message": message}).to_string()
         };
-        let fresh = match token
-            .ok_or(AuthError::Missing)
-            .and_then(|t| self.app.auth().verify(t))
-        {
+        let verified = match token {
+            Some(t) => self.app.auth().authenticate(t).await,
+            None => Err(AuthError::Missing),
+        };
+        let fresh = match verified {
             Ok(p) => p,
             Err(e) => {
                 return self
@@ -771,6 +797,8 @@ impl<L: Log> Session<L> {
                 .await;
         }
         principal.expires_at = fresh.expires_at;
+        // The connection now stands on the new token's key.
+        principal.key = fresh.key;
         tracing::debug!(exp = fresh.expires_at, "token refreshed");
         self.send(vec![
             json!({"type": "refreshed", "exp": fresh.expires_at}).to_string()

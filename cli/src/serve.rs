@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use futures_util::future::BoxFuture;
+use threadline_api::auth::jwks::JwksFetch;
 use threadline_api::auth::Authenticator;
 use threadline_api::config::{create_private_dir, DataArgs, KeyArgs, LimitArgs, NudgeArgs};
 use threadline_api::{serve, shutdown_signal, AppState};
@@ -78,11 +80,23 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
         return Ok(());
     }
     threadline_api::metrics::install();
+    // Before anything slow: SIGHUP's default action would end the process.
+    #[cfg(unix)]
+    let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
     let data: PathBuf = args.data.data;
     create_private_dir(&data)?;
-    let auth = Authenticator::from_config(&args.keys, &data, true)?;
+    let auth = match &args.keys.jwks_url {
+        Some(url) => {
+            let fetcher = HttpJwks::new(url, args.keys.jwks_timeout)?;
+            Authenticator::with_jwks(&args.keys, Arc::new(fetcher)).await?
+        }
+        None => Authenticator::from_config(&args.keys, &data, true)?,
+    };
     let nudge = args.nudge.config()?;
-    tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
+    tracing::info!(keys = %auth.describe(), "verifying tokens");
+    #[cfg(unix)]
+    tokio::spawn(reload_on_hangup(hangups, auth.clone()));
     let dir = log_dir(&data);
     let log = tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
         .await?
@@ -134,4 +148,83 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
     }
     serve(listener, state, shutdown_signal()).await?;
     Ok(())
+}
+
+/// SIGHUP: reads the key configuration again (the key file or secret, or the key set from
+/// its URL) without a restart; open sockets stay open unless their token's key is gone.
+#[cfg(unix)]
+async fn reload_on_hangup(mut hangups: tokio::signal::unix::Signal, auth: Authenticator) {
+    while hangups.recv().await.is_some() {
+        match auth.reload().await {
+            Ok(keys) => tracing::info!(keys = %keys, "SIGHUP: key configuration reloaded"),
+            Err(e) => tracing::error!(
+                error = %format!("{:#}", anyhow::Error::new(e)),
+                "SIGHUP: reloading the key configuration failed; the keys in force stay"
+            ),
+        }
+    }
+}
+
+/// The key set fetched over HTTPS (rustls, the system's trusted roots; `SSL_CERT_FILE`
+/// adds a private CA) or plain HTTP to loopback, on the runtime, never blocking it.
+#[derive(Debug)]
+struct HttpJwks {
+    url: String,
+    client: reqwest::Client,
+}
+
+/// Largest key set read; real ones are a few KiB.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
+
+impl HttpJwks {
+    fn new(url: &str, timeout: Duration) -> anyhow::Result<Self> {
+        let https = url.to_ascii_lowercase().starts_with("https://");
+        let client = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .https_only(https)
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .user_agent(concat!("threadline/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("building the HTTP client for --jwks-url")?;
+        Ok(Self {
+            url: url.to_owned(),
+            client,
+        })
+    }
+
+    async fn get(&self) -> Result<Vec<u8>, String> {
+        let mut response = self
+            .client
+            .get(&self.url)
+            .header(
+                reqwest::header::ACCEPT,
+                "application/json, application/jwk-set+json",
+            )
+            .send()
+            .await
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e)))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("the provider answered {status}"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| format!("reading the answer: {:#}", anyhow::Error::from(e)))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("the answer is over {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+impl JwksFetch for HttpJwks {
+    fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, String>> {
+        Box::pin(self.get())
+    }
 }

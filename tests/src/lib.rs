@@ -5,6 +5,8 @@
 //! anything the process owns); [`Api`] and [`Socket`] are real HTTP and
 //! WebSocket clients carrying real JWTs.
 
+pub mod jwks;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,7 @@ mod handover;
 mod hostile;
 mod integrity;
 mod isolation;
+mod jwks;
 mod lifecycle;
 mod nudge;
 mod observability;
