@@ -1,6 +1,7 @@
 //! `threadline`: the one binary. Parses arguments and hands each subcommand to
 //! its module; everything is wired here and nowhere else.
 
+mod log_args;
 mod serve;
 mod tools;
 
@@ -20,7 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the HTTP + WebSocket server on the data directory (created if missing).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Print a JWT signed with the configured key (or the data dir's generated secret).
     Token(tools::token::TokenArgs),
     /// Rebuild the projections from the log and swap them in atomically.
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(serve::run(a)))
+            .and_then(|rt| rt.block_on(serve::run(*a)))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Token(a) => tools::token::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Rebuild(a) => tools::rebuild::run(a),

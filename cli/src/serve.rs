@@ -1,5 +1,6 @@
-//! `threadline serve`: the one place the server is wired over sled. Opens the
-//! data dir's log and projections, then hands them to `threadline_api::serve`.
+//! `threadline serve`: the one place the server is wired. Opens the log (the
+//! data dir's sled log, or a JetStream stream with `--log nats://…`) and the
+//! projections, then hands them to `threadline_api::serve`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use threadline_projections::Projector;
 use threadline_storage::{SledLog, SledOptions};
 use tokio::net::TcpListener;
 
+use crate::log_args::LogArgs;
 use crate::tools::{explain_open_error, log_dir};
 
 #[derive(Debug, clap::Args)]
@@ -23,6 +25,8 @@ pub struct ServeArgs {
     data: DataArgs,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Address to listen on.
     #[arg(
         long,
@@ -41,14 +45,34 @@ pub struct ServeArgs {
 /// Opens everything and serves until ctrl-c or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     threadline_api::metrics::install();
-    let data: PathBuf = args.data.data;
+    let data: PathBuf = args.data.data.clone();
     create_private_dir(&data)?;
     let auth = Authenticator::from_config(&args.keys, &data, true)?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
-    let dir = log_dir(&data);
-    let log = tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
-        .await?
-        .map_err(|e| explain_open_error(&data, e, ""))?;
+    match args.log.nats(&data, true)? {
+        None => {
+            let dir = log_dir(&data);
+            let log =
+                tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
+                    .await?
+                    .map_err(|e| explain_open_error(&data, e, ""))?;
+            serve_on(log, auth, data, args).await
+        }
+        Some(options) => {
+            let log =
+                tokio::task::spawn_blocking(move || crate::log_args::connect(options)).await??;
+            tracing::info!(log = %log.description(), "serving the JetStream log");
+            serve_on(log, auth, data, args).await
+        }
+    }
+}
+
+async fn serve_on<L: threadline_api::Log>(
+    log: L,
+    auth: Authenticator,
+    data: PathBuf,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
     // Process-wide, so the binary's to set: each socket is a descriptor.

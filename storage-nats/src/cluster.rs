@@ -205,7 +205,32 @@ impl NatsCluster {
 
     /// Whether node `i` answers `/healthz` with 200 (JetStream current).
     pub fn healthy(&self, i: usize) -> bool {
-        http_status(self.nodes[i].http, "/healthz") == Some(200)
+        http_get(self.nodes[i].http, "/healthz").is_some_and(|(status, _)| status == 200)
+    }
+
+    /// What node `i`'s replica of `stream` holds, from its monitoring port:
+    /// (last sequence, messages, the stream leader's name as this node sees it).
+    pub fn replica_state(&self, i: usize, stream: &str) -> Option<(u64, u64, Option<String>)> {
+        let (status, body) = http_get(self.nodes[i].http, "/jsz?accounts=true&streams=true")?;
+        if status != 200 {
+            return None;
+        }
+        let jsz: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let detail = jsz["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|d| d["name"] == stream)?;
+        Some((
+            detail["state"]["last_seq"].as_u64()?,
+            detail["state"]["messages"].as_u64()?,
+            detail["cluster"]["leader"].as_str().map(String::from),
+        ))
+    }
+
+    /// The index of the node named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
     }
 
     /// Waits until every running node is healthy.
@@ -237,8 +262,8 @@ impl Drop for NatsCluster {
     }
 }
 
-/// The status code of `GET path` on 127.0.0.1:`port`, if it answered.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream =
         TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -249,5 +274,10 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
 }

@@ -66,7 +66,9 @@ impl Index {
         if position < self.cache_first || position > self.head || self.cache.is_empty() {
             return None;
         }
-        self.cache.get((position - self.cache_first) as usize).cloned()
+        self.cache
+            .get((position - self.cache_first) as usize)
+            .cloned()
     }
 
     /// Applies the message stored at stream sequence `seq`. Sequences at or
@@ -124,7 +126,10 @@ impl Index {
                 duplicate: false,
             },
         );
-        self.streams.entry(record.stream).or_default().push(position);
+        self.streams
+            .entry(record.stream)
+            .or_default()
+            .push(position);
         if self.cache.is_empty() {
             self.cache_first = seq;
         }

@@ -52,6 +52,8 @@ const MAX_GROUP_RECORDS: usize = 500;
 const MAX_ATTEMPTS: u32 = 50;
 /// How long the writer waits for its follower to reach the server's head.
 const CATCH_UP: Duration = Duration::from_secs(30);
+/// How long the follower's consumer may stay silent before the stream is asked whether it moved.
+const FOLLOW_IDLE: Duration = Duration::from_secs(2);
 /// Reads of records not in the cache in flight at once.
 const READ_CONCURRENCY: usize = 32;
 
@@ -138,6 +140,8 @@ struct Job {
     /// Ids published with an unknown outcome (a lost ack): found stored
     /// later, they were appended by this call, not before it.
     maybe_ours: HashSet<Uuid>,
+    /// When the cluster first failed to answer this append's catch-up.
+    failing_since: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -324,7 +328,12 @@ impl NatsLog {
                 let _ = tokio::time::timeout(CATCH_UP, done).await;
             });
         }
-        if let Some(runtime) = self.runtime.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(runtime) = self
+            .runtime
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             // Never blocks, so it is safe from inside another runtime.
             runtime.shutdown_background();
         }
@@ -383,8 +392,10 @@ async fn open_cluster(options: NatsOptions) -> Result<Cluster, StorageError> {
                 .await
                 .map_err(|e| io("reading the stream's configuration", e))?;
             let c = &info.config;
-            if !(c.deny_delete && c.deny_purge && c.allow_atomic_publish)
-                || !c.subjects.contains(&subjects)
+            if !(c.deny_delete
+                && c.deny_purge
+                && c.allow_atomic_publish
+                && c.subjects.contains(&subjects))
             {
                 return Err(StorageError::InvalidInput(format!(
                     "stream {} exists but is not a Threadline log: it needs subjects [{subjects}], \
@@ -452,11 +463,7 @@ async fn last_sequence(stream: stream::Stream) -> Result<u64, StorageError> {
     Ok(state.last_sequence)
 }
 
-async fn wait_for_head(
-    shared: &Shared,
-    target: u64,
-    within: Duration,
-) -> Result<(), StorageError> {
+async fn wait_for_head(shared: &Shared, target: u64, within: Duration) -> Result<(), StorageError> {
     let mut rx = shared.head_tx.subscribe();
     let reached = tokio::time::timeout(within, async {
         loop {
@@ -477,6 +484,43 @@ async fn wait_for_head(
             "the gateway did not reach position {target} of the JetStream log within {within:?}"
         )))
     })
+}
+
+/// Brings the index up to `target` by reading the missing records from the
+/// stream leader (not waiting for the follower, whose consumer may be
+/// re-creating itself after a node loss).
+async fn catch_up(
+    shared: &Shared,
+    stream: &stream::Stream,
+    target: u64,
+) -> Result<(), StorageError> {
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        let head = shared.index().head;
+        if head >= target {
+            return Ok(());
+        }
+        let end = target.min(head + READ_CONCURRENCY as u64 * 4);
+        let read = futures_util::stream::iter((head + 1..=end).map(|seq| {
+            let stream = stream.clone();
+            async move { stream.get_raw_message(seq).await.map(|m| (seq, m.payload)) }
+        }))
+        .buffered(READ_CONCURRENCY)
+        .try_collect::<Vec<_>>()
+        .await;
+        match read {
+            Ok(messages) => {
+                for (seq, payload) in messages {
+                    shared.apply(seq, &payload)?;
+                }
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "catching up from the stream leader; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(io(&format!("catching up to position {target}"), e)),
+        }
+    }
 }
 
 /// Folds every stored message into the index, in order, for as long as the log is open.
@@ -509,8 +553,24 @@ async fn follow_from(shared: &Shared, stream: &stream::Stream, from: u64) -> Res
         .await
         .map_err(|e| e.to_string())?;
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| e.to_string())?;
+    loop {
+        let message = match tokio::time::timeout(FOLLOW_IDLE, messages.next()).await {
+            Ok(Some(message)) => message.map_err(|e| e.to_string())?,
+            Ok(None) => break,
+            Err(_) => {
+                // Quiet: fine when the stream is, not when the consumer was lost with
+                // a node (an ordered consumer has one replica) and has not noticed.
+                let last = last_sequence(stream.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if last > shared.index().head {
+                    return Err(format!(
+                        "the consumer fell silent below the stream's last sequence {last}"
+                    ));
+                }
+                continue;
+            }
+        };
         let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
         if let Err(e) = shared.apply(seq, &message.payload) {
             tracing::error!(error = %e, "the JetStream log broke the log contract; this gateway stops following it");
@@ -521,6 +581,19 @@ async fn follow_from(shared: &Shared, stream: &stream::Stream, from: u64) -> Res
         }
     }
     Err("the ordered consumer ended".into())
+}
+
+/// The last sequence a refused publish's error names (`wrong last sequence: N`,
+/// or `already stored at sequence N` for a duplicate id).
+fn reported_last(reason: &str) -> Option<u64> {
+    let at = ["wrong last sequence: ", "at sequence "]
+        .iter()
+        .find_map(|needle| reason.rfind(needle).map(|i| i + needle.len()))?;
+    let digits: String = reason[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
 }
 
 /// Why a publish did not land where planned.
@@ -552,7 +625,11 @@ struct ApiError {
 
 /// Publishes `records` (consecutive, the first at `head + 1`) as one
 /// conditional append: all of them land at exactly their positions, or none.
-async fn publish(cluster: &Cluster, head: u64, records: &[(Record, Vec<u8>)]) -> Result<(), Failure> {
+async fn publish(
+    cluster: &Cluster,
+    head: u64,
+    records: &[(Record, Vec<u8>)],
+) -> Result<(), Failure> {
     let headers = |record: &Record| {
         let mut h = HeaderMap::new();
         h.insert("Nats-Msg-Id", record.event_id.to_string());
@@ -573,7 +650,7 @@ async fn publish(cluster: &Cluster, head: u64, records: &[(Record, Vec<u8>)]) ->
             .await;
         return match ack {
             Ok(ack) if ack.duplicate => Err(Failure::Refused(format!(
-                "event id {} is already stored at {}",
+                "event id {} is already stored at sequence {}",
                 record.event_id, ack.sequence
             ))),
             Ok(ack) if ack.sequence == record.position.0 => Ok(()),
@@ -715,15 +792,31 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                 Failure::Unknown(r) => (true, r),
             };
             tracing::debug!(head, unknown, %reason, "publish did not land; catching up and planning again");
-            let caught_up = match last_sequence(cluster.stream.clone()).await {
-                Ok(last) => wait_for_head(shared, last, CATCH_UP).await,
+            // The leader checks the expectation against the proposals it has accepted,
+            // which its stream info may not show yet: wait for what the refusal named.
+            let last = match reported_last(&reason) {
+                Some(last) => Ok(last),
+                None => last_sequence(cluster.stream.clone()).await,
+            };
+            let caught_up = match last {
+                Ok(last) if last < head => {
+                    // A leader that has not applied everything yet, or a cluster that lost
+                    // what it acknowledged (see docs/scaling.md on corrupted replicas).
+                    // Either way nothing is written over the hole: every publish is
+                    // conditioned on this gateway's head, which the stream is below.
+                    let reason = format!(
+                        "the JetStream stream ends at {last} but positions up to {head} were acknowledged"
+                    );
+                    tracing::error!(%reason, "appends wait for the stream to reach the head");
+                    Err(StorageError::Io(reason))
+                }
+                Ok(last) => catch_up(shared, &cluster.stream, last).await,
                 Err(e) => Err(e),
             };
             for (mut job, _) in planned {
                 job.attempts += 1;
                 if unknown {
-                    job.maybe_ours
-                        .extend(job.events.iter().map(|e| e.event_id));
+                    job.maybe_ours.extend(job.events.iter().map(|e| e.event_id));
                 }
                 if job.attempts >= MAX_ATTEMPTS {
                     let _ = job.tx.send(Err(StorageError::Io(format!(
@@ -731,7 +824,12 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                         job.attempts
                     ))));
                 } else if let Err(e) = &caught_up {
-                    if job.attempts >= 3 {
+                    // The cluster cannot answer (no leader yet, an election, no quorum):
+                    // keep trying for a while, then answer the error.
+                    let since = *job
+                        .failing_since
+                        .get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= CATCH_UP {
                         let _ = job.tx.send(Err(e.clone()));
                     } else {
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -759,6 +857,7 @@ impl EventLog for NatsLog {
             tx,
             attempts: 0,
             maybe_ours: HashSet::new(),
+            failing_since: None,
         };
         if let Some(writer) = &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
             // A refused send drops the job's sender, which answers Closed.
@@ -853,5 +952,17 @@ mod tests {
         assert_eq!(subject_for("tl", "$log"), "tl.s.=24log");
         // Escaping is injective: `=` itself is escaped.
         assert_ne!(subject_for("tl", "=3A"), subject_for("tl", ":"));
+    }
+
+    #[test]
+    fn the_refusals_last_sequence_is_read() {
+        use super::reported_last;
+        let e = "wrong last sequence: wrong last sequence: 22 (code 400, error code 10071)";
+        assert_eq!(reported_last(e), Some(22));
+        assert_eq!(
+            reported_last("batch refused (10071): wrong last sequence: 7"),
+            Some(7)
+        );
+        assert_eq!(reported_last("timed out"), None);
     }
 }

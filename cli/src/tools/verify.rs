@@ -8,7 +8,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use threadline_projections::{load_checkpoint, ReadModel};
-use threadline_storage::{evidence, salvage, EventLog, Position, Record, StorageError, LOG_STREAM};
+use threadline_storage::{
+    evidence, salvage, Checkpoints, EventLog, Position, Record, StorageError, LOG_STREAM,
+};
 
 use threadline_api::config::DataArgs;
 
@@ -27,6 +29,8 @@ const PAGE: u64 = 1000;
 pub struct VerifyArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub log: crate::log_args::LogArgs,
     /// Do not draw the progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long, short)]
     pub quiet: bool,
@@ -174,6 +178,17 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         stored: None,
         versions: HashMap::new(),
     };
+    if let Some(options) = args.log.nats(data, false)? {
+        // The stream's copies are the cluster's to keep (and to repair); the
+        // check reads every record through the log and compares the
+        // projections this gateway stored under the data dir.
+        let log = crate::log_args::connect(options)?;
+        let head = log.head();
+        pass.report
+            .notes
+            .push(format!("JetStream log {}", log.description()));
+        return check(log, data, head, pass, args.quiet);
+    }
     let (openable, acknowledged) = scan_copies(data, args.quiet, &mut pass.report)?;
     if !openable {
         pass.report.notes.push(
@@ -204,6 +219,17 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
+    check(log, data, acknowledged, pass, args.quiet)
+}
+
+/// Reads every record of `log` once and compares the stored projections with a rebuild.
+fn check<L: EventLog + Checkpoints>(
+    log: L,
+    data: &std::path::Path,
+    acknowledged: Position,
+    mut pass: Pass,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let head = log.head();
     if head < acknowledged {
         pass.report.problems.push(format!(
@@ -234,7 +260,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         )),
     }
 
-    let bar = super::position_bar(head.0, args.quiet, "verifying");
+    let bar = super::position_bar(head.0, quiet, "verifying");
     let mut next = 1;
     while next <= head.0 {
         match log.read_from(Position(next), PAGE as usize) {

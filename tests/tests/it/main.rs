@@ -16,6 +16,7 @@ mod openapi;
 mod refresh;
 mod replay;
 mod restart;
+mod scaling;
 mod slow_reader;
 mod smoke;
 mod sockets;
