@@ -3,6 +3,7 @@
 # server and the load tool in release, runs every scenario on loopback and
 # prints one table (machine, figures, the Redis peer measured in the same run,
 # ratio). Usage: bash bench/run.sh [--quick] [more threadline-bench flags]
+# A soak instead of the scenarios: bash bench/run.sh --soak 600 (see docs/reliability.md).
 # Honors CARGO_TARGET_DIR (default: target/ of the repository).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

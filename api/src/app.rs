@@ -59,8 +59,12 @@ struct Inner<L> {
     edge: LimitArgs,
     connections: Mutex<HashMap<UserId, usize>>,
     presence: Presence,
+    /// The nudge webhook, when configured (`serve` starts its worker).
+    nudge: std::sync::OnceLock<Arc<crate::nudge::NudgeConfig>>,
     /// Raised when the server begins shutting down.
     shutdown: watch::Sender<bool>,
+    /// The online verify job's slot.
+    verifier: crate::verify::Verifier,
 }
 
 /// What the request extractors need of the state, whatever its log: who the
@@ -111,13 +115,25 @@ impl<L: Log> AppState<L> {
                 presence: Presence::new(edge.presence_grace),
                 edge,
                 connections: Mutex::default(),
+                nudge: std::sync::OnceLock::new(),
                 shutdown: watch::Sender::new(false),
+                verifier: crate::verify::Verifier::default(),
             }),
         }
     }
 
     pub fn projector(&self) -> &Arc<Projector<L>> {
         &self.inner.projector
+    }
+
+    /// Turns the nudge webhook on (before `serve`; a second call changes nothing).
+    pub fn with_nudges(self, config: crate::nudge::NudgeConfig) -> AppState<L> {
+        let _ = self.inner.nudge.set(Arc::new(config));
+        self
+    }
+
+    pub(crate) fn nudges(&self) -> Option<&Arc<crate::nudge::NudgeConfig>> {
+        self.inner.nudge.get()
     }
 
     pub(crate) fn auth(&self) -> &Authenticator {
@@ -485,6 +501,31 @@ impl<L: Log> AppState<L> {
         }
         self.blocking(move |projector| audit_page(projector, &q))
             .await
+    }
+
+    /// Starts the online verify (auditors only) unless one is running; returns
+    /// whether it started one, and that job's status.
+    pub fn start_verify(
+        &self,
+        p: &Principal,
+    ) -> Result<(bool, crate::verify::VerifyStatus), AppError> {
+        if p.actor.role != Role::Auditor {
+            return Err(AppError::Forbidden("only auditors run verify".into()));
+        }
+        Ok(self
+            .inner
+            .verifier
+            .start(Arc::clone(&self.inner.projector), p.actor.user.as_str()))
+    }
+
+    /// The running or last online verify job (auditors only).
+    pub fn verify_status(&self, p: &Principal) -> Result<crate::verify::VerifyStatus, AppError> {
+        if p.actor.role != Role::Auditor {
+            return Err(AppError::Forbidden(
+                "only auditors read verify's result".into(),
+            ));
+        }
+        Ok(self.inner.verifier.status())
     }
 
     /// One page of the delivery ledger (auditors only).

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use threadline_engine::{RunId, ThreadId, UserId};
+use threadline_engine::{Event, RunId, ThreadId, UserId};
 use threadline_projections::{Projector, PAGE};
 use threadline_storage::{Checkpoints, EventLog, Position, SYSTEM_STREAM_PREFIX};
 use utoipa::IntoParams;
@@ -73,6 +73,21 @@ pub fn audit_page<L: EventLog + Checkpoints>(
                 continue;
             }
             let event = wire::event_of(record)?;
+            // A nudge's outcome is listed under its subject's thread, run and owner.
+            if let Event::NudgeRecorded(nudge) = &event {
+                if q.thread_id.as_ref().is_some_and(|t| *t != nudge.thread_id)
+                    || q.run_id.as_ref().is_some_and(|r| *r != nudge.run_id)
+                    || q.user_id.as_ref().is_some_and(|u| *u != nudge.user_id)
+                {
+                    continue;
+                }
+                events.push(wire::Envelope {
+                    frame: wire::nudge_frame(record, &event, nudge),
+                    user_id: nudge.user_id.to_string(),
+                    actor: wire::actor_of(record),
+                });
+                continue;
+            }
             let Some(thread_id) = event.thread_id() else {
                 continue;
             };

@@ -405,6 +405,116 @@ impl Default for LimitArgs {
     }
 }
 
+/// The nudge webhook (`docs/operations.md`, "Nudges"): off unless `--nudge-url` is set,
+/// and then a secret is required. Only `serve` reads them.
+// Debug is written by hand so the secret never reaches a log line.
+#[derive(clap::Args, Clone, PartialEq, Eq)]
+pub struct NudgeArgs {
+    /// Where to POST a nudge (http:// only) when a run completes, errors or awaits input
+    /// and no device of the owner acknowledged that event within --nudge-after. Unset:
+    /// no webhook.
+    #[arg(long, env = "THREADLINE_NUDGE_URL", value_name = "URL")]
+    pub nudge_url: Option<String>,
+
+    /// The signing secret: `whsec_<base64>` (Standard Webhooks) or any text of at least
+    /// 24 bytes. Visible in `ps`: prefer --nudge-secret-file.
+    #[arg(
+        long,
+        env = "THREADLINE_NUDGE_SECRET",
+        hide_env_values = true,
+        value_name = "SECRET",
+        conflicts_with = "nudge_secret_file"
+    )]
+    pub nudge_secret: Option<String>,
+
+    /// File holding the signing secret (surrounding whitespace ignored).
+    #[arg(long, env = "THREADLINE_NUDGE_SECRET_FILE", value_name = "FILE")]
+    pub nudge_secret_file: Option<PathBuf>,
+
+    /// How long an event may go unacknowledged by every device of its owner before
+    /// the owner is nudged.
+    #[arg(long, env = "THREADLINE_NUDGE_AFTER", default_value = "30s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub nudge_after: Duration,
+
+    /// Requests made for one nudge before it is recorded `nudge_failed`.
+    #[arg(
+        long,
+        env = "THREADLINE_NUDGE_ATTEMPTS",
+        default_value_t = 6,
+        value_parser = clap::value_parser!(u32).range(1..=20),
+        value_name = "N"
+    )]
+    pub nudge_attempts: u32,
+
+    /// The wait after the first failed attempt; it doubles after each (at most 5 min).
+    #[arg(long, env = "THREADLINE_NUDGE_BACKOFF", default_value = "1s", value_parser = parse_timeout, value_name = "DURATION")]
+    pub nudge_backoff: Duration,
+}
+
+impl Default for NudgeArgs {
+    /// The flags' defaults (a test checks they agree).
+    fn default() -> Self {
+        Self {
+            nudge_url: None,
+            nudge_secret: None,
+            nudge_secret_file: None,
+            nudge_after: Duration::from_secs(30),
+            nudge_attempts: 6,
+            nudge_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+impl fmt::Debug for NudgeArgs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NudgeArgs")
+            .field("nudge_url", &self.nudge_url)
+            .field(
+                "nudge_secret",
+                &self.nudge_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("nudge_secret_file", &self.nudge_secret_file)
+            .field("nudge_after", &self.nudge_after)
+            .field("nudge_attempts", &self.nudge_attempts)
+            .field("nudge_backoff", &self.nudge_backoff)
+            .finish()
+    }
+}
+
+impl NudgeArgs {
+    /// The webhook's configuration; `None` when no URL is set. A URL without a secret,
+    /// or a secret without a URL, is refused.
+    pub fn config(&self) -> Result<Option<crate::nudge::NudgeConfig>, ConfigError> {
+        let secret = match (&self.nudge_secret, &self.nudge_secret_file) {
+            (Some(_), Some(_)) => bail!("configure one of --nudge-secret and --nudge-secret-file"),
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(path)) => {
+                let text = fs::read_to_string(path).with_context(|| {
+                    format!("cannot read --nudge-secret-file {}", path.display())
+                })?;
+                warn_if_readable_by_others(path);
+                Some(text)
+            }
+            (None, None) => None,
+        };
+        match (&self.nudge_url, secret) {
+            (None, None) => Ok(None),
+            (None, Some(_)) => bail!("a nudge secret is set but no --nudge-url"),
+            (Some(_), None) => bail!(
+                "--nudge-url needs --nudge-secret or --nudge-secret-file: webhooks are always signed"
+            ),
+            (Some(url), Some(secret)) => crate::nudge::NudgeConfig::new(
+                url,
+                &secret,
+                self.nudge_after,
+                self.nudge_attempts,
+                self.nudge_backoff,
+            )
+            .map(Some),
+        }
+    }
+}
+
 /// A humantime duration; `0` (off) allowed.
 fn parse_window(s: &str) -> Result<Duration, String> {
     if s.trim() == "0" {
@@ -627,7 +737,7 @@ fn warn_if_readable_by_others(path: &Path) {
                 tracing::warn!(
                     path = %path.display(),
                     mode = format_args!("{mode:o}"),
-                    "JWT secret file is accessible to other users; chmod 600 it"
+                    "secret file is accessible to other users; chmod 600 it"
                 );
             }
         }
@@ -666,6 +776,32 @@ mod tests {
         keys: KeyArgs,
         #[command(flatten)]
         limits: LimitArgs,
+        #[command(flatten)]
+        nudge: NudgeArgs,
+    }
+
+    #[test]
+    fn nudge_defaults_are_the_flags_defaults_and_off() {
+        let cli = Cli::try_parse_from(["t"]).unwrap();
+        assert_eq!(cli.nudge, NudgeArgs::default());
+        assert!(cli.nudge.config().unwrap().is_none());
+        let url = ["t", "--nudge-url", "http://127.0.0.1:9/h"];
+        let cli = Cli::try_parse_from(url).unwrap();
+        assert!(cli.nudge.config().is_err(), "a URL without a secret");
+        let secret = "0123456789abcdef0123456789abcdef";
+        let cli = Cli::try_parse_from(["t", "--nudge-secret", secret]).unwrap();
+        assert!(cli.nudge.config().is_err(), "a secret without a URL");
+        let cli = Cli::try_parse_from(url.into_iter().chain([
+            "--nudge-secret",
+            secret,
+            "--nudge-after",
+            "1s",
+        ]))
+        .unwrap();
+        let config = cli.nudge.config().unwrap().unwrap();
+        assert_eq!(config.after, Duration::from_secs(1));
+        assert!(!format!("{:?}", cli.nudge).contains(secret));
+        assert!(Cli::try_parse_from(["t", "--nudge-attempts", "0"]).is_err());
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub fn router<L: Log>(state: AppState<L>) -> Router {
         .route("/v1/events", post(append_batch::<L>))
         .route("/v1/audit/events", get(audit_events::<L>))
         .route("/v1/audit/deliveries", get(audit_deliveries::<L>))
+        .route(
+            "/v1/admin/verify",
+            post(start_verify::<L>).get(verify_status::<L>),
+        )
         .route("/v1/ws", get(crate::ws::upgrade::<L>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<L>))
@@ -442,6 +446,47 @@ async fn audit_deliveries<L: Log>(
     Ok(Json(app.deliveries(&p, q.parse()?).await?))
 }
 
+/// Start the online verify (auditors only): the offline `threadline verify`'s checks
+/// (checksums, dense positions and stream versions, projection digests at one
+/// position) against the live log, in the background. One job at a time: while one
+/// runs, this answers 200 with its status instead of starting another.
+#[utoipa::path(post, path = "/v1/admin/verify", tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 202, description = "a job was started; poll `GET /v1/admin/verify`", body = crate::verify::VerifyStatus),
+        (status = 200, description = "a job is already running: its status", body = crate::verify::VerifyStatus),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: not an auditor", body = ErrorBody),
+    ))]
+async fn start_verify<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+) -> Result<(StatusCode, Json<crate::verify::VerifyStatus>), AppError> {
+    let (started, status) = app.start_verify(&p)?;
+    let code = if started {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(status)))
+}
+
+/// The online verify's status (auditors only): `running` with its progress, or the
+/// last job's result (`passed` or `failed`, with each problem), or `idle`.
+#[utoipa::path(get, path = "/v1/admin/verify", tag = "operations",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the running or last job", body = crate::verify::VerifyStatus),
+        (status = 401, description = E401, body = ErrorBody),
+        (status = 403, description = "forbidden: not an auditor", body = ErrorBody),
+    ))]
+async fn verify_status<L: Log>(
+    State(app): State<AppState<L>>,
+    Auth(p): Auth,
+) -> Result<Json<crate::verify::VerifyStatus>, AppError> {
+    Ok(Json(app.verify_status(&p)?))
+}
+
 /// The page size a list call asked for (default 100), within 1 to [`MAX_LIMIT`].
 pub(crate) fn check_limit(limit: Option<usize>) -> Result<usize, AppError> {
     match limit.unwrap_or(100) {
@@ -496,18 +541,49 @@ async fn readyz<L: Log>(State(app): State<AppState<L>>) -> Response {
     (status, Json(ready)).into_response()
 }
 
-/// A span per request with method and path; never the query string, which
-/// may carry `access_token`.
-async fn trace(req: Request, next: Next) -> Response {
-    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), user_id = tracing::field::Empty);
+/// The response header carrying a request's id, and the request header a caller
+/// (or a proxy in front) may set it with.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// The id of one HTTP request (or of the socket it upgraded to): the caller's
+/// `x-request-id` when it is sane, else a fresh UUID. In the request's extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// A caller's id is kept when it is 1 to 128 characters of letters, digits and
+    /// `-_.:/+=@`, so it can neither break a log line nor be a vehicle for one.
+    fn from_header(value: Option<&axum::http::HeaderValue>) -> RequestId {
+        value
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| {
+                (1..=128).contains(&v.len())
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(&b))
+            })
+            .map(|v| RequestId(v.to_owned()))
+            .unwrap_or_else(|| RequestId(uuid::Uuid::new_v4().to_string()))
+    }
+}
+
+/// A span per request with its id, method and path (never the query string, which
+/// may carry `access_token`); the id is echoed in the `x-request-id` response header.
+async fn trace(mut req: Request, next: Next) -> Response {
+    let id = RequestId::from_header(req.headers().get(REQUEST_ID_HEADER));
+    let span = tracing::info_span!("request", request_id = %id.0, method = %req.method(), path = %req.uri().path(), user_id = tracing::field::Empty);
+    let header = axum::http::HeaderValue::from_str(&id.0).ok();
+    req.extensions_mut().insert(id);
     let started = Instant::now();
     async move {
-        let response = next.run(req).await;
+        let mut response = next.run(req).await;
         tracing::debug!(
             status = response.status().as_u16(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "handled"
         );
+        if let Some(header) = header {
+            response.headers_mut().insert(REQUEST_ID_HEADER, header);
+        }
         response
     }
     .instrument(span)

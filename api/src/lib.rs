@@ -18,11 +18,13 @@ mod error;
 mod extract;
 mod http;
 pub mod metrics;
+pub mod nudge;
 pub mod openapi;
 mod presence;
 mod rate;
 mod server;
 mod stream;
+pub mod verify;
 pub mod wire;
 mod ws;
 

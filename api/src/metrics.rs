@@ -59,6 +59,31 @@ fn describe() {
         "threadline_projected_position",
         "The position the projections have folded."
     );
+    describe_gauge!(
+        "threadline_verify_running",
+        "1 while an online verify (POST /v1/admin/verify) runs, else 0."
+    );
+    describe_gauge!(
+        "threadline_verify_checked_position",
+        "The last position the running (or last) online verify has checked."
+    );
+    describe_gauge!(
+        "threadline_verify_target_position",
+        "The log head the running (or last) online verify checks up to."
+    );
+    describe_gauge!(
+        "threadline_verify_digest_position",
+        "The position at which the online verify compares projection digests."
+    );
+    describe_gauge!(
+        "threadline_verify_problems",
+        "Problems the last finished online verify found (0: it passed)."
+    );
+    describe_counter!(
+        "threadline_verify_runs_total",
+        "Online verify jobs finished, by result (passed, failed)."
+    );
+    metrics::gauge!("threadline_verify_running").set(0.0);
 }
 
 /// Prometheus text; every metric is named `threadline_*`.

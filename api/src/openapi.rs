@@ -39,6 +39,8 @@ use crate::wire;
         crate::http::presence,
         crate::http::audit_events,
         crate::http::audit_deliveries,
+        crate::http::start_verify,
+        crate::http::verify_status,
         crate::ws::upgrade,
         crate::http::healthz,
         crate::http::readyz,

@@ -43,6 +43,13 @@ pub async fn serve<L: Log>(
     let projector = Arc::clone(state.projector());
     let fold = projector.follow(CheckpointPolicy::default())?;
     let sweeper = tokio::spawn(sweep(state.clone(), state.shutdown_signal()));
+    let nudger = state.nudges().cloned().map(|config| {
+        tokio::spawn(crate::nudge::run(
+            state.clone(),
+            config,
+            state.shutdown_signal(),
+        ))
+    });
     let app = crate::http::router(state.clone());
     let stopping = state.clone();
     let stop = async move {
@@ -63,6 +70,10 @@ pub async fn serve<L: Log>(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let _ = sweeper.await;
+    // Before the fold stops: a delivery recording its outcome waits on the fold.
+    if let Some(nudger) = nudger {
+        let _ = nudger.await;
+    }
     tokio::task::spawn_blocking(move || -> Result<(), ServeError> {
         fold.stop();
         projector.catch_up()?;

@@ -8,7 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use threadline_engine::{
-    Actor, AgentEventKind, Event, RunStatus, INPUT_REQUESTED, THREAD_EVENT_NAMES,
+    Actor, AgentEventKind, Event, NudgeRecord, RunStatus, INPUT_REQUESTED, NUDGE_DELIVERED,
+    NUDGE_FAILED, THREAD_EVENT_NAMES,
 };
 use threadline_projections::{decode_event, ProjectionError};
 use threadline_storage::Record;
@@ -327,7 +328,7 @@ pub struct Frame {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct ActorRef {
     pub sub: String,
-    /// `user`, `agent` or `auditor`; `system` for the server's own `run_expired`.
+    /// `user`, `agent` or `auditor`; `system` for the server's own `run_expired` and nudges.
     pub role: String,
 }
 
@@ -407,14 +408,16 @@ fn agent_event_type() -> Object {
     one_of(agent_event_types())
 }
 
-/// Every `event` a frame can carry: the thread's own events and the agent event types.
+/// Every `event` a frame can carry: the thread's own events and the agent event types,
+/// and (in the auditor's history only) the nudges' outcomes.
 fn event_name() -> Object {
     one_of(
         ["thread_created"]
             .into_iter()
             .chain(THREAD_EVENT_NAMES)
             .chain(AgentEventKind::ALL.map(|k| k.as_str()))
-            .chain(MESSAGE_EVENT_TYPES),
+            .chain(MESSAGE_EVENT_TYPES)
+            .chain([NUDGE_DELIVERED, NUDGE_FAILED]),
     )
 }
 
@@ -478,6 +481,19 @@ fn data_of(event: &Event) -> Box<RawValue> {
                 .to_string(),
         ),
         Event::RunExpired { .. } | Event::CursorAdvanced { .. } => raw("{}".into()),
+        Event::NudgeRecorded(n) => raw(
+            serde_json::json!({
+                "subject": {
+                    "event": n.subject_event,
+                    "position": n.subject_position,
+                    "user_seq": n.subject_user_seq,
+                },
+                "attempts": n.attempts,
+                "status": n.status,
+                "error": n.error,
+            })
+            .to_string(),
+        ),
         Event::MessageStarted { message_id, .. } => {
             raw(serde_json::json!({ "message_id": message_id }).to_string())
         }
@@ -528,6 +544,25 @@ pub fn frame(record: &Record, event: &Event, user_seq: u64) -> Option<Frame> {
         from_user_seq: None,
         from_thread_version: None,
     })
+}
+
+/// The auditor's frame of a nudge's outcome: its subject's thread and run, `user_seq`
+/// 0 and `thread_version` 0 (it is in no user's queue and on no thread's stream).
+pub fn nudge_frame(record: &Record, event: &Event, nudge: &NudgeRecord) -> Frame {
+    Frame {
+        frame_type: "event",
+        user_seq: 0,
+        position: record.position.0,
+        thread_id: nudge.thread_id.to_string(),
+        thread_version: 0,
+        run_id: Some(nudge.run_id.to_string()),
+        event: nudge.type_name(),
+        data: data_of(event),
+        event_id: record.event_id.to_string(),
+        recorded_at: timestamp(record.recorded_at_ms),
+        from_user_seq: None,
+        from_thread_version: None,
+    }
 }
 
 /// Who appended `record`, from the stored form of [`threadline_engine::Actor`].

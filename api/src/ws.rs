@@ -161,6 +161,7 @@ fn token<'a>(headers: &'a HeaderMap, query: Option<&'a WsQuery>) -> Option<&'a s
 pub(crate) async fn upgrade<L: Log>(
     State(app): State<AppState<L>>,
     conn: Option<Extension<ConnHandle>>,
+    request_id: Option<Extension<crate::http::RequestId>>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
     headers: HeaderMap,
     uri: Uri,
@@ -218,7 +219,8 @@ pub(crate) async fn upgrade<L: Log>(
                 .as_ref()
                 .map(|p| p.client.to_string())
                 .unwrap_or_default();
-            let span = tracing::info_span!("socket", user_id = %user, client_id = %client);
+            let request_id = request_id.map(|Extension(id)| id.0).unwrap_or_default();
+            let span = tracing::info_span!("socket", request_id = %request_id, user_id = %user, client_id = %client);
             Session::start(app, socket, conn, auth, params)
                 .instrument(span)
                 .await
@@ -292,7 +294,7 @@ impl<L: Log> Session<L> {
     /// Sends the error frame and the close, within the send deadline; a peer that
     /// does not take them by then is dropped all the same.
     async fn close(&mut self, code: u16, error: &str, message: &str) {
-        tracing::debug!(code, error, message, "closing socket");
+        tracing::debug!(code, error, reason = message, "closing socket");
         if code == close::NONE {
             return;
         }

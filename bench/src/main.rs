@@ -10,6 +10,7 @@
 mod procs;
 mod resp;
 mod scenarios;
+mod soak;
 mod tl;
 
 use std::path::PathBuf;
@@ -92,7 +93,23 @@ struct Args {
     /// Deltas per second of each stream in scenario 8.
     #[arg(long, default_value_t = 50.0)]
     stream_rate: f64,
-    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170].
+    /// Instead of the scenarios: a soak of this many seconds (e.g. 600) at half the
+    /// measured maximum ingest (or `--live-rate`) over `--live-users` sockets, of which
+    /// `--soak-reconnecting` disconnect and resume at random; one row per `--soak-interval`
+    /// (RSS, open fds, append→frame latency); fails if any client lost, skipped or was
+    /// given twice an event.
+    #[arg(long, value_name = "SECS")]
+    soak: Option<f64>,
+    /// Seconds per soak sample row [default: 60, or a sixth of a shorter soak].
+    #[arg(long, value_name = "SECS")]
+    soak_interval: Option<f64>,
+    /// Share of the soak's sockets that disconnect and resume at random.
+    #[arg(long, default_value_t = 0.1)]
+    soak_reconnecting: f64,
+    /// A reconnecting soak socket stays connected a random time up to this many seconds.
+    #[arg(long, default_value_t = 20.0)]
+    soak_max_connected: f64,
+    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170; a soak: its length + 900].
     #[arg(long)]
     deadline_secs: Option<u64>,
 }
@@ -122,7 +139,10 @@ fn row(scenario: &str, metric: &str, tl: Option<f64>, redis: Option<f64>, digits
         redis: fmt(redis),
         ratio,
     };
-    eprintln!("  {} | {} | {} | {} | {}", r.scenario, r.metric, r.tl, r.redis, r.ratio);
+    eprintln!(
+        "  {} | {} | {} | {} | {}",
+        r.scenario, r.metric, r.tl, r.redis, r.ratio
+    );
     ROWS.lock().unwrap().push(r);
 }
 
@@ -174,7 +194,11 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let q = args.quick;
-    let deadline = args.deadline_secs.unwrap_or(if q { 170 } else { 1500 });
+    let deadline = args.deadline_secs.unwrap_or(match args.soak {
+        Some(secs) => secs as u64 + 900,
+        None if q => 170,
+        None => 1500,
+    });
     let header = format!(
         "threadline-bench{}: {}\nredis-server {} (appendonly yes, appendfsync always, save ''); payload {} B of JSON data per event",
         if q { " --quick" } else { "" },
@@ -204,7 +228,8 @@ const SECRET: &str = "threadline-bench-secret-0123456789abcdef";
 
 async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
     let q = a.quick;
-    let pick = |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
+    let pick =
+        |v: Option<usize>, full: usize, quick: usize| v.unwrap_or(if q { quick } else { full });
     let ingest_secs = a.ingest_secs.unwrap_or(if q { 4.0 } else { 10.0 });
     let live_secs = a.live_secs.unwrap_or(if q { 5.0 } else { 10.0 });
     let live_users = pick(a.live_users, 1000, 100);
@@ -214,9 +239,16 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
     let log_events = pick(a.log_events, 1_000_000, 100_000);
     let has = |n: u8| a.only.contains(&n);
     let started = Instant::now();
-    let bin = std::fs::canonicalize(&a.threadline_bin)
-        .with_context(|| format!("{} (build it: cargo build --release -p threadline-cli --bin threadline)", a.threadline_bin.display()))?;
+    let bin = std::fs::canonicalize(&a.threadline_bin).with_context(|| {
+        format!(
+            "{} (build it: cargo build --release -p threadline-cli --bin threadline)",
+            a.threadline_bin.display()
+        )
+    })?;
     let max_clients = idle + live_users + storm_clients + 1000;
+    if let Some(secs) = a.soak {
+        return run_soak(a, &bin, work, secs, ingest_secs, live_users).await;
+    }
 
     // Server A: scenarios 1, 2, 3, 5. Redis A likewise.
     if has(1) || has(2) || has(3) || has(5) {
@@ -246,23 +278,49 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                     _ => format!("2 ingest, batches of {batch} ({count} agents)"),
                 };
                 eprintln!("scenario {name}: threadline…");
-                let t = sc::tl_ingest(&http, &agents[..count], batch, a.payload, ingest_secs).await?;
+                let t =
+                    sc::tl_ingest(&http, &agents[..count], batch, a.payload, ingest_secs).await?;
                 eprintln!("scenario {name}: redis…");
                 let r = sc::redis_ingest(redis.port, count, batch, a.payload, ingest_secs).await?;
-                row(&name, "events/s (acknowledged durable)", Some(t.rate), Some(r.rate), 0);
+                row(
+                    &name,
+                    "events/s (acknowledged durable)",
+                    Some(t.rate),
+                    Some(r.rate),
+                    0,
+                );
                 if n == 2 {
                     batch_max = Some(t.rate);
                 }
                 let per = if batch == 1 { "request" } else { "batch" };
-                row(&name, &format!("p50 latency per {per}, ms"), Some(t.lat.p50), Some(r.lat.p50), 2);
-                row(&name, &format!("p99 latency per {per}, ms"), Some(t.lat.p99), Some(r.lat.p99), 2);
+                row(
+                    &name,
+                    &format!("p50 latency per {per}, ms"),
+                    Some(t.lat.p50),
+                    Some(r.lat.p50),
+                    2,
+                );
+                row(
+                    &name,
+                    &format!("p99 latency per {per}, ms"),
+                    Some(t.lat.p99),
+                    Some(r.lat.p99),
+                    2,
+                );
             }
         }
 
         if has(3) {
-            let paced = a.live_rate.or(batch_max.map(|m| (m / 2.0).round())).unwrap_or(20_000.0);
+            let paced = a
+                .live_rate
+                .or(batch_max.map(|m| (m / 2.0).round()))
+                .unwrap_or(20_000.0);
             let baseline = match &a.baseline_bin {
-                Some(b) => Some(Threadline::start(&std::fs::canonicalize(b)?, &work.join("tl-baseline"), SECRET)?),
+                Some(b) => Some(Threadline::start(
+                    &std::fs::canonicalize(b)?,
+                    &work.join("tl-baseline"),
+                    SECRET,
+                )?),
                 None => None,
             };
             // 3: half the maximum ingest over many sockets; 3b: a light, steady load.
@@ -271,7 +329,9 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 ("3b", live_users.min(200), 1, 1000.0),
             ];
             for (tag, users, batch, rate) in runs {
-                let name = format!("{tag} append→socket ({users} users, {rate:.0} events/s, batches of {batch})");
+                let name = format!(
+                    "{tag} append→socket ({users} users, {rate:.0} events/s, batches of {batch})"
+                );
                 let fa = sc::FanoutArgs {
                     tag: tag.to_owned(),
                     users,
@@ -285,18 +345,66 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 let t = sc::tl_fanout(&server, &http, SECRET, &fa).await?;
                 eprintln!("scenario {name}: redis (XREAD BLOCK per user)…");
                 let r = sc::redis_fanout(redis.port, &fa).await?;
-                row(&name, "achieved append rate, events/s", Some(t.achieved_rate), Some(r.achieved_rate), 0);
-                row(&name, "frames received / appended", Some(t.received as f64 / t.appended.max(1) as f64), Some(r.received as f64 / r.appended.max(1) as f64), 4);
-                row(&name, "p50 append→frame, ms", Some(t.lat.p50), Some(r.lat.p50), 2);
-                row(&name, "p99 append→frame, ms", Some(t.lat.p99), Some(r.lat.p99), 2);
-                row(&name, "max append→frame, ms", Some(t.lat.max), Some(r.lat.max), 2);
+                row(
+                    &name,
+                    "achieved append rate, events/s",
+                    Some(t.achieved_rate),
+                    Some(r.achieved_rate),
+                    0,
+                );
+                row(
+                    &name,
+                    "frames received / appended",
+                    Some(t.received as f64 / t.appended.max(1) as f64),
+                    Some(r.received as f64 / r.appended.max(1) as f64),
+                    4,
+                );
+                row(
+                    &name,
+                    "p50 append→frame, ms",
+                    Some(t.lat.p50),
+                    Some(r.lat.p50),
+                    2,
+                );
+                row(
+                    &name,
+                    "p99 append→frame, ms",
+                    Some(t.lat.p99),
+                    Some(r.lat.p99),
+                    2,
+                );
+                row(
+                    &name,
+                    "max append→frame, ms",
+                    Some(t.lat.max),
+                    Some(r.lat.max),
+                    2,
+                );
                 if let Some(base) = &baseline {
                     eprintln!("scenario {name}: baseline threadline…");
                     let bhttp = tl::Http::new(base.base())?;
                     let b = sc::tl_fanout(base, &bhttp, SECRET, &fa).await?;
-                    row(&name, "baseline build: p50 append→frame, ms", Some(b.lat.p50), Some(r.lat.p50), 2);
-                    row(&name, "baseline build: p99 append→frame, ms", Some(b.lat.p99), Some(r.lat.p99), 2);
-                    row(&name, "baseline build: achieved rate, events/s", Some(b.achieved_rate), Some(r.achieved_rate), 0);
+                    row(
+                        &name,
+                        "baseline build: p50 append→frame, ms",
+                        Some(b.lat.p50),
+                        Some(r.lat.p50),
+                        2,
+                    );
+                    row(
+                        &name,
+                        "baseline build: p99 append→frame, ms",
+                        Some(b.lat.p99),
+                        Some(r.lat.p99),
+                        2,
+                    );
+                    row(
+                        &name,
+                        "baseline build: achieved rate, events/s",
+                        Some(b.achieved_rate),
+                        Some(r.achieved_rate),
+                        0,
+                    );
                 }
             }
             drop(baseline);
@@ -309,8 +417,20 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
             eprintln!("scenario {name}: redis (idle connections)…");
             let (rb, ra) = sc::redis_idle(&redis, idle).await?;
             let per = |b: u64, a: u64| a.saturating_sub(b) as f64 / idle as f64 / 1024.0;
-            row(&name, "server RSS per socket, KiB", Some(per(b, af)), Some(per(rb, ra)), 1);
-            row(&name, "server RSS with all open, MiB", Some(af as f64 / 1048576.0), Some(ra as f64 / 1048576.0), 1);
+            row(
+                &name,
+                "server RSS per socket, KiB",
+                Some(per(b, af)),
+                Some(per(rb, ra)),
+                1,
+            );
+            row(
+                &name,
+                "server RSS with all open, MiB",
+                Some(af as f64 / 1048576.0),
+                Some(ra as f64 / 1048576.0),
+                1,
+            );
         }
         drop(server);
         redis.stop()?;
@@ -325,7 +445,10 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         let mut redis = Redis::start(&a.redis_server, &redis_dir, max_clients)?;
         redis.ready(Duration::from_secs(30)).await?;
         let http = tl::Http::new(server.base())?;
-        let name = format!("8 token streams ({streams} × {:.0} deltas/s)", a.stream_rate);
+        let name = format!(
+            "8 token streams ({streams} × {:.0} deltas/s)",
+            a.stream_rate
+        );
         let before = procs::disk_usage(&data).0;
         let redis_before = procs::disk_usage(&redis_dir).0;
         let mut deltas = 0;
@@ -338,24 +461,64 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 secs: live_secs,
                 merge,
             };
-            let mode = if merge { "merged, 40 ms rollup" } else { "a frame per delta" };
+            let mode = if merge {
+                "merged, 40 ms rollup"
+            } else {
+                "a frame per delta"
+            };
             eprintln!("scenario {name}, {mode}: threadline…");
             let t = sc::tl_streams(&server, &http, SECRET, &sa).await?;
             deltas += t.deltas;
             eprintln!("scenario {name}, {mode}: redis (XADD per delta, XREAD BLOCK per stream)…");
             let r = sc::redis_streams(redis.port, &sa).await?;
             redis_deltas += r.deltas;
-            row(&name, &format!("{mode}: deltas/s acknowledged"), Some(t.deltas as f64 / t.secs), Some(r.deltas as f64 / r.secs), 0);
-            row(&name, &format!("{mode}: deltas received / appended"), Some(t.received as f64 / t.deltas.max(1) as f64), Some(r.received as f64 / r.deltas.max(1) as f64), 4);
-            row(&name, &format!("{mode}: frames/s to sockets (redis: entries read)"), Some(t.frames as f64 / t.secs), Some(r.frames as f64 / r.secs), 0);
-            row(&name, &format!("{mode}: p50 delta→frame, ms"), Some(t.lat.p50), Some(r.lat.p50), 2);
-            row(&name, &format!("{mode}: p99 delta→frame, ms"), Some(t.lat.p99), Some(r.lat.p99), 2);
+            row(
+                &name,
+                &format!("{mode}: deltas/s acknowledged"),
+                Some(t.deltas as f64 / t.secs),
+                Some(r.deltas as f64 / r.secs),
+                0,
+            );
+            row(
+                &name,
+                &format!("{mode}: deltas received / appended"),
+                Some(t.received as f64 / t.deltas.max(1) as f64),
+                Some(r.received as f64 / r.deltas.max(1) as f64),
+                4,
+            );
+            row(
+                &name,
+                &format!("{mode}: frames/s to sockets (redis: entries read)"),
+                Some(t.frames as f64 / t.secs),
+                Some(r.frames as f64 / r.secs),
+                0,
+            );
+            row(
+                &name,
+                &format!("{mode}: p50 delta→frame, ms"),
+                Some(t.lat.p50),
+                Some(r.lat.p50),
+                2,
+            );
+            row(
+                &name,
+                &format!("{mode}: p99 delta→frame, ms"),
+                Some(t.lat.p99),
+                Some(r.lat.p99),
+                2,
+            );
         }
         drop(server);
         redis.stop()?;
         let grown = procs::disk_usage(&data).0.saturating_sub(before);
         let redis_grown = procs::disk_usage(&redis_dir).0.saturating_sub(redis_before);
-        row(&name, "disk per delta (allocated bytes, ~17 B of text each)", Some(grown as f64 / deltas.max(1) as f64), Some(redis_grown as f64 / redis_deltas.max(1) as f64), 0);
+        row(
+            &name,
+            "disk per delta (allocated bytes, ~17 B of text each)",
+            Some(grown as f64 / deltas.max(1) as f64),
+            Some(redis_grown as f64 / redis_deltas.max(1) as f64),
+            0,
+        );
     }
 
     // Server B: one log of `log_events` events holding the storm users' unseen events.
@@ -376,30 +539,78 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         eprintln!("filling both logs with {log_events} events (batches of 1000, 8 in flight)…");
         let (tf, users) = sc::tl_fill(&http, SECRET, &fa).await?;
         let rf = sc::redis_fill(redis.port, &fa).await?;
-        row("fill (batches of 1000, 8 in flight)", "events/s (acknowledged durable)", Some(tf.rate), Some(rf.rate), 0);
+        row(
+            "fill (batches of 1000, 8 in flight)",
+            "events/s (acknowledged durable)",
+            Some(tf.rate),
+            Some(rf.rate),
+            0,
+        );
 
         let name = format!("4 reconnect storm ({storm_clients} × {storm_events} unseen)");
         eprintln!("scenario {name}: threadline…");
         let t = sc::tl_storm(&server, SECRET, &users, storm_events).await?;
         eprintln!("scenario {name}: redis (XRANGE pages of 1000)…");
         let r = sc::redis_storm(redis.port, storm_clients, storm_events).await?;
-        row(&name, "time until all caught up, s", Some(t.all_caught_up.as_secs_f64()), Some(r.all_caught_up.as_secs_f64()), 2);
+        row(
+            &name,
+            "time until all caught up, s",
+            Some(t.all_caught_up.as_secs_f64()),
+            Some(r.all_caught_up.as_secs_f64()),
+            2,
+        );
         row(&name, "events delivered/s", Some(t.rate), Some(r.rate), 0);
-        row(&name, "p50 client caught up, s", Some(t.per_client.p50 / 1000.0), Some(r.per_client.p50 / 1000.0), 2);
-        row(&name, "p99 client caught up, s", Some(t.per_client.p99 / 1000.0), Some(r.per_client.p99 / 1000.0), 2);
+        row(
+            &name,
+            "p50 client caught up, s",
+            Some(t.per_client.p50 / 1000.0),
+            Some(r.per_client.p50 / 1000.0),
+            2,
+        );
+        row(
+            &name,
+            "p99 client caught up, s",
+            Some(t.per_client.p99 / 1000.0),
+            Some(r.per_client.p99 / 1000.0),
+            2,
+        );
 
         server.stop()?;
         redis.stop()?;
         let (t_alloc, t_app) = procs::disk_usage(&data);
         let (r_alloc, r_app) = procs::disk_usage(&redis_dir);
         let name = format!("7 disk after {} events", tf.events);
-        row(&name, "bytes on disk per logical byte (allocated)", Some(t_alloc as f64 / tf.logical_bytes as f64), Some(r_alloc as f64 / rf.logical_bytes as f64), 2);
-        row(&name, "bytes per logical byte (apparent size)", Some(t_app as f64 / tf.logical_bytes as f64), Some(r_app as f64 / rf.logical_bytes as f64), 2);
-        row(&name, "on disk, MiB (allocated)", Some(t_alloc as f64 / 1048576.0), Some(r_alloc as f64 / 1048576.0), 1);
+        row(
+            &name,
+            "bytes on disk per logical byte (allocated)",
+            Some(t_alloc as f64 / tf.logical_bytes as f64),
+            Some(r_alloc as f64 / rf.logical_bytes as f64),
+            2,
+        );
+        row(
+            &name,
+            "bytes per logical byte (apparent size)",
+            Some(t_app as f64 / tf.logical_bytes as f64),
+            Some(r_app as f64 / rf.logical_bytes as f64),
+            2,
+        );
+        row(
+            &name,
+            "on disk, MiB (allocated)",
+            Some(t_alloc as f64 / 1048576.0),
+            Some(r_alloc as f64 / 1048576.0),
+            1,
+        );
 
         let name = format!("6 rebuild of {} events", tf.events);
         eprintln!("scenario {name}: threadline rebuild…");
-        let (rebuild_secs, out) = timed(Command::new(&bin).arg("rebuild").arg("--data").arg(&data).arg("--quiet"))?;
+        let (rebuild_secs, out) = timed(
+            Command::new(&bin)
+                .arg("rebuild")
+                .arg("--data")
+                .arg(&data)
+                .arg("--quiet"),
+        )?;
         eprintln!("  {}", out.trim());
         eprintln!("scenario {name}: threadline verify…");
         let (verify_secs, out) = timed(Command::new(&bin).arg("verify").arg("--data").arg(&data))?;
@@ -409,12 +620,196 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
         let load = redis.ready(Duration::from_secs(600)).await?;
         redis.stop()?;
         let ev = tf.events as f64;
-        row(&name, "`threadline rebuild` (whole process) vs redis AOF load, events/s", Some(ev / rebuild_secs), Some(rf.events as f64 / load.as_secs_f64()), 0);
-        row(&name, "seconds", Some(rebuild_secs), Some(load.as_secs_f64()), 2);
-        row(&name, "`threadline verify` (scan+checksums+rebuild+compare), events/s", Some(ev / verify_secs), None, 0);
+        row(
+            &name,
+            "`threadline rebuild` (whole process) vs redis AOF load, events/s",
+            Some(ev / rebuild_secs),
+            Some(rf.events as f64 / load.as_secs_f64()),
+            0,
+        );
+        row(
+            &name,
+            "seconds",
+            Some(rebuild_secs),
+            Some(load.as_secs_f64()),
+            2,
+        );
+        row(
+            &name,
+            "`threadline verify` (scan+checksums+rebuild+compare), events/s",
+            Some(ev / verify_secs),
+            None,
+            0,
+        );
     }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `--soak`: the maximum ingest (scenario 2's loop, unless `--live-rate` is given),
+/// then the soak at half of it on the same server.
+async fn run_soak(
+    a: &Args,
+    bin: &std::path::Path,
+    work: &std::path::Path,
+    secs: f64,
+    ingest_secs: f64,
+    users: usize,
+) -> Result<()> {
+    let server = Threadline::start(bin, &work.join("tl-soak"), SECRET)?;
+    let http = tl::Http::new(server.base())?;
+    let rate = match a.live_rate {
+        Some(rate) => rate,
+        None => {
+            let names: Vec<String> = (0..a.agents).map(|i| format!("max-user-{i}")).collect();
+            let runs = http
+                .started_runs(&tl::token(SECRET, "max-setup", "agent"), &names)
+                .await?;
+            let agents: Vec<(String, String)> = runs
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (tl::token(SECRET, &format!("max-agent-{i}"), "agent"), r))
+                .collect();
+            eprintln!(
+                "soak: measuring the maximum ingest ({ingest_secs} s, batches of {})…",
+                a.batch
+            );
+            let max = sc::tl_ingest(&http, &agents, a.batch, a.payload, ingest_secs).await?;
+            row(
+                "soak",
+                "maximum ingest measured first, events/s",
+                Some(max.rate),
+                None,
+                0,
+            );
+            (max.rate / 2.0).round()
+        }
+    };
+    let interval = a.soak_interval.unwrap_or(if secs >= 360.0 {
+        60.0
+    } else {
+        (secs / 6.0).max(1.0)
+    });
+    let sa = soak::SoakArgs {
+        users,
+        appenders: a.live_appenders,
+        batch: a.live_batch,
+        rate,
+        secs,
+        interval: Duration::from_secs_f64(interval),
+        reconnecting: a.soak_reconnecting,
+        max_connected: Duration::from_secs_f64(a.soak_max_connected),
+        payload: a.payload,
+    };
+    eprintln!(
+        "soak: {secs} s at {rate} events/s over {users} sockets ({:.0} % reconnecting), a row every {interval} s…",
+        a.soak_reconnecting * 100.0
+    );
+    let s = soak::tl_soak(&server, &http, SECRET, &sa).await?;
+    drop(server);
+    soak::print_samples(&s.samples);
+    let name = format!("soak {secs:.0} s ({users} sockets, {rate:.0} events/s asked)");
+    row(
+        &name,
+        "achieved append rate, events/s",
+        Some(s.achieved_rate),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events appended (acknowledged)",
+        Some(s.appended as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events received by their user's clients",
+        Some(s.received as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "events lost (acknowledged, never received)",
+        Some(s.lost as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "user_seqs given twice",
+        Some(s.duplicated as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "user_seqs skipped over",
+        Some(s.gaps as f64),
+        None,
+        0,
+    );
+    row(&name, "reconnects", Some(s.reconnects as f64), None, 0);
+    row(
+        &name,
+        "…of which resumed from the durable cursor",
+        Some(s.cursor_resumes as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "client-reported errors (handled)",
+        Some(s.client_errors as f64),
+        None,
+        0,
+    );
+    if let Some((min, max, spread)) = soak::rss_spread(&s.samples) {
+        row(
+            &name,
+            "RSS after warm-up, min MiB",
+            Some(min as f64 / 1048576.0),
+            None,
+            1,
+        );
+        row(
+            &name,
+            "RSS after warm-up, max MiB",
+            Some(max as f64 / 1048576.0),
+            None,
+            1,
+        );
+        row(
+            &name,
+            "RSS after warm-up, spread ± %",
+            Some(spread),
+            None,
+            1,
+        );
+    }
+    let p99s: Vec<f64> = s.samples.iter().skip(1).map(|x| x.lat.p99).collect();
+    if let (Some(lo), Some(hi)) = (
+        p99s.iter().cloned().reduce(f64::min),
+        p99s.iter().cloned().reduce(f64::max),
+    ) {
+        row(
+            &name,
+            "p99 append→frame per interval after warm-up, lowest ms",
+            Some(lo),
+            None,
+            2,
+        );
+        row(
+            &name,
+            "p99 append→frame per interval after warm-up, highest ms",
+            Some(hi),
+            None,
+            2,
+        );
+    }
+    soak::check(&s)
 }
 
 /// Runs a tool to completion; returns its wall time and stdout. Fails on a non-zero exit.

@@ -25,7 +25,9 @@ fn untrack(pid: u32) {
 /// Ends every tracked child (SIGKILL); used only when the watchdog fires.
 pub fn kill_all_children() {
     for pid in CHILDREN.lock().unwrap().drain(..) {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
     }
 }
 
@@ -77,7 +79,10 @@ fn terminate(child: &mut Child, within: Duration) -> Result<()> {
             let _ = child.kill();
             let _ = child.wait();
             untrack(child.id());
-            bail!("pid {} did not stop on SIGTERM within {within:?}", child.id());
+            bail!(
+                "pid {} did not stop on SIGTERM within {within:?}",
+                child.id()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -169,7 +174,9 @@ pub struct Redis {
 impl Redis {
     pub fn start(bin: &Path, dir: &Path, max_clients: usize) -> Result<Redis> {
         std::fs::create_dir_all(dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut redis = Redis {
             port,
             dir: dir.to_owned(),
@@ -185,7 +192,14 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .arg("--dir")
             .arg(&self.dir)
-            .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
             .args(["--maxclients", &max_clients.to_string()])
             .args(["--daemonize", "no", "--logfile", ""])
             .stdin(Stdio::null())

@@ -147,7 +147,11 @@ pub fn entries(reply: &Reply, from_xread: bool) -> Vec<(Vec<u8>, Vec<u8>)> {
     };
     list.into_iter()
         .map(|e| {
-            let id = e.items().first().map(|r| r.bytes().to_vec()).unwrap_or_default();
+            let id = e
+                .items()
+                .first()
+                .map(|r| r.bytes().to_vec())
+                .unwrap_or_default();
             let value = e
                 .items()
                 .get(1)

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use futures_util::future::BoxFuture;
 use futures_util::{stream, StreamExt};
 use hdrhistogram::Histogram;
 use tokio::time::timeout;
@@ -136,7 +137,10 @@ pub async fn redis_ingest(
                 buf.clear();
                 for _ in 0..batch {
                     let data = tl::payload(payload, t);
-                    resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+                    resp::encode(
+                        &mut buf,
+                        &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()],
+                    );
                 }
                 let before = Instant::now();
                 conn.send_raw(&buf).await?;
@@ -170,24 +174,34 @@ pub struct Fanout {
     pub lat: Lat,
 }
 
+/// How [`paced`] appends: `appenders` tasks sending `rate` events/s in all, in
+/// requests of `batch`, to `users` round-robin, for `secs`.
+#[derive(Debug, Clone, Copy)]
+pub struct Pace {
+    pub users: usize,
+    pub appenders: usize,
+    pub batch: usize,
+    pub rate: f64,
+    pub secs: f64,
+}
+
 /// Paces `appenders` tasks so that together they send `rate` events/s in
 /// requests of `batch`, for `secs`; each request goes to the next `batch`
 /// users round-robin. `send(first_user, t_us)` performs one request and
 /// returns once it is acknowledged. Returns the acknowledged count per user
 /// and the time spent appending.
-async fn paced<F, Fut>(
-    users: usize,
-    appenders: usize,
-    batch: usize,
-    rate: f64,
-    secs: f64,
-    acked: Arc<Vec<AtomicU64>>,
-    send: F,
-) -> Result<Duration>
+pub async fn paced<F, Fut>(p: Pace, acked: Arc<Vec<AtomicU64>>, send: F) -> Result<Duration>
 where
     F: Fn(usize, usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Result<()>> + Send,
 {
+    let Pace {
+        users,
+        appenders,
+        batch,
+        rate,
+        secs,
+    } = p;
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
     let interval = Duration::from_secs_f64(appenders as f64 * batch as f64 / rate);
@@ -229,7 +243,8 @@ where
 /// Whether reader `i` may stop: appending is over and it got all that was
 /// acknowledged for it, or the hard deadline passed.
 fn reader_done(i: usize, got: u64, acked: &[AtomicU64], done: &AtomicBool, hard: Instant) -> bool {
-    (done.load(Ordering::Acquire) && got >= acked[i].load(Ordering::Relaxed)) || Instant::now() > hard
+    (done.load(Ordering::Acquire) && got >= acked[i].load(Ordering::Relaxed))
+        || Instant::now() > hard
 }
 
 fn record(h: &mut Histogram<u64>, got: &mut u64, sent_at: Option<u64>) {
@@ -250,6 +265,18 @@ pub struct FanoutArgs {
     pub payload: usize,
 }
 
+impl FanoutArgs {
+    pub fn pace(&self) -> Pace {
+        Pace {
+            users: self.users,
+            appenders: self.appenders,
+            batch: self.batch,
+            rate: self.rate,
+            secs: self.secs,
+        }
+    }
+}
+
 pub async fn tl_fanout(
     server: &crate::procs::Threadline,
     http: &Http,
@@ -257,7 +284,9 @@ pub async fn tl_fanout(
     a: &FanoutArgs,
 ) -> Result<Fanout> {
     let agent = tl::token(secret, "live-agent", "agent");
-    let users: Vec<String> = (0..a.users).map(|i| format!("live-{}-user-{i}", a.tag)).collect();
+    let users: Vec<String> = (0..a.users)
+        .map(|i| format!("live-{}-user-{i}", a.tag))
+        .collect();
     let runs = Arc::new(http.started_runs(&agent, &users).await?);
     let addr = server.addr;
     let sockets = stream::iter(users.iter().cloned())
@@ -294,15 +323,54 @@ pub async fn tl_fanout(
             })
         })
         .collect();
+    let spent = tl_paced(
+        http,
+        secret,
+        "live-agent",
+        runs,
+        a.pace(),
+        a.payload,
+        &acked,
+    )
+    .await?;
+    done.store(true, Ordering::Release);
+    fanout_result(spent, &acked, readers).await
+}
+
+/// [`paced`] appends to Threadline by agents `{prefix}-{k}`, to `runs` (one per user),
+/// with `payload` bytes of data; counts what was acknowledged per user in `acked`.
+pub async fn tl_paced(
+    http: &Http,
+    secret: &str,
+    prefix: &str,
+    runs: Arc<Vec<String>>,
+    p: Pace,
+    payload: usize,
+    acked: &Arc<Vec<AtomicU64>>,
+) -> Result<Duration> {
     let agents: Arc<Vec<String>> = Arc::new(
-        (0..a.appenders)
-            .map(|k| tl::token(secret, &format!("live-agent-{k}"), "agent"))
+        (0..p.appenders)
+            .map(|k| tl::token(secret, &format!("{prefix}-{k}"), "agent"))
             .collect(),
     );
-    let (http2, n, batch, payload) = (http.clone(), a.users, a.batch, a.payload);
-    let send = move |k: usize, first: usize, t: u64| {
-        let (http, runs, agents) = (http2.clone(), runs.clone(), agents.clone());
-        async move {
+    let send = tl_sender(http.clone(), runs, agents, p.users, p.batch, payload);
+    paced(p, acked.clone(), send).await
+}
+
+/// The append of [`paced`] for Threadline: appender `k` sends `batch` events to the runs
+/// of the users from `first` round-robin (`POST /v1/runs/{run}/events` for one, else
+/// `POST /v1/events`), each carrying its send time `t`.
+fn tl_sender(
+    http: Http,
+    runs: Arc<Vec<String>>,
+    agents: Arc<Vec<String>>,
+    n: usize,
+    batch: usize,
+    payload: usize,
+) -> impl Fn(usize, usize, u64) -> BoxFuture<'static, Result<()>> + Clone + Send + 'static {
+    move |k: usize, first: usize, t: u64| {
+        let (http, runs, agents) = (http.clone(), runs.clone(), agents.clone());
+        Box::pin(async move {
             if batch == 1 {
                 let run = &runs[first % n];
                 let body = tl::single_body(&tl::payload(payload, t));
@@ -315,17 +383,17 @@ pub async fn tl_fanout(
                     .await?;
             }
             Ok(())
-        }
-    };
-    let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
-    done.store(true, Ordering::Release);
-    fanout_result(spent, &acked, readers).await
+        })
+    }
 }
+
+/// A socket reader's task: events received and their latencies.
+type Reader = tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>;
 
 async fn fanout_result(
     spent: Duration,
     acked: &[AtomicU64],
-    readers: Vec<tokio::task::JoinHandle<Result<(u64, Histogram<u64>)>>>,
+    readers: Vec<Reader>,
 ) -> Result<Fanout> {
     let appended: u64 = acked.iter().map(|x| x.load(Ordering::Relaxed)).sum();
     let mut received = 0;
@@ -357,11 +425,24 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
             let (mut h, mut got) = (hist(), 0u64);
             while !reader_done(i, got, &acked, &done, hard) {
                 let reply = conn
-                    .call(&[b"XREAD", b"COUNT", b"1000", b"BLOCK", b"200", b"STREAMS", key.as_bytes(), &last])
+                    .call(&[
+                        b"XREAD",
+                        b"COUNT",
+                        b"1000",
+                        b"BLOCK",
+                        b"200",
+                        b"STREAMS",
+                        key.as_bytes(),
+                        &last,
+                    ])
                     .await?;
                 let entries = resp::entries(&reply, true);
                 for (_, v) in &entries {
-                    record(&mut h, &mut got, std::str::from_utf8(v).ok().and_then(tl::embedded_t));
+                    record(
+                        &mut h,
+                        &mut got,
+                        std::str::from_utf8(v).ok().and_then(tl::embedded_t),
+                    );
                 }
                 if let Some((id, _)) = entries.last() {
                     last = id.clone();
@@ -372,7 +453,9 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
     }
     let mut conns = Vec::new();
     for _ in 0..a.appenders {
-        conns.push(Arc::new(tokio::sync::Mutex::new(Conn::connect(port).await?)));
+        conns.push(Arc::new(tokio::sync::Mutex::new(
+            Conn::connect(port).await?,
+        )));
     }
     let conns = Arc::new(conns);
     let (n, batch, payload, tag) = (a.users, a.batch, a.payload, a.tag.clone());
@@ -384,13 +467,16 @@ pub async fn redis_fanout(port: u16, a: &FanoutArgs) -> Result<Fanout> {
             for j in 0..batch {
                 let key = format!("live:{tag}:{}", (first + j) % n);
                 let data = tl::payload(payload, t);
-                resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+                resp::encode(
+                    &mut buf,
+                    &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()],
+                );
             }
             conn.send_raw(&buf).await?;
             conn.read_ok(batch).await
         }
     };
-    let spent = paced(a.users, a.appenders, a.batch, a.rate, a.secs, acked.clone(), send).await?;
+    let spent = paced(a.pace(), acked.clone(), send).await?;
     done.store(true, Ordering::Release);
     fanout_result(spent, &acked, readers).await
 }
@@ -418,7 +504,9 @@ pub struct FillArgs {
 pub async fn tl_fill(http: &Http, secret: &str, a: &FillArgs) -> Result<(Fill, Vec<String>)> {
     let agent = tl::token(secret, "fill-agent", "agent");
     let started = Instant::now();
-    let users: Vec<String> = (0..a.storm_users).map(|i| format!("storm-user-{i}")).collect();
+    let users: Vec<String> = (0..a.storm_users)
+        .map(|i| format!("storm-user-{i}"))
+        .collect();
     let runs = http.started_runs(&agent, &users).await?;
     let fillers: Vec<String> = (0..8).map(|i| format!("filler-user-{i}")).collect();
     let filler_runs = http.started_runs(&agent, &fillers).await?;
@@ -462,7 +550,8 @@ pub async fn tl_fill(http: &Http, secret: &str, a: &FillArgs) -> Result<(Fill, V
         appended += r? as u64;
     }
     let events = setup as u64 + appended;
-    let logical = appended * a.payload as u64 + (users.len() + fillers.len()) as u64 * tl::SETUP_DATA_BYTES;
+    let logical =
+        appended * a.payload as u64 + (users.len() + fillers.len()) as u64 * tl::SETUP_DATA_BYTES;
     Ok((
         Fill {
             events,
@@ -511,7 +600,10 @@ pub async fn redis_fill(port: u16, a: &FillArgs) -> Result<Fill> {
                 let mut buf = Vec::new();
                 for _ in 0..n {
                     let data = tl::payload(payload, t);
-                    resp::encode(&mut buf, &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()]);
+                    resp::encode(
+                        &mut buf,
+                        &[b"XADD", key.as_bytes(), b"*", b"d", data.as_bytes()],
+                    );
                 }
                 conn.send_raw(&buf).await?;
                 conn.read_ok(n).await?;
@@ -610,7 +702,9 @@ pub async fn redis_storm(port: u16, clients: usize, per_user: usize) -> Result<S
                         .call(&[b"XRANGE", key.as_bytes(), &from, b"+", b"COUNT", b"1000"])
                         .await?;
                     let entries = resp::entries(&reply, false);
-                    let Some((last, _)) = entries.last() else { break };
+                    let Some((last, _)) = entries.last() else {
+                        break;
+                    };
                     n += entries.len() as u64;
                     from = [b"(".as_slice(), last].concat();
                     if n >= per_user as u64 {
@@ -633,7 +727,11 @@ pub async fn redis_storm(port: u16, clients: usize, per_user: usize) -> Result<S
 
 /// Opens `k` idle sockets (distinct users, each past `caught_up`), returns
 /// `(rss before, rss after)` of `pid`, then closes them.
-pub async fn tl_idle(server: &crate::procs::Threadline, secret: &str, k: usize) -> Result<(u64, u64)> {
+pub async fn tl_idle(
+    server: &crate::procs::Threadline,
+    secret: &str,
+    k: usize,
+) -> Result<(u64, u64)> {
     let pid = server.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = crate::procs::rss_bytes(pid);
@@ -721,15 +819,21 @@ pub async fn tl_streams(
     a: &StreamArgs,
 ) -> Result<Streamed> {
     let agent = tl::token(secret, "stream-agent", "agent");
-    let users: Vec<String> = (0..a.streams).map(|i| format!("stream-{}-user-{i}", a.tag)).collect();
+    let users: Vec<String> = (0..a.streams)
+        .map(|i| format!("stream-{}-user-{i}", a.tag))
+        .collect();
     let runs = http.started_runs(&agent, &users).await?;
     let addr = server.addr;
     let mut readers = Vec::new();
     let done = Arc::new(AtomicBool::new(false));
     for u in &users {
-        let mut client = tl::connect_merging(addr, &tl::token(secret, u, "user"), Resume::Latest, a.merge);
+        let mut client =
+            tl::connect_merging(addr, &tl::token(secret, u, "user"), Resume::Latest, a.merge);
         tl::wait_caught_up(&mut client).await?;
-        let (done, hard) = (done.clone(), Instant::now() + Duration::from_secs_f64(a.secs + 60.0));
+        let (done, hard) = (
+            done.clone(),
+            Instant::now() + Duration::from_secs_f64(a.secs + 60.0),
+        );
         let per_stream = (a.deltas_per_sec * a.secs).ceil() as u64;
         readers.push(tokio::spawn(async move {
             let (mut h, mut got, mut frames) = (hist(), 0u64, 0u64);
@@ -788,13 +892,25 @@ pub async fn redis_streams(port: u16, a: &StreamArgs) -> Result<Streamed> {
     for i in 0..a.streams {
         let mut conn = Conn::connect(port).await?;
         let key = format!("tokens:{}:{i}", a.tag);
-        let (done, hard) = (done.clone(), Instant::now() + Duration::from_secs_f64(a.secs + 60.0));
+        let (done, hard) = (
+            done.clone(),
+            Instant::now() + Duration::from_secs_f64(a.secs + 60.0),
+        );
         readers.push(tokio::spawn(async move {
             let mut last = b"0-0".to_vec();
             let (mut h, mut got, mut frames) = (hist(), 0u64, 0u64);
             while !(done.load(Ordering::Acquire) && got >= per_stream) && Instant::now() < hard {
                 let reply = conn
-                    .call(&[b"XREAD", b"COUNT", b"1000", b"BLOCK", b"200", b"STREAMS", key.as_bytes(), &last])
+                    .call(&[
+                        b"XREAD",
+                        b"COUNT",
+                        b"1000",
+                        b"BLOCK",
+                        b"200",
+                        b"STREAMS",
+                        key.as_bytes(),
+                        &last,
+                    ])
                     .await?;
                 let entries = resp::entries(&reply, true);
                 for (_, v) in &entries {
@@ -820,7 +936,8 @@ pub async fn redis_streams(port: u16, a: &StreamArgs) -> Result<Streamed> {
             for _ in 0..n {
                 tick.tick().await;
                 let text = delta_text(tl::now_us());
-                conn.call(&[b"XADD", key.as_bytes(), b"*", b"d", text.as_bytes()]).await?;
+                conn.call(&[b"XADD", key.as_bytes(), b"*", b"d", text.as_bytes()])
+                    .await?;
             }
             anyhow::Ok(n)
         }));
@@ -851,5 +968,11 @@ async fn streamed(
         frames += f;
         hists.push(h);
     }
-    Ok(Streamed { deltas, received, frames, secs, lat: (&merge(hists)).into() })
+    Ok(Streamed {
+        deltas,
+        received,
+        frames,
+        secs,
+        lat: (&merge(hists)).into(),
+    })
 }

@@ -100,7 +100,12 @@ impl Http {
         let runs = stream::iter(users.iter().cloned())
             .map(|user| async move {
                 let t = self
-                    .post(agent, "/v1/threads", json!({"user_id": user}).to_string(), 201)
+                    .post(
+                        agent,
+                        "/v1/threads",
+                        json!({"user_id": user}).to_string(),
+                        201,
+                    )
                     .await?;
                 let thread = t["thread_id"].as_str().context("thread_id")?.to_owned();
                 let r = self

@@ -1,6 +1,7 @@
 //! `threadline`: the one binary. Parses arguments and hands each subcommand to
 //! its module; everything is wired here and nowhere else.
 
+mod config_file;
 mod log_args;
 mod serve;
 mod tools;
@@ -18,6 +19,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once at start: the size of `serve`'s arguments costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the HTTP + WebSocket server on the data directory (created if missing).
@@ -39,16 +42,27 @@ enum Cmd {
 }
 
 /// Logs go to stderr; by default `serve` logs at info and the tools only warnings, so a
-/// tool's stderr holds its progress and, on failure, one error line.
-fn init_tracing(default: &str) {
+/// tool's stderr holds its progress and, on failure, one error line. `serve
+/// --log-format json` writes one JSON object per line instead, with the fields of
+/// the current spans (a request's `request_id` among them) flattened into it.
+fn init_tracing(default: &str, format: serve::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("THREADLINE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        serve::LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        serve::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(true)
+            .init(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -56,17 +70,31 @@ fn main() -> ExitCode {
     // secret) is private to its user: no bits for group or others.
     #[cfg(unix)]
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
-    let cli = Cli::parse();
-    init_tracing(match cli.command {
-        Cmd::Serve(_) => "info",
-        _ => "warn",
-    });
+    let (cli, effective) = match config_file::parse() {
+        Ok(parsed) => parsed,
+        Err(e) => {
+            eprintln!("threadline: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let format = match &cli.command {
+        Cmd::Serve(a) => a.log_format,
+        _ => serve::LogFormat::Text,
+    };
+    init_tracing(
+        if matches!(cli.command, Cmd::Serve(_)) {
+            "info"
+        } else {
+            "warn"
+        },
+        format,
+    );
     let result = match cli.command {
         Cmd::Serve(a) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(serve::run(*a)))
+            .and_then(|rt| rt.block_on(serve::run(*a, effective)))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Token(a) => tools::token::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Rebuild(a) => tools::rebuild::run(a),
@@ -78,6 +106,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // With JSON logs, the last word is a JSON line too.
+        Err(e) if format == serve::LogFormat::Json => {
+            tracing::error!(error = format!("{e:#}"), "threadline stopped");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("threadline: {e:#}");
             ExitCode::FAILURE

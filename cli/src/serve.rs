@@ -9,18 +9,29 @@ use std::time::Duration;
 
 use anyhow::Context;
 use threadline_api::auth::Authenticator;
-use threadline_api::config::{create_private_dir, DataArgs, KeyArgs, LimitArgs};
+use threadline_api::config::{create_private_dir, DataArgs, KeyArgs, LimitArgs, NudgeArgs};
 use threadline_api::{serve, shutdown_signal, AppState};
 use threadline_engine::Limits;
 use threadline_projections::Projector;
 use threadline_storage::{SledLog, SledOptions};
 use tokio::net::TcpListener;
 
+use crate::config_file::Effective;
 use crate::log_args::LogArgs;
 use crate::tools::{explain_open_error, log_dir};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
+    /// TOML file of serve options: each key a long option (`max-connections` or
+    /// `max_connections`), e.g. `listen = "0.0.0.0:7070"`. A flag or an environment
+    /// variable overrides the file; the file overrides the defaults. An unknown key or a
+    /// bad value is an error naming its line.
+    #[arg(long, env = "THREADLINE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (secrets redacted), each value with where it
+    /// came from (flag, env, file or default), and exit without serving.
+    #[arg(long)]
+    pub print_config: bool,
     #[command(flatten)]
     data: DataArgs,
     #[command(flatten)]
@@ -38,16 +49,43 @@ pub struct ServeArgs {
     /// A run idle this long is expired (e.g. `24h`, `30m`, `2s`).
     #[arg(long, env = "THREADLINE_RUN_TTL", default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     run_ttl: Duration,
+    /// Log lines as human-readable text, or as one JSON object per line (timestamp,
+    /// level, target, message, span fields with the request id).
+    #[arg(
+        long,
+        env = "THREADLINE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    nudge: NudgeArgs,
 }
 
-/// Opens everything and serves until ctrl-c or SIGTERM.
-pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+/// How log lines are written to stderr.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Opens everything and serves until ctrl-c or SIGTERM (or, with `--print-config`,
+/// prints the effective configuration and returns).
+pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Result<()> {
+    if args.print_config {
+        print!("{}", effective.unwrap_or_default().render());
+        return Ok(());
+    }
     threadline_api::metrics::install();
     let data: PathBuf = args.data.data.clone();
     create_private_dir(&data)?;
     let auth = Authenticator::from_config(&args.keys, &data, true)?;
+    let nudge = args.nudge.config()?;
     tracing::info!(key = %auth.source(), "verifying tokens with {:?}", auth.algorithm());
     match args.log.nats(&data, true)? {
         None => {
@@ -56,13 +94,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
                     .await?
                     .map_err(|e| explain_open_error(&data, e, ""))?;
-            serve_on(log, auth, data, args).await
+            serve_on(log, auth, nudge, data, args).await
         }
         Some(options) => {
             let log =
                 tokio::task::spawn_blocking(move || crate::log_args::connect(options)).await??;
             tracing::info!(log = %log.description(), "serving the JetStream log");
-            serve_on(log, auth, data, args).await
+            serve_on(log, auth, nudge, data, args).await
         }
     }
 }
@@ -70,6 +108,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 async fn serve_on<L: threadline_api::Log>(
     log: L,
     auth: Authenticator,
+    nudge: Option<threadline_api::nudge::NudgeConfig>,
     data: PathBuf,
     args: ServeArgs,
 ) -> anyhow::Result<()> {
@@ -87,17 +126,21 @@ async fn serve_on<L: threadline_api::Log>(
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, data = %data.display(), "threadline listening");
-    eprintln!(
-        "threadline listening on http://{addr} (data in {})",
-        data.display()
-    );
-    eprintln!(
-        "mint a token: {} token --data {} --sub alice",
-        std::env::args()
-            .next()
-            .unwrap_or_else(|| "threadline".into()),
-        data.display()
-    );
+    // For a person at a terminal; with JSON logs stderr holds JSON lines only (the
+    // line above has the address).
+    if args.log_format == LogFormat::Text {
+        eprintln!(
+            "threadline listening on http://{addr} (data in {})",
+            data.display()
+        );
+        eprintln!(
+            "mint a token: {} token --data {} --sub alice",
+            std::env::args()
+                .next()
+                .unwrap_or_else(|| "threadline".into()),
+            data.display()
+        );
+    }
     let limits = Limits {
         run_ttl_ms: u64::try_from(args.run_ttl.as_millis()).unwrap_or(u64::MAX),
         max_threads_per_user: args.limits.max_threads_per_user,
@@ -109,7 +152,11 @@ async fn serve_on<L: threadline_api::Log>(
         max_run_deltas_per_sec: args.limits.max_run_deltas_per_sec,
         ..Limits::default()
     };
-    let state = AppState::new(projector, auth, limits, args.limits);
+    let mut state = AppState::new(projector, auth, limits, args.limits);
+    if let Some(nudge) = nudge {
+        tracing::info!(url = nudge.url(), "nudge webhook configured");
+        state = state.with_nudges(nudge);
+    }
     serve(listener, state, shutdown_signal()).await?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Commands (imperative) that `decide` turns into events, and the size limits it enforces.
 
-use crate::event::{AgentEventKind, Event};
+use crate::event::{AgentEventKind, Event, NudgeRecord};
 use crate::ids::{ClientId, MessageId, RunId, ThreadId, UserId};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -67,6 +67,8 @@ pub enum Command {
         input_id: String,
         answer: String,
     },
+    /// The system records a nudge's outcome (`nudge_delivered` / `nudge_failed`).
+    RecordNudge(NudgeRecord),
 }
 
 impl Command {
@@ -196,6 +198,11 @@ impl Command {
                     ..
                 },
             ) => run_id == r && input_id == i && answer == a,
+            // One outcome per subject: whichever was recorded first stands, so a second
+            // recording (a retry after a restart) is answered with it, never a conflict.
+            (Command::RecordNudge(n), Event::NudgeRecorded(m)) => {
+                n.user_id == m.user_id && n.subject_position == m.subject_position
+            }
             _ => false,
         }
     }
@@ -212,7 +219,9 @@ impl Command {
             | Command::AwaitInput { run_id, .. }
             | Command::RequestCancel { run_id, .. }
             | Command::ProvideInput { run_id, .. } => Some(run_id),
-            Command::CreateThread { .. } | Command::AcknowledgeDelivery { .. } => None,
+            Command::CreateThread { .. }
+            | Command::AcknowledgeDelivery { .. }
+            | Command::RecordNudge(_) => None,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::command::{Command, Limits};
 use crate::error::DomainError;
-use crate::event::{AgentEventKind, Event};
+use crate::event::{AgentEventKind, Event, NudgeRecord};
 use crate::ids::{Actor, ClientId, MessageId, Role, RunId, ThreadId, UserId};
 use crate::state::{is_idle, MessageState, Registry, Run, RunStatus};
 
@@ -67,6 +67,7 @@ pub fn decide(
             input_id,
             answer,
         } => provide_input(state, actor, run_id, input_id, answer, limits),
+        Command::RecordNudge(record) => record_nudge(record),
     }
 }
 
@@ -77,8 +78,10 @@ pub fn decide(
 pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(), DomainError> {
     match actor.role {
         Role::Auditor => return Err(forbidden("auditors are read-only")),
-        Role::System if !matches!(command, Command::ExpireRun { .. }) => {
-            return Err(forbidden("the system actor may only expire runs"))
+        Role::System if !matches!(command, Command::ExpireRun { .. } | Command::RecordNudge(_)) => {
+            return Err(forbidden(
+                "the system actor may only expire runs and record nudges",
+            ))
         }
         _ => {}
     }
@@ -128,6 +131,11 @@ pub fn authorize(state: &Registry, actor: &Actor, command: &Command) -> Result<(
                 .is_some_and(|t| t.owner == actor.user);
             if !owned {
                 return Err(DomainError::RunNotFound(run_id.clone()));
+            }
+        }
+        Command::RecordNudge(_) => {
+            if actor.role != Role::System {
+                return Err(forbidden("only the system records nudges"));
             }
         }
         Command::AcknowledgeDelivery { user_id, .. } => {
@@ -625,4 +633,23 @@ fn provide_input(
         answered_by: actor.user.clone(),
         answer,
     }])
+}
+
+/// Longest `error` a nudge record keeps, in bytes (a receiver's message is cut to fit).
+pub const MAX_NUDGE_ERROR_BYTES: usize = 512;
+
+/// A nudge's outcome, as the webhook worker saw it. The log's event id (derived from
+/// the subject) keeps it to one record per subject.
+fn record_nudge(record: NudgeRecord) -> Result<Vec<Event>, DomainError> {
+    if record
+        .error
+        .as_deref()
+        .is_some_and(|e| e.len() > MAX_NUDGE_ERROR_BYTES)
+    {
+        return Err(DomainError::TooLarge {
+            what: "a nudge's error",
+            limit: MAX_NUDGE_ERROR_BYTES,
+        });
+    }
+    Ok(vec![Event::NudgeRecorded(record)])
 }

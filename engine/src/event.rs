@@ -52,6 +52,10 @@ impl AgentEventKind {
 /// [`AgentEventKind`]: it carries an `input_id` the engine tracks.
 pub const INPUT_REQUESTED: &str = "agent_awaiting_input";
 
+/// The outcomes of a nudge webhook (not thread events: see [`NudgeRecord`]).
+pub const NUDGE_DELIVERED: &str = "nudge_delivered";
+pub const NUDGE_FAILED: &str = "nudge_failed";
+
 /// The events of a thread that are neither agent events nor `thread_created`:
 /// every `event` name a frame can carry besides those.
 pub const THREAD_EVENT_NAMES: [&str; 5] = [
@@ -143,6 +147,42 @@ pub enum Event {
         answered_by: UserId,
         answer: String,
     },
+    /// `nudge_delivered` / `nudge_failed`: the outcome of the webhook sent because the
+    /// owner's devices had not acknowledged an event in time (appended by the system).
+    NudgeRecorded(NudgeRecord),
+}
+
+/// The outcome of one nudge: the webhook about one event of a thread (the *subject*)
+/// that no device of its owner acknowledged in time. Not a thread event: it lives on
+/// the stream `nudge:<user>`, so it moves no thread version and reaches no socket; the
+/// auditor's history lists it by its subject's thread and run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NudgeRecord {
+    /// The owner who was (to be) nudged.
+    pub user_id: UserId,
+    pub thread_id: ThreadId,
+    pub run_id: RunId,
+    /// The subject: its log position, its `user_seq` in the owner's queue and its type.
+    pub subject_position: u64,
+    pub subject_user_seq: u64,
+    pub subject_event: String,
+    pub delivered: bool,
+    /// Requests made (0: none was sent, e.g. the subject was too old when seen).
+    pub attempts: u32,
+    /// The receiver's HTTP status on the last attempt (none: no answer).
+    pub status: Option<u16>,
+    /// Why the last attempt failed (none once delivered).
+    pub error: Option<String>,
+}
+
+impl NudgeRecord {
+    pub fn type_name(&self) -> &'static str {
+        if self.delivered {
+            NUDGE_DELIVERED
+        } else {
+            NUDGE_FAILED
+        }
+    }
 }
 
 impl Event {
@@ -160,6 +200,7 @@ impl Event {
             Self::InputRequested { .. } => INPUT_REQUESTED,
             Self::RunCancelRequested { .. } => "run_cancel_requested",
             Self::InputProvided { .. } => "user_input_provided",
+            Self::NudgeRecorded(n) => n.type_name(),
         }
     }
 
@@ -169,6 +210,7 @@ impl Event {
             Self::CursorAdvanced {
                 user_id, client_id, ..
             } => StreamName::cursor(user_id, client_id),
+            Self::NudgeRecorded(n) => StreamName::nudge(&n.user_id),
             _ => match self.thread_id() {
                 Some(t) => StreamName::thread(t),
                 None => StreamName(String::new()),
@@ -188,7 +230,8 @@ impl Event {
             | Self::InputRequested { thread_id, .. }
             | Self::RunCancelRequested { thread_id, .. }
             | Self::InputProvided { thread_id, .. } => Some(thread_id),
-            Self::CursorAdvanced { .. } => None,
+            // A nudge is about a thread but not on it: it moves no thread version.
+            Self::CursorAdvanced { .. } | Self::NudgeRecorded(_) => None,
         }
     }
 
@@ -222,6 +265,7 @@ impl Event {
             | Self::InputRequested { run_id, .. }
             | Self::RunCancelRequested { run_id, .. }
             | Self::InputProvided { run_id, .. } => Some(run_id),
+            Self::NudgeRecorded(n) => Some(&n.run_id),
             Self::ThreadCreated { .. } | Self::CursorAdvanced { .. } => None,
         }
     }
@@ -237,7 +281,8 @@ pub struct EventMeta {
 
 /// The name of a log stream, built in one place: `thread:<id>` holds a
 /// thread's history (its version is the thread's version), and
-/// `cursor:<user>:<client>` a client's acknowledgements.
+/// `cursor:<user>:<client>` a client's acknowledgements, `nudge:<user>` the outcomes of
+/// the webhooks sent about the user's events.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamName(String);
 
@@ -248,6 +293,10 @@ impl StreamName {
 
     pub fn cursor(user_id: &UserId, client_id: &ClientId) -> StreamName {
         StreamName(format!("cursor:{user_id}:{client_id}"))
+    }
+
+    pub fn nudge(user_id: &UserId) -> StreamName {
+        StreamName(format!("nudge:{user_id}"))
     }
 
     pub fn as_str(&self) -> &str {

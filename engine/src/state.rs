@@ -351,7 +351,8 @@ impl Registry {
                     }
                 }
             }
-            Event::CursorAdvanced { .. } => return,
+            // Neither touches a thread or a run (a nudge is no activity of its run).
+            Event::CursorAdvanced { .. } | Event::NudgeRecorded(_) => return,
         }
 
         if let Some(run) = event.run_id().and_then(|id| self.runs.get_mut(id)) {

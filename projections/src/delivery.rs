@@ -68,6 +68,15 @@ impl Delivery {
             .unwrap_or(0)
     }
 
+    /// The furthest any client of `user` has acknowledged (0 when none has).
+    pub fn furthest_cursor(&self, user: &UserId) -> u64 {
+        self.cursors
+            .get(user)
+            .and_then(|c| c.values().max())
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Every user that has a queue.
     pub fn users(&self) -> impl Iterator<Item = &UserId> {
         self.queues.keys()

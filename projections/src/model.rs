@@ -6,7 +6,8 @@ use sha2::{Digest, Sha256};
 use threadline_engine::{Event, EventMeta, Registry, UserId};
 use threadline_storage::{Position, Record};
 
-use crate::{decode_event, Acks, Delivery, ProjectionError, Streams};
+use crate::{decode_event, Acks, Delivery, Nudges, ProjectionError, Streams};
+use uuid::Uuid;
 
 /// The checkpoint key of the read model.
 pub const CHECKPOINT_NAME: &str = "read-model";
@@ -17,10 +18,11 @@ pub const CHECKPOINT_NAME: &str = "read-model";
 /// 6: a CRC32C of the body after the tag: a damaged checkpoint is refused before
 ///    it is decoded (fuzzing found a damaged length prefix aborting the process
 ///    on a multi-exabyte allocation).
-const CHECKPOINT_FORMAT: u8 = 6;
+/// 7: the pending nudges (issue 19's webhook).
+const CHECKPOINT_FORMAT: u8 = 7;
 /// Formats an older build wrote. Checkpoints are advisory: one of these is
 /// dropped and the model rebuilt from the log.
-const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3, 4, 5];
+const OLDER_CHECKPOINT_FORMATS: &[u8] = &[1, 2, 3, 4, 5, 6];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReadModel {
@@ -29,6 +31,7 @@ pub struct ReadModel {
     delivery: Delivery,
     streams: Streams,
     acks: Acks,
+    nudges: Nudges,
 }
 
 /// A deterministic digest of each projection's state (SHA-256 of its encoding).
@@ -41,6 +44,8 @@ pub struct Digests {
     pub streams: [u8; 32],
     /// The delivery ledger: every forward move of every client's cursor.
     pub acks: [u8; 32],
+    /// The pending nudges.
+    pub nudges: [u8; 32],
 }
 
 impl Digests {
@@ -59,6 +64,9 @@ impl Digests {
         if self.acks != other.acks {
             out.push("acks");
         }
+        if self.nudges != other.nudges {
+            out.push("nudges");
+        }
         out
     }
 }
@@ -71,12 +79,13 @@ impl std::fmt::Display for Digests {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "position {} registry {} delivery {} streams {} acks {}",
+            "position {} registry {} delivery {} streams {} acks {} nudges {}",
             self.position,
             hex(&self.registry),
             hex(&self.delivery),
             hex(&self.streams),
-            hex(&self.acks)
+            hex(&self.acks),
+            hex(&self.nudges)
         )
     }
 }
@@ -109,6 +118,11 @@ impl ReadModel {
         &self.acks
     }
 
+    /// The events whose owner may be nudged: unacknowledged, no outcome recorded.
+    pub fn nudges(&self) -> &Nudges {
+        &self.nudges
+    }
+
     /// Folds the next record in. Records must come in order, each once:
     /// anything else is refused, so replay can never apply an event twice.
     /// Returns the user whose delivery queue grew, if one did.
@@ -131,13 +145,19 @@ impl ReadModel {
             position: record.position,
             reason,
         })?;
-        Ok(self.apply_event(&event, record.position, record.recorded_at_ms))
+        Ok(self.apply_event(
+            &event,
+            record.position,
+            record.event_id,
+            record.recorded_at_ms,
+        ))
     }
 
     fn apply_event(
         &mut self,
         event: &Event,
         position: Position,
+        event_id: Uuid,
         recorded_at_ms: u64,
     ) -> Option<UserId> {
         let meta = EventMeta {
@@ -155,6 +175,11 @@ impl ReadModel {
                 self.delivery.advance(user_id, client_id, *user_seq);
                 self.acks
                     .record(user_id, client_id, *user_seq, position, recorded_at_ms);
+                self.nudges.acknowledged(user_id, *user_seq);
+                None
+            }
+            Event::NudgeRecorded(n) => {
+                self.nudges.resolved(&n.user_id, n.subject_position);
                 None
             }
             other => {
@@ -164,6 +189,16 @@ impl ReadModel {
                     .cloned()?;
                 let user_seq = self.delivery.enqueue(&owner, position);
                 self.streams.apply(other, &owner, user_seq);
+                let acked = self.delivery.furthest_cursor(&owner);
+                self.nudges.subject(
+                    other,
+                    &owner,
+                    user_seq,
+                    acked,
+                    position.0,
+                    event_id,
+                    recorded_at_ms,
+                );
                 Some(owner)
             }
         }
@@ -176,6 +211,7 @@ impl ReadModel {
             delivery: Sha256::digest(encode(&self.delivery)).into(),
             streams: Sha256::digest(encode(&self.streams)).into(),
             acks: Sha256::digest(encode(&self.acks)).into(),
+            nudges: Sha256::digest(encode(&self.nudges)).into(),
         }
     }
 

@@ -669,3 +669,272 @@ fn a_damaged_checkpoint_costs_a_rebuild_not_the_start() {
     let reopened = Projector::open(g.log.clone()).unwrap();
     assert_eq!(reopened.read(|m| m.digests()), live);
 }
+
+#[test]
+fn verify_checks_to_the_head_folds_to_its_position_and_names_a_differing_model() {
+    use threadline_projections::verify::{compare, Check};
+    let g = given();
+    let t = g.thread("alice");
+    let run = g.started_run(&t);
+    // The live model at P, then more writes past it (as while a server runs).
+    let live = g.projector.read(ReadModel::clone);
+    let at = live.position();
+    for _ in 0..3 {
+        g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    }
+    let head = g.log.head();
+    assert!(head > at);
+
+    // A checkpoint from before P is caught up to P and compared there.
+    let mut early = ReadModel::default();
+    early
+        .apply(&g.log.read_at(Position(1)).unwrap().unwrap())
+        .unwrap();
+    let mut check = Check::new(Some(early), at);
+    let mut progress = Vec::new();
+    check.scan(&*g.log, head, |p| progress.push(p)).unwrap();
+    let (mut findings, fresh) = check.finish("stored checkpoint");
+    let fresh = fresh.unwrap();
+    assert_eq!(fresh.position, at);
+    assert_eq!(findings.checked, head);
+    assert_eq!(progress.last(), Some(&head));
+    compare(&mut findings, &fresh, &live.digests(), "live state");
+    assert!(findings.problems.is_empty(), "{:?}", findings.problems);
+
+    // A model that folded something else is named, projection by projection.
+    let other = given();
+    other.thread("bob");
+    let (mut findings, fresh) = {
+        let mut check = Check::new(None, at);
+        check.scan(&*g.log, head, |_| {}).unwrap();
+        check.finish("stored checkpoint")
+    };
+    let mut wrong = other.projector.read(|m| m.digests());
+    wrong.position = at;
+    compare(&mut findings, &fresh.unwrap(), &wrong, "live state");
+    assert!(
+        findings
+            .problems
+            .iter()
+            .any(|p| p == "projection registry: live state differs from a rebuild from the log"),
+        "{:?}",
+        findings.problems
+    );
+}
+
+fn system() -> Actor {
+    Actor::system()
+}
+
+/// The outcome the webhook worker records about the pending nudge `p`.
+fn nudge_outcome(p: &threadline_projections::PendingNudge, delivered: bool) -> Submission {
+    Submission {
+        event_id: Some(EventId::generate()),
+        ..Submission::new(Command::RecordNudge(threadline_engine::NudgeRecord {
+            user_id: p.user_id.clone(),
+            thread_id: p.thread_id.clone(),
+            run_id: p.run_id.clone(),
+            subject_position: p.position,
+            subject_user_seq: p.user_seq,
+            subject_event: p.event.clone(),
+            delivered,
+            attempts: 1,
+            status: Some(if delivered { 200 } else { 500 }),
+            error: (!delivered).then(|| "the receiver answered 500".to_owned()),
+        }))
+    }
+}
+
+#[test]
+fn completions_errors_and_questions_are_pending_until_acked_or_recorded() {
+    let g = given();
+    let alice = UserId::parse("alice").unwrap();
+    let t = g.thread("alice");
+    let run = g.started_run(&t);
+    g.ok(&agent(), event(&run, AgentEventKind::Thinking));
+    let asked = g.ok(
+        &agent(),
+        Command::AwaitInput {
+            run_id: run.clone(),
+            input_id: "q1".into(),
+            options: vec![],
+            data: "{}".into(),
+        },
+    );
+    let done = g.ok(&agent(), event(&run, AgentEventKind::Completed));
+    let other = g.started_run(&g.thread("alice"));
+    let failed = g.ok(&agent(), event(&other, AgentEventKind::Error));
+
+    // Only the three subjects are pending, each with its user_seq and type.
+    let pending: Vec<_> = g.projector.read(|m| {
+        m.nudges()
+            .due(u64::MAX, 0, 100, |_| false)
+            .0
+            .into_iter()
+            .map(|p| (p.position, p.user_seq, p.event, p.input_id))
+            .collect()
+    });
+    assert_eq!(
+        pending,
+        vec![
+            (
+                asked.position.0,
+                asked.user_seq.unwrap(),
+                "agent_awaiting_input".to_owned(),
+                Some("q1".to_owned())
+            ),
+            (
+                done.position.0,
+                done.user_seq.unwrap(),
+                "agent_completed".to_owned(),
+                None
+            ),
+            (
+                failed.position.0,
+                failed.user_seq.unwrap(),
+                "agent_error".to_owned(),
+                None
+            ),
+        ]
+    );
+
+    // Due only `after` past their recorded time; the next due time is reported.
+    let recorded = g
+        .projector
+        .read(|m| m.nudges().get(asked.position.0).unwrap().recorded_at_ms);
+    let (due, next) = g
+        .projector
+        .read(|m| m.nudges().due(recorded, 30_000, 100, |_| false));
+    assert!(due.is_empty());
+    assert_eq!(next, Some(recorded + 30_000));
+    let (due, _) = g
+        .projector
+        .read(|m| m.nudges().due(recorded + 30_000, 30_000, 100, |_| false));
+    assert_eq!(due.first().map(|p| p.position), Some(asked.position.0));
+    // Taken ones are skipped; a limit is kept.
+    let (due, _) = g
+        .projector
+        .read(|m| m.nudges().due(u64::MAX, 0, 1, |p| p == asked.position.0));
+    assert_eq!(
+        due.iter().map(|p| p.position).collect::<Vec<_>>(),
+        [done.position.0]
+    );
+
+    // An ack from any device covers everything up to its user_seq.
+    g.ok(
+        &user("alice"),
+        Command::AcknowledgeDelivery {
+            user_id: alice.clone(),
+            client_id: ClientId::parse("phone").unwrap(),
+            user_seq: done.user_seq.unwrap(),
+        },
+    );
+    let left: Vec<u64> = g.projector.read(|m| {
+        m.nudges()
+            .due(u64::MAX, 0, 100, |_| false)
+            .0
+            .iter()
+            .map(|p| p.position)
+            .collect()
+    });
+    assert_eq!(left, [failed.position.0]);
+
+    // A recorded outcome resolves it: nothing is pending.
+    let p = g
+        .projector
+        .read(|m| m.nudges().get(failed.position.0).cloned())
+        .unwrap();
+    g.when(&system(), &[nudge_outcome(&p, true)], now())
+        .unwrap();
+    assert!(g.projector.read(|m| m.nudges().is_empty()));
+    // The nudge moved no thread version and reached nobody's queue.
+    let head = g.projector.read(|m| m.delivery().user_head(&alice));
+    assert_eq!(head, failed.user_seq.unwrap());
+
+    // Rebuilt from the log, the projection is the same.
+    let rebuilt = rebuild(&*g.log, |_, _| {}).unwrap();
+    assert_eq!(rebuilt.digests(), g.projector.read(ReadModel::digests));
+}
+
+#[test]
+fn a_subject_already_acked_is_not_pending_and_one_outcome_stands_per_subject() {
+    let g = given();
+    let alice = UserId::parse("alice").unwrap();
+    let run = g.started_run(&g.thread("alice"));
+    // A device acknowledged ahead (past the head): the completion is covered at once.
+    g.ok(
+        &user("alice"),
+        Command::AcknowledgeDelivery {
+            user_id: alice.clone(),
+            client_id: ClientId::parse("laptop").unwrap(),
+            user_seq: 100,
+        },
+    );
+    g.ok(&agent(), event(&run, AgentEventKind::Completed));
+    assert!(g.projector.read(|m| m.nudges().is_empty()));
+
+    let bob_run = g.started_run(&g.thread("bob"));
+    let done = g.ok(&agent(), event(&bob_run, AgentEventKind::Completed));
+    let p = g
+        .projector
+        .read(|m| m.nudges().get(done.position.0).cloned())
+        .unwrap();
+    // Only the system records nudges.
+    let refused = g.when(&agent(), &[nudge_outcome(&p, true)], now());
+    assert!(
+        matches!(
+            refused,
+            Err(SubmitError::Domain {
+                error: DomainError::Forbidden(_),
+                ..
+            })
+        ),
+        "{refused:?}"
+    );
+    // The first outcome under the nudge's id stands; a second one is answered with it.
+    let id = EventId::generate();
+    let first = Submission {
+        event_id: Some(id),
+        ..nudge_outcome(&p, false)
+    };
+    let second = Submission {
+        event_id: Some(id),
+        ..nudge_outcome(&p, true)
+    };
+    let a = g
+        .when(&system(), &[first], now())
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let b = g
+        .when(&system(), &[second], now())
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert!(!a.duplicate && b.duplicate);
+    assert_eq!(a.position, b.position);
+    assert_eq!(g.log.head(), a.position);
+}
+
+#[test]
+fn a_user_holds_a_bounded_number_of_pending_nudges() {
+    let g = given();
+    let t = g.thread("carol");
+    let mut last = None;
+    for _ in 0..threadline_projections::MAX_PENDING_PER_USER + 3 {
+        let run = g.started_run(&t);
+        last = Some(g.ok(&agent(), event(&run, AgentEventKind::Completed)));
+    }
+    let (n, newest) = g.projector.read(|m| {
+        (
+            m.nudges().len(),
+            m.nudges()
+                .due(u64::MAX, 0, usize::MAX, |_| false)
+                .0
+                .last()
+                .map(|p| p.position),
+        )
+    });
+    assert_eq!(n, threadline_projections::MAX_PENDING_PER_USER);
+    assert_eq!(newest, last.map(|o| o.position.0), "the oldest are dropped");
+}

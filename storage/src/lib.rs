@@ -6,6 +6,7 @@
 //! [`MemoryLog`] in memory (for tests of the layers above). Both pass the same
 //! contract suite (`tests/contract.rs`).
 
+mod checkpoints;
 mod error;
 pub mod evidence;
 mod frame;
@@ -17,6 +18,7 @@ mod record;
 pub mod salvage;
 mod sled_log;
 
+pub use checkpoints::{DirCheckpoints, CHECKPOINT_DIR};
 pub use error::{LossReport, StorageError};
 pub use frame::FRAME_FORMAT;
 pub use log::{AppendResult, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position};

@@ -216,7 +216,9 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), StorageError>
         let kind = entry
             .file_type()
             .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())))?;
-        if kind.is_dir() {
+        if kind.is_dir() && entry.file_name() == crate::CHECKPOINT_DIR {
+            // Projection checkpoints: not log data, and they change while a log is open.
+        } else if kind.is_dir() {
             collect_files(&path, out)?;
         } else if kind.is_file()
             && entry.file_name() != EVIDENCE_FILE

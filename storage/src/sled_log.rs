@@ -33,6 +33,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 use uuid::Uuid;
 
+use crate::checkpoints::DirCheckpoints;
 use crate::evidence::{self, Evidence, EvidenceFile};
 use crate::frame::{self, FrameWriter};
 use crate::plan::{Committed, Planner};
@@ -117,7 +118,9 @@ impl Drop for CleanCloser {
 struct Shared {
     db: sled::Db,
     log: sled::Tree,
+    /// Where checkpoints lived before [`DirCheckpoints`]: read, never written.
     checkpoints: sled::Tree,
+    checkpoint_files: DirCheckpoints,
     /// sled's data file, for the `fdatasync` that sled's `flush` does not do.
     data_file: File,
     generation: u32,
@@ -333,6 +336,7 @@ impl SledLog {
             db,
             log,
             checkpoints,
+            checkpoint_files: DirCheckpoints::new(dir.join(crate::CHECKPOINT_DIR)),
             data_file,
             generation,
             durable: AtomicU64::new(head.0),
@@ -479,7 +483,9 @@ pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<(), StorageError> {
         let entry = entry.map_err(io_at(from))?;
         let path = entry.path();
         let target = to.join(entry.file_name());
-        if path.is_dir() {
+        if path.is_dir() && entry.file_name() == crate::CHECKPOINT_DIR {
+            // Not log data: a trial recovery needs none of it.
+        } else if path.is_dir() {
             copy_dir(&path, &target)?;
         } else {
             std::fs::copy(&path, &target).map_err(io_at(&path))?;
@@ -1215,13 +1221,22 @@ impl EventLog for SledLog {
 }
 
 impl Checkpoints for SledLog {
+    /// From the checkpoint files; a log written before they existed kept its
+    /// checkpoints in sled's `checkpoints` tree, read when there is no file.
     fn load_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.shared.checkpoints.get(name)?.map(|v| v.to_vec()))
+        match self.shared.checkpoint_files.load(name)? {
+            Some(bytes) => Ok(Some(bytes)),
+            None => Ok(self.shared.checkpoints.get(name)?.map(|v| v.to_vec())),
+        }
     }
 
+    /// As a file beside sled's (not into sled: see [`DirCheckpoints`]); an old copy in
+    /// sled's tree is dropped once the file is durable.
     fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
-        self.shared.checkpoints.insert(name, bytes)?;
-        self.shared.db.flush()?;
+        self.shared.checkpoint_files.store(name, bytes)?;
+        if self.shared.checkpoints.contains_key(name)? {
+            self.shared.checkpoints.remove(name)?;
+        }
         Ok(())
     }
 }
@@ -1361,6 +1376,45 @@ mod tests {
             "Permission denied",
         ));
         assert!(matches!(open_error(dir, denied), StorageError::Io(_)));
+    }
+
+    #[test]
+    fn checkpoints_are_files_and_a_legacy_one_in_sled_is_read_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A log from before checkpoint files: its checkpoint sits in sled's tree.
+            let log = SledLog::open(dir.path(), SledOptions::default()).unwrap();
+            log.shared
+                .checkpoints
+                .insert("projections", &b"old"[..])
+                .unwrap();
+            log.close().unwrap();
+        }
+        let log = SledLog::open(dir.path(), SledOptions::default()).unwrap();
+        assert_eq!(
+            log.load_checkpoint("projections").unwrap().as_deref(),
+            Some(&b"old"[..])
+        );
+        log.store_checkpoint("projections", b"new").unwrap();
+        let file = dir
+            .path()
+            .join(crate::CHECKPOINT_DIR)
+            .join("projections.ckpt");
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+        assert!(!log.shared.checkpoints.contains_key("projections").unwrap());
+        log.close().unwrap();
+        drop(log);
+        // A checkpoint written after a clean close does not make the log look tampered
+        // with: checkpoint files are not log data.
+        let log = SledLog::open(dir.path(), SledOptions::default()).unwrap();
+        log.store_checkpoint("projections", b"newer").unwrap();
+        log.close().unwrap();
+        drop(log);
+        let log = SledLog::open(dir.path(), SledOptions::default()).unwrap();
+        assert_eq!(
+            log.load_checkpoint("projections").unwrap().as_deref(),
+            Some(&b"newer"[..])
+        );
     }
 
     #[test]

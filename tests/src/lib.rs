@@ -258,6 +258,13 @@ impl TestServer {
                         .unwrap_or_default()
                         .to_owned();
                     let _ = tx.send(addr);
+                } else if line.starts_with('{') {
+                    // `--log-format json`: the address is in the listening line's fields.
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        if v["message"] == "threadline listening" {
+                            let _ = tx.send(v["addr"].as_str().unwrap_or_default().to_owned());
+                        }
+                    }
                 }
                 lines.lock().unwrap().push(line);
             }

@@ -85,7 +85,7 @@ fn rebuild_on<L: EventLog + Checkpoints>(log: L, args: &RebuildArgs) -> anyhow::
     println!(
         "rebuilt {} from {events} events in {:.2}s ({:.0} events/s); checkpoint stored at position {}",
         match args.projection {
-            Projection::All => "registry, delivery and the delivery ledger (acks)",
+            Projection::All => "registry, delivery, the delivery ledger (acks) and the pending nudges",
             Projection::Registry => "registry (and delivery, stored with it)",
             Projection::Delivery => "delivery and its ledger (and registry, stored with them)",
         },
@@ -94,9 +94,9 @@ fn rebuild_on<L: EventLog + Checkpoints>(log: L, args: &RebuildArgs) -> anyhow::
         model.position(),
     );
     let names: &[&str] = match args.projection {
-        Projection::All => &["registry", "delivery", "streams", "acks"],
+        Projection::All => &["registry", "delivery", "streams", "acks", "nudges"],
         Projection::Registry => &["registry"],
-        Projection::Delivery => &["delivery", "acks"],
+        Projection::Delivery => &["delivery", "acks", "nudges"],
     };
     match previous {
         None => println!("there was no checkpoint before"),

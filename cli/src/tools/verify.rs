@@ -2,20 +2,15 @@
 //! per-stream versions are dense, and that the stored projections equal a
 //! rebuild from the log, by digest. One pass over the log does all of it.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use threadline_projections::{load_checkpoint, ReadModel};
-use threadline_storage::{
-    evidence, salvage, Checkpoints, EventLog, Position, Record, StorageError, LOG_STREAM,
-};
+use threadline_projections::load_checkpoint;
+use threadline_projections::verify::Check;
+use threadline_storage::{evidence, salvage, Checkpoints, EventLog, Position, StorageError};
 
 use threadline_api::config::DataArgs;
-
-/// Records read per page.
-const PAGE: u64 = 1000;
 
 /// Checks the log and the projections. Exits 0 only when everything holds.
 #[derive(Debug, clap::Args)]
@@ -24,7 +19,9 @@ const PAGE: u64 = 1000;
 )))]
 #[command(
     after_help = "Exit status: 0 when every check holds; 1 when any fails (each bad \
-    position and each differing projection is named) or the data dir cannot be read."
+    position and each differing projection is named) or the data dir cannot be read. \
+    A data dir held by a running server is checked online instead: \
+    `POST /v1/admin/verify` with an auditor's token (docs/operations.md)."
 )]
 pub struct VerifyArgs {
     #[command(flatten)]
@@ -42,66 +39,6 @@ struct Report {
     problems: Vec<String>,
     notes: Vec<String>,
     unreadable: u64,
-}
-
-/// The folds and counters of the pass.
-struct Pass {
-    report: Report,
-    /// The rebuild from position 1; `None` once a record could not be folded.
-    fresh: Option<ReadModel>,
-    /// The stored checkpoint, caught up as the pass goes; `None` when absent or unusable.
-    stored: Option<ReadModel>,
-    versions: HashMap<String, u64>,
-}
-
-impl Pass {
-    fn record(&mut self, record: &Record) {
-        if record.stream == LOG_STREAM {
-            self.report.notes.push(format!(
-                "position {}: {} by {}: {}",
-                record.position,
-                record.event_type,
-                record.actor,
-                String::from_utf8_lossy(&record.payload)
-            ));
-        }
-        let last = self.versions.entry(record.stream.clone()).or_insert(0);
-        if record.stream_version != *last + 1 {
-            self.report.problems.push(format!(
-                "stream {:?}: version {} at position {}, expected {}",
-                record.stream,
-                record.stream_version,
-                record.position,
-                *last + 1
-            ));
-        }
-        *last = (*last).max(record.stream_version);
-
-        let mut fold_failed = None;
-        if let Some(fresh) = &mut self.fresh {
-            if let Err(e) = fresh.apply(record) {
-                fold_failed = Some(e.to_string());
-            }
-        }
-        if let Some(stored) = &mut self.stored {
-            if record.position > stored.position() && stored.apply(record).is_err() {
-                self.stored = None;
-            }
-        }
-        if let Some(reason) = fold_failed {
-            self.bad(record.position, &format!("cannot be projected: {reason}"));
-        }
-    }
-
-    fn bad(&mut self, position: Position, reason: &str) {
-        self.report.unreadable += 1;
-        self.report
-            .problems
-            .push(format!("bad record at position {position}: {reason}"));
-        // Folds need every record in order; past a bad one they cannot be compared.
-        self.fresh = None;
-        self.stored = None;
-    }
 }
 
 /// Runs the raw scan of every stored copy (before sled opens the log, so that
@@ -172,54 +109,52 @@ fn scan_copies(
 
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
-    let mut pass = Pass {
-        report: Report::default(),
-        fresh: Some(ReadModel::default()),
-        stored: None,
-        versions: HashMap::new(),
-    };
+    let mut report = Report::default();
     if let Some(options) = args.log.nats(data, false)? {
         // The stream's copies are the cluster's to keep (and to repair); the
         // check reads every record through the log and compares the
         // projections this gateway stored under the data dir.
         let log = crate::log_args::connect(options)?;
         let head = log.head();
-        pass.report
+        report
             .notes
             .push(format!("JetStream log {}", log.description()));
-        return check(log, data, head, pass, args.quiet);
+        return check(log, data, head, report, args.quiet);
     }
-    let (openable, acknowledged) = scan_copies(data, args.quiet, &mut pass.report)?;
+    let (openable, acknowledged) = scan_copies(data, args.quiet, &mut report)?;
     if !openable {
-        pass.report.notes.push(
+        report.notes.push(
             "the log was not opened: sled's recovery could discard what is left; \
              `threadline repair` rebuilds it from the intact copies"
                 .into(),
         );
-        print!("{}", render(data, acknowledged, &pass.report));
+        print!("{}", render(data, acknowledged, &report));
         return Ok(ExitCode::FAILURE);
     }
     let log = match super::open_log_raw(data, true) {
         Ok(log) => log,
-        Err(StorageError::Lost(report)) => {
-            pass.report.problems.push(report.to_string());
-            pass.report.notes.push(
+        Err(StorageError::Lost(lost)) => {
+            report.problems.push(lost.to_string());
+            report.notes.push(
                 "the log was not opened: sled's recovery would discard records; \
                  `threadline repair` rebuilds it from the intact copies"
                     .into(),
             );
-            print!("{}", render(data, acknowledged, &pass.report));
+            print!("{}", render(data, acknowledged, &report));
             return Ok(ExitCode::FAILURE);
         }
         Err(e) => {
             return Err(super::explain_open_error(
                 data,
                 e,
-                "; stop it before verifying",
+                "; stop it before verifying offline, or check it online without stopping it: \
+                 `curl -X POST -H \"Authorization: Bearer $AUDITOR_TOKEN\" \
+                 http://<listen>/v1/admin/verify`, then GET the same path for the result \
+                 (an auditor's token: `threadline token --sub NAME --role auditor`)",
             ))
         }
     };
-    check(log, data, acknowledged, pass, args.quiet)
+    check(log, data, acknowledged, report, args.quiet)
 }
 
 /// Reads every record of `log` once and compares the stored projections with a rebuild.
@@ -227,109 +162,52 @@ fn check<L: EventLog + Checkpoints>(
     log: L,
     data: &std::path::Path,
     acknowledged: Position,
-    mut pass: Pass,
+    mut report: Report,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
     let head = log.head();
     if head < acknowledged {
-        pass.report.problems.push(format!(
+        report.problems.push(format!(
             "positions {}..={acknowledged} were acknowledged but sled recovered the log only up to {head}",
             head.next()
         ));
     }
-    let mut checkpoint_usable = false;
+    let mut stored = None;
     match load_checkpoint(&log) {
-        Ok(None) => pass.report.notes.push(
+        Ok(None) => report.notes.push(
             "no projection checkpoint is stored (a server rebuilds it from the log on start)"
                 .into(),
         ),
-        Ok(Some(model)) if model.position() > head => pass.report.problems.push(format!(
+        Ok(Some(model)) if model.position() > head => report.problems.push(format!(
             "projections registry, delivery and acks: checkpoint at position {} is ahead of the log head {head}",
             model.position()
         )),
         Ok(Some(model)) => {
-            pass.report.notes.push(format!(
+            report.notes.push(format!(
                 "projection checkpoint at position {} (caught up to the head {head} for the comparison)",
                 model.position()
             ));
-            pass.stored = Some(model);
-            checkpoint_usable = true;
+            stored = Some(model);
         }
-        Err(e) => pass.report.problems.push(format!(
+        Err(e) => report.problems.push(format!(
             "projections registry, delivery and acks: the checkpoint cannot be decoded: {e}"
         )),
     }
 
     let bar = super::position_bar(head.0, quiet, "verifying");
-    let mut next = 1;
-    while next <= head.0 {
-        match log.read_from(Position(next), PAGE as usize) {
-            Ok(page) if page.is_empty() => {
-                // read_from reports gaps as Corrupt; an empty page below the head is one too.
-                for p in next..=head.0 {
-                    pass.bad(Position(p), "missing below the durable head");
-                }
-                next = head.0 + 1;
-            }
-            Ok(page) => {
-                for record in &page {
-                    pass.record(record);
-                    next = record.position.0 + 1;
-                }
-            }
-            Err(StorageError::Corrupt { .. }) => {
-                // The page holds a bad record: read its positions one at a time so every
-                // bad one is named and every good one still checked.
-                let end = (next + PAGE - 1).min(head.0);
-                for p in next..=end {
-                    match log.read_at(Position(p)) {
-                        Ok(Some(record)) => pass.record(&record),
-                        Ok(None) => pass.bad(Position(p), "missing below the durable head"),
-                        Err(StorageError::Corrupt { position, reason }) => {
-                            pass.bad(position, &reason)
-                        }
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("reading position {p}"));
-                        }
-                    }
-                }
-                next = end + 1;
-            }
-            Err(e) => return Err(e).with_context(|| format!("reading from position {next}")),
-        }
-        bar.set_position(next - 1);
-    }
+    let mut check = Check::new(stored, Position(u64::MAX));
+    check
+        .scan(&log, head, |p| bar.set_position(p.0))
+        .context("reading the event log")?;
     bar.finish_and_clear();
     log.close().context("closing the event log")?;
+    let (findings, _) = check.finish("stored state");
+    report.problems.extend(findings.problems);
+    report.notes.extend(findings.notes);
+    report.unreadable = findings.unreadable;
 
-    match (pass.fresh.take(), pass.stored.take()) {
-        (Some(fresh), Some(stored)) => {
-            let (a, b) = (fresh.digests(), stored.digests());
-            if a.position != b.position {
-                pass.report.problems.push(format!(
-                    "projections: the rebuild reached position {} but the checkpoint {}",
-                    a.position, b.position
-                ));
-            }
-            for name in a.differing(&b) {
-                pass.report.problems.push(format!(
-                    "projection {name}: stored state differs from a rebuild from the log"
-                ));
-            }
-        }
-        (None, _) if pass.report.unreadable > 0 => pass
-            .report
-            .notes
-            .push("projections not compared: the log has records that cannot be folded".into()),
-        (Some(_), None) if checkpoint_usable => pass.report.problems.push(
-            "projections registry, delivery and acks: the checkpoint cannot fold the records after it"
-                .into(),
-        ),
-        _ => {}
-    }
-
-    print!("{}", render(data, head, &pass.report));
-    Ok(if pass.report.problems.is_empty() {
+    print!("{}", render(data, head, &report));
+    Ok(if report.problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
