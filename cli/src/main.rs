@@ -2,6 +2,7 @@
 //! its module; everything is wired here and nowhere else.
 
 mod config_file;
+mod log_args;
 mod serve;
 mod tools;
 
@@ -23,7 +24,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run the HTTP + WebSocket server on the data directory (created if missing).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Print a JWT signed with the configured key (or the data dir's generated secret).
     Token(tools::token::TokenArgs),
     /// Rebuild the projections from the log and swap them in atomically.
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
             .enable_all()
             .build()
             .map_err(anyhow::Error::from)
-            .and_then(|rt| rt.block_on(serve::run(a, effective)))
+            .and_then(|rt| rt.block_on(serve::run(*a, effective)))
             .map(|()| ExitCode::SUCCESS),
         Cmd::Token(a) => tools::token::run(a).map(|()| ExitCode::SUCCESS),
         Cmd::Rebuild(a) => tools::rebuild::run(a),

@@ -1,5 +1,6 @@
-//! `threadline serve`: the one place the server is wired over sled. Opens the
-//! data dir's log and projections, then hands them to `threadline_api::serve`.
+//! `threadline serve`: the one place the server is wired. Opens the log (the
+//! data dir's sled log, or a JetStream stream with `--log nats://…`) and the
+//! projections, then hands them to `threadline_api::serve`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use threadline_storage::{SledLog, SledOptions};
 use tokio::net::TcpListener;
 
 use crate::config_file::Effective;
+use crate::log_args::LogArgs;
 use crate::tools::{explain_open_error, log_dir};
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +38,8 @@ pub struct ServeArgs {
     data: DataArgs,
     #[command(flatten)]
     keys: KeyArgs,
+    #[command(flatten)]
+    log: LogArgs,
     /// Address to listen on.
     #[arg(
         long,
@@ -84,7 +88,7 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
     #[cfg(unix)]
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("listening for SIGHUP")?;
-    let data: PathBuf = args.data.data;
+    let data: PathBuf = args.data.data.clone();
     create_private_dir(&data)?;
     let auth = match &args.keys.jwks_url {
         Some(url) => {
@@ -97,10 +101,31 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
     tracing::info!(keys = %auth.describe(), "verifying tokens");
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(hangups, auth.clone()));
-    let dir = log_dir(&data);
-    let log = tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
-        .await?
-        .map_err(|e| explain_open_error(&data, e, ""))?;
+    match args.log.nats(&data, true)? {
+        None => {
+            let dir = log_dir(&data);
+            let log =
+                tokio::task::spawn_blocking(move || SledLog::open(&dir, SledOptions::default()))
+                    .await?
+                    .map_err(|e| explain_open_error(&data, e, ""))?;
+            serve_on(log, auth, nudge, data, args).await
+        }
+        Some(options) => {
+            let log =
+                tokio::task::spawn_blocking(move || crate::log_args::connect(options)).await??;
+            tracing::info!(log = %log.description(), "serving the JetStream log");
+            serve_on(log, auth, nudge, data, args).await
+        }
+    }
+}
+
+async fn serve_on<L: threadline_api::Log>(
+    log: L,
+    auth: Authenticator,
+    nudge: Option<threadline_api::nudge::NudgeConfig>,
+    data: PathBuf,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let projector =
         Arc::new(tokio::task::spawn_blocking(move || Projector::open(Arc::new(log))).await??);
     // Process-wide, so the binary's to set: each socket is a descriptor.

@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::StorageError;
+use crate::{Checkpoints, StorageError};
 
 /// The directory, inside a log's own directory, that holds its checkpoint files.
 pub const CHECKPOINT_DIR: &str = "checkpoints";
@@ -64,6 +64,16 @@ impl DirCheckpoints {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| io(&self.dir, e))
+    }
+}
+
+impl Checkpoints for DirCheckpoints {
+    fn load_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        self.load(name)
+    }
+
+    fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
+        self.store(name, bytes)
     }
 }
 

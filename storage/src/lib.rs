@@ -14,7 +14,7 @@ mod frame;
 mod log;
 pub mod maintenance;
 mod memory;
-mod plan;
+pub mod plan;
 mod record;
 pub mod salvage;
 mod sled_log;

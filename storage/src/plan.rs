@@ -12,7 +12,7 @@ use crate::{Appended, NewEvent, Position, Record, StorageError};
 pub(crate) const MAX_STREAM_LEN: usize = 512;
 
 /// What the planner needs to know about committed state.
-pub(crate) trait Committed {
+pub trait Committed {
     /// The committed version of `stream` (0 when absent).
     fn stream_version(&mut self, stream: &str) -> Result<u64, StorageError>;
     /// The committed position and version of an event id.
@@ -21,7 +21,7 @@ pub(crate) trait Committed {
 
 /// Plans the batches of one group commit on top of committed state.
 #[derive(Debug)]
-pub(crate) struct Planner {
+pub struct Planner {
     next: Position,
     versions: HashMap<String, u64>,
     ids: HashMap<Uuid, Appended>,
@@ -30,7 +30,7 @@ pub(crate) struct Planner {
 
 impl Planner {
     /// A planner whose first new record gets position `head + 1`.
-    pub(crate) fn new(head: Position, recorded_at_ms: u64) -> Planner {
+    pub fn new(head: Position, recorded_at_ms: u64) -> Planner {
         Planner {
             next: head.next(),
             versions: HashMap::new(),
@@ -40,12 +40,12 @@ impl Planner {
     }
 
     /// The head after every batch planned so far.
-    pub(crate) fn head(&self) -> Position {
+    pub fn head(&self) -> Position {
         Position(self.next.0 - 1)
     }
 
     /// Plans one batch: all of its new events, or (on error) none of them.
-    pub(crate) fn plan(
+    pub fn plan(
         &mut self,
         committed: &mut dyn Committed,
         events: Vec<NewEvent>,

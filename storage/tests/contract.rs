@@ -1,10 +1,12 @@
-//! The log contract: one suite, run against every [`EventLog`] implementation.
+//! The log contract: one suite, run against every [`EventLog`] implementation
+//! (the JetStream one against a real 3-node cluster the suite starts).
 
 use std::sync::Arc;
 
 use threadline_storage::{
     Checkpoints, EventLog, MemoryLog, NewEvent, Position, SledLog, SledOptions, StorageError,
 };
+use threadline_storage_nats::{cluster, NatsLog, NatsOptions};
 use uuid::Uuid;
 
 fn ev(stream: &str, expected: Option<u64>) -> NewEvent {
@@ -233,60 +235,60 @@ macro_rules! contract_suite {
             use super::*;
             #[test]
             fn empty_log() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 empty_log_has_nothing(&*log);
             }
             #[test]
             fn dense() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 positions_and_versions_are_dense(&*log);
             }
             #[test]
             fn read_many() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 read_many_reads_what_read_at_reads(&*log);
             }
             #[test]
             fn atomic_batches() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 batches_are_all_or_nothing(&*log);
             }
             #[test]
             fn expected_versions() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 expected_versions_are_enforced(&*log);
             }
             #[test]
             fn idempotent_ids() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 event_ids_are_idempotent(&*log);
             }
             #[test]
             fn bad_input() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 bad_input_is_rejected(&*log);
             }
             #[test]
             fn head_watch() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 head_watchers_see_durable_heads(&*log);
             }
             #[test]
             fn concurrent() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 concurrent_appenders_get_unique_dense_positions(log);
             }
             #[test]
             fn checkpoints() {
-                let (log, _g) = $make;
+                let Some((log, _g)) = $make else { return };
                 checkpoints_round_trip(&*log);
             }
         }
     };
 }
 
-fn memory() -> (Arc<MemoryLog>, ()) {
-    (Arc::new(MemoryLog::new()), ())
+fn memory() -> Option<(Arc<MemoryLog>, ())> {
+    Some((Arc::new(MemoryLog::new()), ()))
 }
 
 fn sled() -> (Arc<SledLog>, tempfile::TempDir) {
@@ -297,8 +299,21 @@ fn sled() -> (Arc<SledLog>, tempfile::TempDir) {
     )
 }
 
+/// A fresh stream (own name and subjects) on the shared 3-node cluster.
+fn nats() -> Option<(Arc<NatsLog>, impl Sized)> {
+    let cluster = cluster::shared()?;
+    let dir = tempfile::tempdir().unwrap();
+    let name = Uuid::new_v4().simple().to_string();
+    let mut options = NatsOptions::new(&cluster.lock().unwrap().urls(), dir.path().into());
+    options.stream = format!("T{name}");
+    options.subject_prefix = format!("t{name}");
+    let log = NatsLog::connect(options).unwrap();
+    Some((Arc::new(log), (cluster, dir)))
+}
+
 contract_suite!(memory_log, memory());
-contract_suite!(sled_log, sled());
+contract_suite!(sled_log, Some(sled()));
+contract_suite!(nats_log, nats());
 
 #[test]
 fn sled_log_survives_reopen_and_continues_dense() {

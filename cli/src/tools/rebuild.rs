@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use threadline_projections::{load_checkpoint, rebuild, store_checkpoint, ReadModel};
-use threadline_storage::{EventLog, SledLog};
+use threadline_storage::{Checkpoints, EventLog};
 
 use threadline_api::config::DataArgs;
 
@@ -29,6 +29,8 @@ pub enum Projection {
 pub struct RebuildArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub log: crate::log_args::LogArgs,
     /// Which projection to rebuild. Registry and delivery are stored together in one
     /// checkpoint and delivery is folded from the registry's thread owners, so every value
     /// rebuilds and swaps in both; the value chooses which ones the report compares with
@@ -42,7 +44,18 @@ pub struct RebuildArgs {
 
 pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
-    let log = super::open_log(data, "; stop it before rebuilding", false)?;
+    match args.log.nats(data, false)? {
+        // A gateway's projections over the shared JetStream log live in its data dir.
+        Some(options) => rebuild_on(crate::log_args::connect(options)?, &args),
+        None => rebuild_on(
+            super::open_log(data, "; stop it before rebuilding", false)?,
+            &args,
+        ),
+    }
+}
+
+fn rebuild_on<L: EventLog + Checkpoints>(log: L, args: &RebuildArgs) -> anyhow::Result<ExitCode> {
+    let data = &args.data.data;
     let head = log.head();
 
     // The checkpoint being replaced, caught up to the head, so the report can say
@@ -104,7 +117,7 @@ pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `model` with every record after its position folded in, up to the head.
-fn caught_up(log: &SledLog, mut model: ReadModel) -> anyhow::Result<ReadModel> {
+fn caught_up<L: EventLog>(log: &L, mut model: ReadModel) -> anyhow::Result<ReadModel> {
     let head = log.head();
     anyhow::ensure!(
         model.position() <= head,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use threadline_projections::load_checkpoint;
 use threadline_projections::verify::Check;
-use threadline_storage::{evidence, salvage, EventLog, Position, StorageError};
+use threadline_storage::{evidence, salvage, Checkpoints, EventLog, Position, StorageError};
 
 use threadline_api::config::DataArgs;
 
@@ -26,6 +26,8 @@ use threadline_api::config::DataArgs;
 pub struct VerifyArgs {
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub log: crate::log_args::LogArgs,
     /// Do not draw the progress bar (it is also hidden when stderr is not a terminal).
     #[arg(long, short)]
     pub quiet: bool,
@@ -108,6 +110,17 @@ fn scan_copies(
 pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
     let mut report = Report::default();
+    if let Some(options) = args.log.nats(data, false)? {
+        // The stream's copies are the cluster's to keep (and to repair); the
+        // check reads every record through the log and compares the
+        // projections this gateway stored under the data dir.
+        let log = crate::log_args::connect(options)?;
+        let head = log.head();
+        report
+            .notes
+            .push(format!("JetStream log {}", log.description()));
+        return check(log, data, head, report, args.quiet);
+    }
     let (openable, acknowledged) = scan_copies(data, args.quiet, &mut report)?;
     if !openable {
         report.notes.push(
@@ -141,6 +154,17 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             ))
         }
     };
+    check(log, data, acknowledged, report, args.quiet)
+}
+
+/// Reads every record of `log` once and compares the stored projections with a rebuild.
+fn check<L: EventLog + Checkpoints>(
+    log: L,
+    data: &std::path::Path,
+    acknowledged: Position,
+    mut report: Report,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let head = log.head();
     if head < acknowledged {
         report.problems.push(format!(
@@ -170,7 +194,7 @@ pub fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         )),
     }
 
-    let bar = super::position_bar(head.0, args.quiet, "verifying");
+    let bar = super::position_bar(head.0, quiet, "verifying");
     let mut check = Check::new(stored, Position(u64::MAX));
     check
         .scan(&log, head, |p| bar.set_position(p.0))

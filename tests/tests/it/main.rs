@@ -21,6 +21,7 @@ mod operations;
 mod refresh;
 mod replay;
 mod restart;
+mod scaling;
 mod slow_reader;
 mod smoke;
 mod sockets;
