@@ -9,9 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
+use threadline_client::{AckMode, Resume};
 use threadline_storage_nats::{cluster, NatsLog, NatsOptions};
 use threadline_tests::{
-    append_thinking, client_caught_up, client_events, started_run, token, TestServer,
+    append_thinking, client_caught_up, client_events, eventually, started_run, token, Options,
+    TestServer,
 };
 
 /// A test's own stream on the shared cluster, and gateways over it.
@@ -266,4 +268,85 @@ async fn verify_and_rebuild_work_against_the_jetstream_log() {
     };
     assert_ne!(code, Some(0));
     assert!(err.contains("NO_SUCH_STREAM"), "{err}");
+}
+
+/// What must show, 4: gateway A, a real `threadline serve` process, is SIGKILLed
+/// while a user's socket on it is mid-stream; the client reconnects to gateway B
+/// and resumes after its durable cursor (acks are records in the shared stream):
+/// nothing lost, nothing at or before the cursor delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_of_a_killed_gateway_resumes_on_another_after_its_durable_cursor() {
+    let Some(log) = Log::new() else { return };
+    let mut a = TestServer::spawn_with(Options {
+        args: vec![
+            "--log".into(),
+            log.urls(),
+            "--nats-stream".into(),
+            log.stream.clone(),
+            "--nats-subject-prefix".into(),
+            log.stream.to_lowercase(),
+        ],
+        ..Options::default()
+    });
+    let b = log.gateway("b").await;
+    let agent = b.api(&token("bot", "agent"));
+    let (_thread, run) = started_run(&agent, "kai").await;
+    append_thinking(&agent, &run, 0, 20, 0).await;
+    let user = token("kai", "user");
+    // Acks only what the test marks, so the durable cursor is known exactly.
+    let manual = |mut c: threadline_client::Config| {
+        c.acks.mode = AckMode::Manual;
+        c.resume(Resume::Cursor)
+    };
+
+    let mut on_a = a.client(&user, manual);
+    let (replayed, caught_up) = client_caught_up(&mut on_a).await.unwrap();
+    assert_eq!((replayed.len(), caught_up), (23, 23));
+    // Live through B while the socket on A reads: 100 more events.
+    let appender = {
+        let agent = agent.clone();
+        let run = run.clone();
+        tokio::spawn(async move {
+            for k in 0..20 {
+                append_thinking(&agent, &run, 20 + 5 * k, 5, 0).await;
+            }
+        })
+    };
+    let live = client_events(&mut on_a, 30).await.unwrap();
+    assert_eq!(live.last().unwrap().user_seq, 53);
+    on_a.handle().ack(53);
+    assert_eq!(on_a.handle().flush().await.unwrap(), 53, "durable cursor");
+    // Read past the cursor without acking, then A dies mid-stream.
+    let unacked = client_events(&mut on_a, 10).await.unwrap();
+    assert_eq!(unacked.last().unwrap().user_seq, 63);
+    a.kill();
+    drop(on_a);
+    appender.await.unwrap();
+
+    // B has folded the ack (it is a record of the stream) before the client returns.
+    let auditor = b.api(&token("audrey", "auditor"));
+    eventually("gateway B to fold the ack through A", || {
+        let auditor = auditor.clone();
+        async move {
+            let r = auditor.get("/v1/audit/deliveries?user_id=kai").await;
+            let acked = r.body["deliveries"]
+                .as_array()?
+                .iter()
+                .any(|d| d["client_id"] == "test" && d["user_seq"].as_u64() == Some(53));
+            acked.then_some(())
+        }
+    })
+    .await;
+    let mut on_b = b.client(&user, manual);
+    let (resumed, caught_up) = client_caught_up(&mut on_b).await.unwrap();
+    assert_eq!(caught_up, 123, "3 + 120 events of kai");
+    assert_eq!(
+        resumed.iter().map(|e| e.user_seq).collect::<Vec<_>>(),
+        (54..=123).collect::<Vec<_>>(),
+        "resumed right after the durable cursor, dense, nothing twice"
+    );
+    // The ten read but not acked on A come again (at least once), the same events.
+    for (again, first) in resumed.iter().zip(&unacked) {
+        assert_eq!(again.event_id, first.event_id);
+    }
 }
