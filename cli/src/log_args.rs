@@ -15,7 +15,7 @@ pub struct LogArgs {
     /// may serve one JetStream log; see docs/scaling.md.
     #[arg(
         long = "log",
-        env = "THREADLINE_LOG",
+        env = "THREADLINE_EVENT_LOG",
         default_value = "sled",
         value_name = "sled|nats://HOST:PORT,…"
     )]

@@ -117,3 +117,37 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Each env var names one option of a command, and none is `THREADLINE_LOG`, the log
+    /// filter read before parsing (`--log`'s env var once was, and every test server's
+    /// `THREADLINE_LOG=info` became an event-log URL).
+    #[test]
+    fn env_vars_are_unique_per_command_and_leave_the_log_filter_alone() {
+        for sub in Cli::command().get_subcommands() {
+            let mut seen = std::collections::HashMap::new();
+            for arg in sub.get_arguments() {
+                let Some(env) = arg.get_env() else { continue };
+                let env = env.to_string_lossy().into_owned();
+                assert_ne!(
+                    env,
+                    "THREADLINE_LOG",
+                    "{} --{:?}",
+                    sub.get_name(),
+                    arg.get_long()
+                );
+                if let Some(other) = seen.insert(env.clone(), arg.get_id().to_string()) {
+                    panic!(
+                        "{}: {env} names both {other} and {}",
+                        sub.get_name(),
+                        arg.get_id()
+                    );
+                }
+            }
+        }
+    }
+}
