@@ -813,6 +813,15 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                 Ok(last) => catch_up(shared, &cluster.stream, last).await,
                 Err(e) => Err(e),
             };
+            // A stream created a moment ago may not be assigned on the server this
+            // connection publishes through yet: as transient as an election.
+            let waiting = match &caught_up {
+                Err(e) => Some(e.clone()),
+                Ok(()) if reason.contains("no stream found") => {
+                    Some(StorageError::Io(reason.clone()))
+                }
+                Ok(()) => None,
+            };
             for (mut job, _) in planned {
                 job.attempts += 1;
                 if unknown {
@@ -823,7 +832,7 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                         "the append did not land after {} attempts: {reason}",
                         job.attempts
                     ))));
-                } else if let Err(e) = &caught_up {
+                } else if let Some(e) = &waiting {
                     // The cluster cannot answer (no leader yet, an election, no quorum):
                     // keep trying for a while, then answer the error.
                     let since = *job
