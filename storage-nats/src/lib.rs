@@ -48,6 +48,12 @@ const MAX_GROUP_RECORDS: usize = 500;
 /// How often one append is planned again after losing the stream's head to
 /// another gateway (or an unknown outcome) before it is answered an error.
 const MAX_ATTEMPTS: u32 = 50;
+/// How long one publish waits for the stream leader's acknowledgement before
+/// its outcome is taken as unknown (caught up on and planned again, which is
+/// safe: every publish is conditioned on the head). Far above a healthy
+/// quorum write; well below the request timeout, so that a publish caught by
+/// a leader's death is retried soon after the election rather than after it.
+const PUBLISH_ACK: Duration = Duration::from_secs(2);
 /// How long the writer waits for its follower to reach the server's head.
 const CATCH_UP: Duration = Duration::from_secs(30);
 /// How long the follower's consumer may stay silent before the stream is asked whether it moved.
@@ -496,6 +502,9 @@ async fn catch_up(
 ) -> Result<(), StorageError> {
     let deadline = tokio::time::Instant::now() + CATCH_UP;
     loop {
+        if shared.closed.load(Ordering::SeqCst) {
+            return Err(StorageError::Closed);
+        }
         let head = shared.index().head;
         if head >= target {
             return Ok(());
@@ -503,11 +512,20 @@ async fn catch_up(
         let end = target.min(head + READ_CONCURRENCY as u64 * 4);
         let read = futures_util::stream::iter((head + 1..=end).map(|seq| {
             let stream = stream.clone();
-            async move { stream.get_raw_message(seq).await.map(|m| (seq, m.payload)) }
+            async move {
+                stream
+                    .get_raw_message(seq)
+                    .await
+                    .map(|m| (seq, m.payload))
+                    .map_err(|e| e.to_string())
+            }
         }))
         .buffered(READ_CONCURRENCY)
-        .try_collect::<Vec<_>>()
-        .await;
+        .try_collect::<Vec<_>>();
+        // A read stuck on a leader that died is asked again (of the next one) soon.
+        let read = tokio::time::timeout(PUBLISH_ACK * 2, read)
+            .await
+            .unwrap_or_else(|_| Err("no answer from the stream leader".into()));
         match read {
             Ok(messages) => {
                 for (seq, payload) in messages {
@@ -534,7 +552,8 @@ async fn follow(shared: Arc<Shared>, stream: stream::Stream) {
         match follow_from(&shared, &stream, from).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(e) => {
-                tracing::warn!(from, error = %e, "following the JetStream log failed; retrying");
+                let head = shared.index().head;
+                tracing::warn!(head, error = %e, "following the JetStream log failed; following again after the head");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
@@ -774,7 +793,14 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
         }
         return later;
     }
-    match publish(cluster, head, &records).await {
+    let published = tokio::time::timeout(PUBLISH_ACK, publish(cluster, head, &records))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::Unknown(format!(
+                "no acknowledgement within {PUBLISH_ACK:?} (a stream leader lost?)"
+            )))
+        });
+    match published {
         Ok(()) => {
             let applied = records
                 .iter()
@@ -796,7 +822,13 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
             // which its stream info may not show yet: wait for what the refusal named.
             let last = match reported_last(&reason) {
                 Some(last) => Ok(last),
-                None => last_sequence(cluster.stream.clone()).await,
+                None => tokio::time::timeout(PUBLISH_ACK, last_sequence(cluster.stream.clone()))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StorageError::Io(format!(
+                            "the stream's state did not come within {PUBLISH_ACK:?} (an election?)"
+                        )))
+                    }),
             };
             let caught_up = match last {
                 Ok(last) if last < head => {
@@ -822,12 +854,18 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                 }
                 Ok(()) => None,
             };
+            let closed = shared.closed.load(Ordering::SeqCst);
             for (mut job, _) in planned {
                 job.attempts += 1;
                 if unknown {
                     job.maybe_ours.extend(job.events.iter().map(|e| e.event_id));
                 }
-                if job.attempts >= MAX_ATTEMPTS {
+                if closed {
+                    // Closing: answer now rather than retry against a cluster
+                    // that may be gone (the outcome of an unknown publish stays
+                    // unknown to the caller, as in a crash).
+                    let _ = job.tx.send(Err(StorageError::Closed));
+                } else if job.attempts >= MAX_ATTEMPTS {
                     let _ = job.tx.send(Err(StorageError::Io(format!(
                         "the append did not land after {} attempts: {reason}",
                         job.attempts
