@@ -39,6 +39,14 @@ pub fn shared() -> Option<Arc<Mutex<NatsCluster>>> {
     if let Some(cluster) = slot.upgrade() {
         return Some(cluster);
     }
+    let cluster = Arc::new(Mutex::new(own()?));
+    *slot = Arc::downgrade(&cluster);
+    Some(cluster)
+}
+
+/// A cluster of the caller's own (for a test that kills its nodes), with
+/// the same skip rule as [`shared`].
+pub fn own() -> Option<NatsCluster> {
     let Some(cluster) = NatsCluster::start_temp().expect("starting a 3-node nats-server cluster")
     else {
         assert!(
@@ -50,8 +58,6 @@ pub fn shared() -> Option<Arc<Mutex<NatsCluster>>> {
         );
         return None;
     };
-    let cluster = Arc::new(Mutex::new(cluster));
-    *slot = Arc::downgrade(&cluster);
     Some(cluster)
 }
 

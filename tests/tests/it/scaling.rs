@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use threadline_client::{AckMode, Resume};
@@ -34,6 +35,17 @@ impl Log {
         })
     }
 
+    /// A log on a cluster of this test's own, for a test that kills its nodes
+    /// (the shared cluster's other tests must not lose a node under them).
+    fn own() -> Option<Log> {
+        trace();
+        Some(Log {
+            cluster: Arc::new(Mutex::new(cluster::own()?)),
+            stream: format!("S{}", uuid::Uuid::new_v4().simple()),
+            dirs: tempfile::tempdir().unwrap(),
+        })
+    }
+
     fn urls(&self) -> String {
         self.cluster.lock().unwrap().urls()
     }
@@ -56,6 +68,23 @@ impl Log {
             .unwrap()
             .expect("connect to the JetStream log");
         TestServer::spawn_on(Arc::new(log))
+    }
+
+    /// A gateway as a real `threadline serve` process over the stream, with `args` added.
+    fn process(&self, args: &[&str]) -> TestServer {
+        let mut all = vec![
+            "--log".to_owned(),
+            self.urls(),
+            "--nats-stream".into(),
+            self.stream.clone(),
+            "--nats-subject-prefix".into(),
+            self.stream.to_lowercase(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        TestServer::spawn_with(Options {
+            args: all,
+            ..Options::default()
+        })
     }
 
     fn data(&self, name: &str) -> std::path::PathBuf {
@@ -277,17 +306,7 @@ async fn verify_and_rebuild_work_against_the_jetstream_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_client_of_a_killed_gateway_resumes_on_another_after_its_durable_cursor() {
     let Some(log) = Log::new() else { return };
-    let mut a = TestServer::spawn_with(Options {
-        args: vec![
-            "--log".into(),
-            log.urls(),
-            "--nats-stream".into(),
-            log.stream.clone(),
-            "--nats-subject-prefix".into(),
-            log.stream.to_lowercase(),
-        ],
-        ..Options::default()
-    });
+    let mut a = log.process(&[]);
     let b = log.gateway("b").await;
     let agent = b.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "kai").await;
@@ -349,4 +368,309 @@ async fn a_client_of_a_killed_gateway_resumes_on_another_after_its_durable_curso
     for (again, first) in resumed.iter().zip(&unacked) {
         assert_eq!(again.event_id, first.event_id);
     }
+}
+
+/// What one agent writer of check 3 has had acknowledged.
+#[derive(Default)]
+struct Acked {
+    /// (event id, position) of every acknowledged append, in order.
+    events: Mutex<Vec<(String, u64)>>,
+    /// The longest time one append took to be acknowledged, retries included.
+    longest: Mutex<Duration>,
+    /// Answers other than 201/200 (or no answer) seen on the way, by status (0 = none).
+    refused: Mutex<std::collections::BTreeMap<u16, u64>>,
+}
+
+impl Acked {
+    fn count(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+}
+
+/// Appends `agent_thinking` events to `run` through `api`, one at a time, until
+/// `stop`; an append that is not acknowledged (a 5xx, no answer) is sent again
+/// with the same event id until it is, so the writer's record is exactly what
+/// the log must hold. Panics when one append stays unacknowledged for 60 s:
+/// the gateway stopped serving.
+async fn acked_writer(
+    api: threadline_tests::Api,
+    run: String,
+    acked: Arc<Acked>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut k = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let id = uuid::Uuid::new_v4().to_string();
+        let body = json!({"type": "agent_thinking", "data": {"k": k}, "event_id": id});
+        let started = Instant::now();
+        let position = loop {
+            let reply = api.try_post(&format!("/v1/runs/{run}/events"), &body).await;
+            match reply {
+                Some(r) if matches!(r.status, 200 | 201) => {
+                    break r.body["position"].as_u64().expect("position");
+                }
+                Some(r) if r.status < 500 => panic!("append answered {}: {}", r.status, r.body),
+                other => {
+                    let status = other.map_or(0, |r| r.status);
+                    *acked.refused.lock().unwrap().entry(status).or_default() += 1;
+                    assert!(
+                        started.elapsed() < Duration::from_secs(60),
+                        "the gateway acknowledged nothing for 60 s (last answer {status})"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let took = started.elapsed();
+        let mut longest = acked.longest.lock().unwrap();
+        *longest = (*longest).max(took);
+        drop(longest);
+        acked.events.lock().unwrap().push((id, position));
+        k += 1;
+    }
+}
+
+/// Waits until `f` holds, failing with `what` after `within`.
+async fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// What must show, 3: the stream leader, a real `nats-server`, is SIGKILLed
+/// while agents append through both gateways and a user's socket on B is live.
+/// Every acknowledged event is in the stream at the position its answer named,
+/// exactly once, with gap-free positions; both gateways keep acknowledging
+/// appends (each writer gets 100 more after the kill, the socket gets every
+/// event of its user in order); the node, started again, catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_node_killed_mid_ingest_loses_nothing_acknowledged_and_gateways_keep_serving() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(log) = Log::own() else { return };
+    let a = log.gateway("a").await;
+    let b = log.gateway("b").await;
+    let (agent_a, agent_b) = (a.api(&token("bot", "agent")), b.api(&token("bot", "agent")));
+    let (ann_thread, ann_run) = started_run(&agent_a, "ann").await;
+    let (bob_thread, bob_run) = started_run(&agent_b, "bob").await;
+    let mut ann = b.client(&token("ann", "user"), |c| c);
+    let (replayed, _) = client_caught_up(&mut ann).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acked_a, acked_b) = (Arc::new(Acked::default()), Arc::new(Acked::default()));
+    let wa = tokio::spawn(acked_writer(
+        agent_a.clone(),
+        ann_run,
+        Arc::clone(&acked_a),
+        Arc::clone(&stop),
+    ));
+    let wb = tokio::spawn(acked_writer(
+        agent_b.clone(),
+        bob_run,
+        Arc::clone(&acked_b),
+        Arc::clone(&stop),
+    ));
+    let both = |n: usize| acked_a.count() >= n && acked_b.count() >= n;
+    wait_until(
+        "100 appends through each gateway",
+        Duration::from_secs(60),
+        || both(100),
+    )
+    .await;
+
+    // SIGKILL the stream's leader mid-ingest.
+    let leader = {
+        let cluster = log.cluster.lock().unwrap();
+        let name = cluster
+            .replica_state(0, &log.stream)
+            .and_then(|s| s.2)
+            .expect("a stream leader");
+        cluster.index_of(&name).expect("the leader is a node")
+    };
+    let before = (acked_a.count(), acked_b.count());
+    log.cluster.lock().unwrap().kill(leader).unwrap();
+    let killed = Instant::now();
+    wait_until(
+        "100 more appends through each gateway after the kill",
+        Duration::from_secs(90),
+        || acked_a.count() >= before.0 + 100 && acked_b.count() >= before.1 + 100,
+    )
+    .await;
+    let serving_again = killed.elapsed();
+
+    // Start it again while the appends go on; it must catch up.
+    log.cluster.lock().unwrap().restart(leader).unwrap();
+    let restarted = (acked_a.count(), acked_b.count());
+    let restart = Instant::now();
+    wait_until(
+        "50 more appends through each gateway after the restart",
+        Duration::from_secs(90),
+        || acked_a.count() >= restarted.0 + 50 && acked_b.count() >= restarted.1 + 50,
+    )
+    .await;
+    let after_restart = restart.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    wa.await.unwrap();
+    wb.await.unwrap();
+    // A replica that rejoins catches up from the leader (a snapshot, then the
+    // entries it missed): seconds, more on a loaded machine.
+    let stopped = Instant::now();
+    let caught_up = || {
+        let cluster = log.cluster.lock().unwrap();
+        let states: Option<Vec<(u64, u64)>> = (0..3)
+            .map(|i| cluster.replica_state(i, &log.stream).map(|s| (s.0, s.1)))
+            .collect();
+        states
+            .filter(|s| s.iter().all(|x| *x == s[0]))
+            .map(|s| s[0])
+    };
+    wait_until(
+        "the restarted node to catch up",
+        Duration::from_secs(120),
+        || caught_up().is_some(),
+    )
+    .await;
+    let catch_up = stopped.elapsed();
+    let (last, messages) = caught_up().unwrap();
+    assert_eq!(
+        messages, last,
+        "every node holds sequences 1..={last} with no gap"
+    );
+
+    // Every acknowledged append is in the stream at its position, once; nothing else was written.
+    let reader = {
+        let mut options = log.options("reader");
+        options.create = false;
+        tokio::task::spawn_blocking(move || NatsLog::connect(options))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    use threadline_storage::{EventLog, Position};
+    let records = reader.read_from(Position(1), last as usize + 10).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.position.0).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>(),
+        "positions are gap-free"
+    );
+    let stored: std::collections::HashMap<String, u64> = records
+        .iter()
+        .map(|r| (r.event_id.to_string(), r.position.0))
+        .collect();
+    assert_eq!(stored.len(), records.len(), "no event id stored twice");
+    for acked in [&acked_a, &acked_b] {
+        for (id, position) in acked.events.lock().unwrap().iter() {
+            assert_eq!(
+                stored.get(id),
+                Some(position),
+                "acknowledged event {id} at {position}"
+            );
+        }
+    }
+    for (agent, thread, acked) in [
+        (&agent_a, &ann_thread, &acked_a),
+        (&agent_b, &bob_thread, &acked_b),
+    ] {
+        let n = acked.count();
+        let events = eventually("the gateway to fold every append", || async {
+            let events = agent.thread_events(thread).await;
+            (events.len() == 3 + n).then_some(events)
+        })
+        .await;
+        assert_eq!(
+            events
+                .iter()
+                .map(|e| e["thread_version"].as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            (1..=3 + n as u64).collect::<Vec<_>>(),
+            "one thread event per acknowledged append, dense"
+        );
+    }
+    // Ann's socket on B got every event of hers, in order, across the kill.
+    let n = 3 + acked_a.count();
+    let live = client_events(&mut ann, n - replayed.len()).await.unwrap();
+    let seqs: Vec<u64> = replayed.iter().chain(&live).map(|e| e.user_seq).collect();
+    assert_eq!(seqs, (1..=n as u64).collect::<Vec<_>>());
+    eprintln!(
+        "killed the stream leader {} mid-ingest: both gateways acknowledged 100 more each {serving_again:?} later \
+         (50 more each {after_restart:?} after its restart, caught up {catch_up:?} after the appends stopped); \
+         longest single append {:?} (A) / {:?} (B); answers before an ack: {:?} (A) / {:?} (B); {last} positions",
+        log.cluster.lock().unwrap().name(leader),
+        acked_a.longest.lock().unwrap(),
+        acked_b.longest.lock().unwrap(),
+        acked_a.refused.lock().unwrap(),
+        acked_b.refused.lock().unwrap(),
+    );
+    // Stop the gateways while their cluster still runs.
+    drop(ann);
+    a.shut_down().await.unwrap();
+    b.shut_down().await.unwrap();
+}
+
+/// Run TTL expiry with two gateways, each sweeping idle runs several times per
+/// TTL on its own: every idle run gets exactly one `run_expired` (the loser of
+/// the race plans on a thread version that moved and is judged again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_expire_each_idle_run_exactly_once() {
+    let Some(log) = Log::new() else { return };
+    let a = log.process(&["--run-ttl", "1s"]);
+    let b = log.process(&["--run-ttl", "1s"]);
+    let (agent_a, agent_b) = (a.api(&token("bot", "agent")), b.api(&token("bot", "agent")));
+    let mut runs = Vec::new();
+    for t in 0..4 {
+        let thread = agent_a.create_thread(json!({"user_id": "eve"})).await;
+        for r in 0..5 {
+            // Registered through both gateways, some started, some never.
+            let agent = if (t + r) % 2 == 0 { &agent_a } else { &agent_b };
+            let run = thread_run(agent, &thread).await;
+            if r % 2 == 0 {
+                // The run may already have expired when the gateway is slow: both are fine.
+                let r = agent.event(&run, "agent_started", json!({})).await;
+                assert!(r.status == 201 || r.code() == "run_expired", "{}", r.body);
+            }
+            runs.push((thread.clone(), run));
+        }
+    }
+    for api in [&agent_a, &agent_b] {
+        for (thread, run) in &runs {
+            eventually("every run to expire on both gateways", || async {
+                let r = api.get(&format!("/v1/threads/{thread}")).await;
+                let status = r.body["runs"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["run_id"] == json!(run))?["status"]
+                    .clone();
+                (status == "expired").then_some(())
+            })
+            .await;
+        }
+    }
+    let auditor = b.api(&token("audrey", "auditor"));
+    let expired = auditor.audit_events("type=run_expired&user_id=eve").await;
+    for (_, run) in &runs {
+        let n = expired.iter().filter(|e| e["run_id"] == json!(run)).count();
+        assert_eq!(n, 1, "run {run} expired {n} times");
+    }
+    assert_eq!(expired.len(), runs.len());
+}
+
+/// Registers a run on `thread` through `agent` (the gateway may not have folded
+/// the thread created through the other one yet: 404 for a moment).
+async fn thread_run(agent: &threadline_tests::Api, thread: &str) -> String {
+    eventually("the gateway to know the thread", || async {
+        let r = agent
+            .post(
+                &format!("/v1/threads/{thread}/runs"),
+                &json!({"agent_name": "ttl"}),
+            )
+            .await;
+        assert!(matches!(r.status, 201 | 404), "{}", r.body);
+        r.body["run_id"].as_str().map(String::from)
+    })
+    .await
 }
