@@ -383,7 +383,7 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 if t.retried > 0 {
                     row(
                         &name,
-                        "requests retried after a 503 (overloaded)",
+                        "requests answered 503 and retried",
                         Some(t.retried as f64),
                         None,
                         0,
@@ -459,7 +459,7 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 if t.retried > 0 {
                     row(
                         &name,
-                        "append requests retried after a 503 (overloaded)",
+                        "append requests answered 503 and retried",
                         Some(t.retried as f64),
                         None,
                         0,
@@ -888,7 +888,7 @@ async fn run_scaling(
         );
         scale_row(
             &name,
-            &format!("{label}: requests retried after a 503 (overloaded)"),
+            &format!("{label}: requests answered 503 and retried"),
             Some(r.retried as f64),
             Some(s.retried as f64),
             0,
@@ -1002,7 +1002,7 @@ fn fanout_rows(name: &str, s: &sc::Fanout, one: &sc::Fanout, two: &sc::Fanout) {
         );
         scale_row(
             name,
-            &format!("{label}: append requests retried after a 503 (overloaded)"),
+            &format!("{label}: append requests answered 503 and retried"),
             Some(r.retried as f64),
             Some(s.retried as f64),
             0,

@@ -97,11 +97,14 @@ impl Http {
         Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
     }
 
-    /// [`Http::post`], but a `503` (`overloaded`: the write path lost the race for a
-    /// thread under every attempt, or the server shed load) is retried after 5–20 ms, as
-    /// a client told "retry shortly" would, up to 100 times; each retry is counted in
-    /// [`RETRIED_503`]. The request's body (and so its send time) stays the same, so a
-    /// latency measured from that time includes the retries.
+    /// [`Http::post`], but a `503` is retried after 5–20 ms, as a client told "retry
+    /// shortly" would, up to 100 times; each retry is counted in [`RETRIED_503`]. Over
+    /// JetStream a gateway answers `503` when the write path lost the race for a thread
+    /// under every attempt (`overloaded`) or its append lost the race for the stream's
+    /// head too often (`storage_unavailable`, "did not land"); both mean not appended.
+    /// The request's body (and so its send time) stays the same, so a latency measured
+    /// from that time includes the retries; a retry that duplicated an append would show
+    /// as more frames received than appended.
     pub async fn post_retrying(
         &self,
         token: &str,
