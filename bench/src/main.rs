@@ -1131,13 +1131,6 @@ async fn run_soak(
     row(&name, "reconnects", Some(s.reconnects as f64), None, 0);
     row(
         &name,
-        "append requests retried after a 503",
-        Some(s.retried as f64),
-        None,
-        0,
-    );
-    row(
-        &name,
         "…of which resumed from the durable cursor",
         Some(s.cursor_resumes as f64),
         None,
@@ -1147,6 +1140,13 @@ async fn run_soak(
         &name,
         "client-reported errors (handled)",
         Some(s.client_errors as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "append requests answered 503 and retried",
+        Some(s.retried as f64),
         None,
         0,
     );

@@ -103,8 +103,9 @@ impl Http {
     /// under every attempt (`overloaded`) or its append lost the race for the stream's
     /// head too often (`storage_unavailable`, "did not land"); both mean not appended.
     /// The request's body (and so its send time) stays the same, so a latency measured
-    /// from that time includes the retries; a retry that duplicated an append would show
-    /// as more frames received than appended.
+    /// from that time includes the retries. The requests carry no event ids: a `503` for
+    /// an append that had landed after all would be appended twice, which scenario 9
+    /// notices only if a socket reads the extra event before it stops.
     pub async fn post_retrying(
         &self,
         token: &str,
