@@ -295,16 +295,19 @@ fn main() -> Result<()> {
         args.payload
     );
     let header_for_watchdog = header.clone();
+    let work = args
+        .work_dir
+        .join(format!("threadline-bench-{}", std::process::id()));
+    let work_for_watchdog = work.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(deadline));
         eprintln!("threadline-bench: deadline of {deadline} s reached; stopping the servers");
         procs::kill_all_children();
+        // The data dirs (sled, redis, the nats-server stores) go with the servers.
+        let _ = std::fs::remove_dir_all(&work_for_watchdog);
         print_table(&header_for_watchdog);
         std::process::exit(2);
     });
-    let work = args
-        .work_dir
-        .join(format!("threadline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = rt.block_on(run(&args, &work));
     let _ = std::fs::remove_dir_all(&work);
