@@ -828,8 +828,21 @@ async fn run_scaling(
         stream.to_lowercase(),
     ];
     // A creates the stream; B joins it.
-    let gw_a = Threadline::start_with(bin, &work.join("tl-gw-a"), SECRET, &gateway_args)?;
-    let gw_b = Threadline::start_with(bin, &work.join("tl-gw-b"), SECRET, &gateway_args)?;
+    // On a loaded machine a gateway's first JetStream request (creating or reading the
+    // stream) can time out and the gateway exits: start it again, up to three times.
+    let gateway = |name: &str| -> Result<Threadline> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Threadline::start_with(bin, &work.join(name), SECRET, &gateway_args) {
+                Ok(g) => return Ok(g),
+                Err(e) if tries < 3 => eprintln!("gateway {name}: {e:#}; starting it again"),
+                Err(e) => return Err(e.context(format!("gateway {name}, {tries} attempts"))),
+            }
+        }
+    };
+    let gw_a = gateway("tl-gw-a")?;
+    let gw_b = gateway("tl-gw-b")?;
     let (sled_http, http_a, http_b) = (
         tl::Http::new(sled.base())?,
         tl::Http::new(gw_a.base())?,

@@ -141,9 +141,18 @@ impl Threadline {
         });
         let addr = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a.parse().context("listen address")?,
-            Err(_) => {
+            Err(e) => {
                 let _ = child.kill();
-                bail!("threadline did not start within 60 s");
+                let _ = child.wait();
+                untrack(child.id());
+                match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        bail!("threadline did not start within 60 s")
+                    }
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        bail!("threadline exited before it listened (its stderr is above)")
+                    }
+                }
             }
         };
         eprintln!("threadline serve: pid {} on {addr}", child.id());
@@ -341,8 +350,8 @@ fn nats_node_config(
     )
 }
 
-/// The status code of `GET path` on 127.0.0.1:`port`, if it answered.
-fn http_status(port: u16, path: &str) -> Option<u16> {
+/// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect_timeout(
         &([127, 0, 0, 1], port).into(),
         Duration::from_secs(1),
@@ -356,7 +365,29 @@ fn http_status(port: u16, path: &str) -> Option<u16> {
     .ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split_whitespace().nth(1)?.parse().ok()
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// Whether the node on monitoring `port` is healthy (JetStream current) and knows a
+/// JetStream meta leader (`/jsz`): streams can be created.
+fn nats_ready(port: u16) -> bool {
+    if http_get(port, "/healthz").is_none_or(|(status, _)| status != 200) {
+        return false;
+    }
+    let Some((200, body)) = http_get(port, "/jsz") else {
+        return false;
+    };
+    let Ok(jsz) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return false;
+    };
+    jsz["meta_cluster"]["leader"]
+        .as_str()
+        .is_some_and(|l| !l.is_empty())
 }
 
 impl NatsCluster {
@@ -394,10 +425,10 @@ impl NatsCluster {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         for (i, port) in cluster.https.iter().enumerate() {
-            while http_status(*port, "/healthz") != Some(200) {
+            while !nats_ready(*port) {
                 if Instant::now() > deadline {
                     bail!(
-                        "nats-server n{} not healthy within 60 s; see {}",
+                        "nats-server n{} not healthy with a JetStream meta leader within 60 s; see {}",
                         i + 1,
                         dir.join(format!("n{}.log", i + 1)).display()
                     );
