@@ -379,6 +379,14 @@ impl Density {
         }
         *last = (*last).max(e.user_seq);
     }
+
+    /// `caught_up` at `head` after the events up to `last`: a head past them skipped some.
+    fn caught_up(&self, last: &mut u64, head: u64) {
+        if head > *last {
+            self.gaps.fetch_add(head - *last, Ordering::Relaxed);
+        }
+        *last = (*last).max(head);
+    }
 }
 
 /// [`tl_fanout`] with the users' sockets on `sockets_on` and the appends (and the
@@ -400,8 +408,8 @@ pub async fn tl_fanout_across(
     let sockets = stream::iter(users.iter().cloned())
         .map(|u| async move {
             let mut ws = tl::connect(addr, &tl::token(secret, &u, "user"), Resume::Latest);
-            let head = tl::caught_up_seq(&mut ws).await?;
-            anyhow::Ok((ws, head))
+            let (head, early) = tl::caught_up_seq(&mut ws).await?;
+            anyhow::Ok((ws, head, early))
         })
         .buffered(100)
         .collect::<Vec<_>>()
@@ -414,10 +422,20 @@ pub async fn tl_fanout_across(
     let readers: Vec<_> = sockets
         .into_iter()
         .enumerate()
-        .map(|(i, (mut ws, mut last))| {
+        .map(|(i, (mut ws, head, early))| {
             let (acked, done, density) = (acked.clone(), done.clone(), density.clone());
             tokio::spawn(async move {
                 let (mut h, mut got) = (hist(), 0u64);
+                // The stream starts after `caught_up`, or at the first event read before it;
+                // those events must lead densely up to it.
+                let mut last = early
+                    .first()
+                    .map_or(head, |e| e.from_user_seq.unwrap_or(e.user_seq) - 1);
+                for e in &early {
+                    density.frame(&mut last, e);
+                    record(&mut h, &mut got, tl::event_t(e));
+                }
+                density.caught_up(&mut last, head);
                 while !reader_done(i, got, &acked, &done, hard) {
                     match timeout(Duration::from_millis(200), ws.next()).await {
                         Err(_) => {}

@@ -241,15 +241,16 @@ pub async fn wait_caught_up(client: &mut Client) -> Result<u64> {
 }
 
 /// Reads a client opened at `Latest` until its `caught_up`; returns the `user_seq` it
-/// caught up at (the user's head on that server). Events or errors before it fail.
-pub async fn caught_up_seq(client: &mut Client) -> Result<u64> {
+/// caught up at and the events read before it. On a gateway whose fold is still taking
+/// in the user's first events (appended through another gateway) the head can move
+/// during the hand-over, and those events come before `caught_up`. Errors fail.
+pub async fn caught_up_seq(client: &mut Client) -> Result<(u64, Vec<Event>)> {
+    let mut early = Vec::new();
     loop {
         match tokio::time::timeout(Duration::from_secs(300), client.next()).await {
             Err(_) => bail!("no caught_up within 300 s"),
-            Ok(Some(Update::CaughtUp { user_seq })) => return Ok(user_seq),
-            Ok(Some(Update::Event(e))) => {
-                bail!("an event ({}) before caught_up at the head", e.user_seq)
-            }
+            Ok(Some(Update::CaughtUp { user_seq })) => return Ok((user_seq, early)),
+            Ok(Some(Update::Event(e))) => early.push(e),
             Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
             Ok(Some(Update::State(_))) => {}
             Ok(None) => bail!("socket ended before caught_up"),
