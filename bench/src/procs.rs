@@ -1,8 +1,9 @@
-//! The processes under test: `threadline serve` (release build) and
-//! `redis-server`, both on loopback over a temp dir, stopped on drop. Their pids
-//! are also kept in [`CHILDREN`] so the watchdog can end them before exiting.
+//! The processes under test: `threadline serve` (release build, over sled or as a
+//! gateway over JetStream), `redis-server` and a 3-node `nats-server` cluster, all on
+//! loopback over temp dirs, stopped on drop. Their pids are also kept in
+//! [`CHILDREN`] so the watchdog can end them before exiting.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -96,7 +97,18 @@ pub struct Threadline {
 }
 
 impl Threadline {
+    /// `threadline serve` over its own sled log in `data`.
     pub fn start(bin: &Path, data: &Path, secret: &str) -> Result<Threadline> {
+        Threadline::start_with(bin, data, secret, &[])
+    }
+
+    /// `threadline serve` with `extra` arguments (e.g. `--log nats://…`): a gateway.
+    pub fn start_with(
+        bin: &Path,
+        data: &Path,
+        secret: &str,
+        extra: &[String],
+    ) -> Result<Threadline> {
         let mut child = Command::new(bin)
             .arg("serve")
             .arg("--data")
@@ -104,6 +116,11 @@ impl Threadline {
             .args(["--listen", "127.0.0.1:0", "--jwt-secret", secret])
             // Per-user socket cap above what any scenario opens per user.
             .args(["--max-connections-per-user", "64"])
+            .args(extra)
+            // The log is what the arguments say, whatever the caller's environment holds.
+            .env_remove("THREADLINE_EVENT_LOG")
+            .env_remove("THREADLINE_NATS_STREAM")
+            .env_remove("THREADLINE_NATS_SUBJECT_PREFIX")
             .env("THREADLINE_LOG", "warn,threadline_api::server=info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -124,9 +141,18 @@ impl Threadline {
         });
         let addr = match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(a) => a.parse().context("listen address")?,
-            Err(_) => {
+            Err(e) => {
                 let _ = child.kill();
-                bail!("threadline did not start within 60 s");
+                let _ = child.wait();
+                untrack(child.id());
+                match e {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        bail!("threadline did not start within 60 s")
+                    }
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        bail!("threadline exited before it listened (its stderr is above)")
+                    }
+                }
             }
         };
         eprintln!("threadline serve: pid {} on {addr}", child.id());
@@ -268,5 +294,191 @@ impl Drop for Redis {
         if let Some(mut c) = self.child.take() {
             let _ = terminate(&mut c, Duration::from_secs(30));
         }
+    }
+}
+
+/// The `nats-server` binary: `given`, else `$NATS_SERVER_BIN`, else `nats-server` on `PATH`.
+pub fn nats_server_binary(given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = given {
+        return path.is_file().then(|| path.to_owned());
+    }
+    if let Some(path) = std::env::var_os("NATS_SERVER_BIN") {
+        let path = PathBuf::from(path);
+        return path.is_file().then_some(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A 3-node JetStream cluster of `nats-server` processes on 127.0.0.1, each node
+/// fsyncing before it acknowledges (`jetstream.sync_interval: always`): the
+/// configuration of `scripts/nats-cluster.sh` and `storage-nats/src/cluster.rs`.
+/// Every node is stopped on drop (and by the watchdog, through [`CHILDREN`]).
+#[derive(Debug)]
+pub struct NatsCluster {
+    clients: Vec<u16>,
+    https: Vec<u16>,
+    children: Vec<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// One node's configuration (as `storage-nats/src/cluster.rs::node_config`).
+fn nats_node_config(
+    name: &str,
+    client: u16,
+    cluster: u16,
+    http: u16,
+    routes: &[u16],
+    store: &Path,
+) -> String {
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|p| format!("nats://127.0.0.1:{p}"))
+        .collect();
+    format!(
+        "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
+         jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
+         cluster {{\n  name: threadline\n  listen: 127.0.0.1:{cluster}\n  routes: [{routes}]\n}}\n",
+        store = store.display(),
+        routes = routes.join(", "),
+    )
+}
+
+/// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(1),
+    )
+    .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Some((status, body))
+}
+
+/// Whether the node on monitoring `port` is healthy (JetStream current) and knows a
+/// JetStream meta leader (`/jsz`): streams can be created.
+fn nats_ready(port: u16) -> bool {
+    if http_get(port, "/healthz").is_none_or(|(status, _)| status != 200) {
+        return false;
+    }
+    let Some((200, body)) = http_get(port, "/jsz") else {
+        return false;
+    };
+    let Ok(jsz) = serde_json::from_str::<serde_json::Value>(&body) else {
+        return false;
+    };
+    jsz["meta_cluster"]["leader"]
+        .as_str()
+        .is_some_and(|l| !l.is_empty())
+}
+
+impl NatsCluster {
+    /// Starts three nodes with configs, logs and stores under `dir` and waits until
+    /// each answers `/healthz` with 200 (JetStream current).
+    pub fn start(bin: &Path, dir: &Path) -> Result<NatsCluster> {
+        std::fs::create_dir_all(dir)?;
+        let ports = (0..9).map(|_| free_port()).collect::<Result<Vec<u16>>>()?;
+        let (clients, routes, https) = (&ports[0..3], &ports[3..6], &ports[6..9]);
+        let mut cluster = NatsCluster {
+            clients: clients.to_vec(),
+            https: https.to_vec(),
+            children: Vec::new(),
+        };
+        for i in 0..3 {
+            let name = format!("n{}", i + 1);
+            let store = dir.join(&name);
+            std::fs::create_dir_all(&store)?;
+            let config = dir.join(format!("{name}.conf"));
+            std::fs::write(
+                &config,
+                nats_node_config(&name, clients[i], routes[i], https[i], routes, &store),
+            )?;
+            let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("spawning {}", bin.display()))?;
+            track(child.id());
+            cluster.children.push(child);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for (i, port) in cluster.https.iter().enumerate() {
+            while !nats_ready(*port) {
+                if Instant::now() > deadline {
+                    bail!(
+                        "nats-server n{} not healthy with a JetStream meta leader within 60 s; see {}",
+                        i + 1,
+                        dir.join(format!("n{}.log", i + 1)).display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        eprintln!(
+            "nats-server cluster: pids {:?} on {}",
+            cluster.children.iter().map(Child::id).collect::<Vec<_>>(),
+            cluster.urls()
+        );
+        Ok(cluster)
+    }
+
+    /// Every node's client URL, comma-separated (what `threadline serve --log` takes).
+    pub fn urls(&self) -> String {
+        self.clients
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `nats-server --version` (e.g. `v2.15.1`).
+    pub fn version(bin: &Path) -> String {
+        Command::new(bin)
+            .arg("--version")
+            .output()
+            .map(|o| {
+                let s = String::from_utf8_lossy(&o.stdout).to_string();
+                s.split_whitespace().last().unwrap_or("?").to_owned()
+            })
+            .unwrap_or_else(|_| "?".into())
+    }
+
+    /// SIGTERM to every node, then waits for each.
+    pub fn stop(&mut self) -> Result<()> {
+        let mut result = Ok(());
+        for mut c in self.children.drain(..) {
+            if let Err(e) = terminate(&mut c, Duration::from_secs(30)) {
+                result = Err(e);
+            }
+        }
+        result
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        let _ = self.stop();
     }
 }

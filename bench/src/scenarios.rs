@@ -51,16 +51,46 @@ impl From<&Histogram<u64>> for Lat {
 }
 
 /// Throughput and latency of an ingest loop.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Ingest {
     pub rate: f64,
     pub lat: Lat,
+    pub events: u64,
+    pub secs: f64,
+    pub hist: Histogram<u64>,
+    /// Requests sent again after a `503` ([`Http::post_retrying`]).
+    pub retried: u64,
 }
 
-fn ingest(events: u64, elapsed: Duration, h: &Histogram<u64>) -> Ingest {
+fn ingest(events: u64, elapsed: Duration, h: Histogram<u64>) -> Ingest {
     Ingest {
         rate: events as f64 / elapsed.as_secs_f64(),
-        lat: h.into(),
+        lat: (&h).into(),
+        events,
+        secs: elapsed.as_secs_f64(),
+        hist: h,
+        retried: 0,
+    }
+}
+
+/// What [`tl::RETRIED_503`] says now.
+fn retried_so_far() -> u64 {
+    tl::RETRIED_503.load(Ordering::Relaxed)
+}
+
+impl Ingest {
+    /// Two loops of the same set-up as one: events over the summed time, latencies merged.
+    pub fn combine(&self, other: &Ingest) -> Ingest {
+        let hist = merge([self.hist.clone(), other.hist.clone()]);
+        let (events, secs) = (self.events + other.events, self.secs + other.secs);
+        Ingest {
+            rate: events as f64 / secs,
+            lat: (&hist).into(),
+            events,
+            secs,
+            hist,
+            retried: self.retried + other.retried,
+        }
     }
 }
 
@@ -75,10 +105,24 @@ pub async fn tl_ingest(
     payload: usize,
     secs: f64,
 ) -> Result<Ingest> {
+    tl_ingest_over(&[(http.clone(), agents.to_vec())], batch, payload, secs).await
+}
+
+/// [`tl_ingest`] with the agents spread over several servers (gateways of one log):
+/// each `(server, agents)` pair's agents post to that server, all at once.
+pub async fn tl_ingest_over(
+    targets: &[(Http, Vec<(String, String)>)],
+    batch: usize,
+    payload: usize,
+    secs: f64,
+) -> Result<Ingest> {
+    let retried_before = retried_so_far();
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(secs);
-    let tasks = agents.iter().cloned().map(|(token, run)| {
-        let http = http.clone();
+    let pairs = targets
+        .iter()
+        .flat_map(|(http, agents)| agents.iter().map(move |a| (http.clone(), a.clone())));
+    let tasks = pairs.map(|(http, (token, run))| {
         tokio::spawn(async move {
             let mut h = hist();
             let mut sent = 0u64;
@@ -95,7 +139,7 @@ pub async fn tl_ingest(
                     ("/v1/events".to_owned(), tl::batch_body(events), 201)
                 };
                 let before = Instant::now();
-                http.post(&token, &path, body, want).await?;
+                http.post_retrying(&token, &path, body, want).await?;
                 h.saturating_record(before.elapsed().as_micros() as u64);
                 sent += 1;
             }
@@ -111,7 +155,9 @@ pub async fn tl_ingest(
         events += n;
         hists.push(h);
     }
-    Ok(ingest(events, elapsed, &merge(hists)))
+    let mut r = ingest(events, elapsed, merge(hists));
+    r.retried = retried_so_far() - retried_before;
+    Ok(r)
 }
 
 /// `clients` connections, each `XADD`ing `batch` entries per round trip
@@ -160,18 +206,46 @@ pub async fn redis_ingest(
         events += n;
         hists.push(h);
     }
-    Ok(ingest(events, elapsed, &merge(hists)))
+    Ok(ingest(events, elapsed, merge(hists)))
 }
 
 // ---------------------------------------------------- 3: append → socket latency
 
 /// Outcome of the append→delivery run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Fanout {
     pub achieved_rate: f64,
     pub appended: u64,
     pub received: u64,
+    /// `user_seq`s a socket was given a second time (Threadline only; 0 for Redis).
+    pub duplicated: u64,
+    /// `user_seq`s skipped over in a socket's stream (Threadline only; 0 for Redis).
+    pub gaps: u64,
     pub lat: Lat,
+    /// Seconds spent appending.
+    pub secs: f64,
+    pub hist: Histogram<u64>,
+    /// Append requests sent again after a `503` ([`Http::post_retrying`]).
+    pub retried: u64,
+}
+
+impl Fanout {
+    /// Two runs of the same set-up as one: counts summed, latencies merged.
+    pub fn combine(&self, other: &Fanout) -> Fanout {
+        let hist = merge([self.hist.clone(), other.hist.clone()]);
+        let (appended, secs) = (self.appended + other.appended, self.secs + other.secs);
+        Fanout {
+            achieved_rate: appended as f64 / secs,
+            appended,
+            received: self.received + other.received,
+            duplicated: self.duplicated + other.duplicated,
+            gaps: self.gaps + other.gaps,
+            lat: (&hist).into(),
+            secs,
+            hist,
+            retried: self.retried + other.retried,
+        }
+    }
 }
 
 /// How [`paced`] appends: `appenders` tasks sending `rate` events/s in all, in
@@ -283,17 +357,59 @@ pub async fn tl_fanout(
     secret: &str,
     a: &FanoutArgs,
 ) -> Result<Fanout> {
+    tl_fanout_across(server.addr, http, secret, a).await
+}
+
+/// Sockets check their stream: every frame must continue the user's `user_seq`
+/// right after the last one (a merged frame covers `from_user_seq..=user_seq`).
+#[derive(Default)]
+struct Density {
+    duplicated: AtomicU64,
+    gaps: AtomicU64,
+}
+
+impl Density {
+    fn frame(&self, last: &mut u64, e: &threadline_client::Event) {
+        let from = e.from_user_seq.unwrap_or(e.user_seq);
+        if from <= *last {
+            self.duplicated
+                .fetch_add((*last).min(e.user_seq) - from + 1, Ordering::Relaxed);
+        } else if from > *last + 1 {
+            self.gaps.fetch_add(from - *last - 1, Ordering::Relaxed);
+        }
+        *last = (*last).max(e.user_seq);
+    }
+
+    /// `caught_up` at `head` after the events up to `last`: a head past them skipped some.
+    fn caught_up(&self, last: &mut u64, head: u64) {
+        if head > *last {
+            self.gaps.fetch_add(head - *last, Ordering::Relaxed);
+        }
+        *last = (*last).max(head);
+    }
+}
+
+/// [`tl_fanout`] with the users' sockets on `sockets_on` and the appends (and the
+/// runs' setup) through `http`, which may be another gateway of the same log: the
+/// cross-gateway path. Every socket checks that its `user_seq`s stay dense.
+pub async fn tl_fanout_across(
+    sockets_on: std::net::SocketAddr,
+    http: &Http,
+    secret: &str,
+    a: &FanoutArgs,
+) -> Result<Fanout> {
     let agent = tl::token(secret, "live-agent", "agent");
     let users: Vec<String> = (0..a.users)
         .map(|i| format!("live-{}-user-{i}", a.tag))
         .collect();
     let runs = Arc::new(http.started_runs(&agent, &users).await?);
-    let addr = server.addr;
+    let addr = sockets_on;
+    let density = Arc::new(Density::default());
     let sockets = stream::iter(users.iter().cloned())
         .map(|u| async move {
             let mut ws = tl::connect(addr, &tl::token(secret, &u, "user"), Resume::Latest);
-            tl::wait_caught_up(&mut ws).await?;
-            anyhow::Ok(ws)
+            let (head, early) = tl::caught_up_seq(&mut ws).await?;
+            anyhow::Ok((ws, head, early))
         })
         .buffered(100)
         .collect::<Vec<_>>()
@@ -306,14 +422,27 @@ pub async fn tl_fanout(
     let readers: Vec<_> = sockets
         .into_iter()
         .enumerate()
-        .map(|(i, mut ws)| {
-            let (acked, done) = (acked.clone(), done.clone());
+        .map(|(i, (mut ws, head, early))| {
+            let (acked, done, density) = (acked.clone(), done.clone(), density.clone());
             tokio::spawn(async move {
                 let (mut h, mut got) = (hist(), 0u64);
+                // The stream starts after `caught_up`, or at the first event read before it;
+                // those events must lead densely up to it.
+                let mut last = early
+                    .first()
+                    .map_or(head, |e| e.from_user_seq.unwrap_or(e.user_seq) - 1);
+                for e in &early {
+                    density.frame(&mut last, e);
+                    record(&mut h, &mut got, tl::event_t(e));
+                }
+                density.caught_up(&mut last, head);
                 while !reader_done(i, got, &acked, &done, hard) {
                     match timeout(Duration::from_millis(200), ws.next()).await {
                         Err(_) => {}
-                        Ok(Some(Update::Event(e))) => record(&mut h, &mut got, tl::event_t(&e)),
+                        Ok(Some(Update::Event(e))) => {
+                            density.frame(&mut last, &e);
+                            record(&mut h, &mut got, tl::event_t(&e));
+                        }
                         Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
                         Ok(Some(_)) => {}
                         Ok(None) => bail!("socket ended"),
@@ -323,7 +452,7 @@ pub async fn tl_fanout(
             })
         })
         .collect();
-    let spent = tl_paced(
+    let (spent, retried) = tl_paced(
         http,
         secret,
         "live-agent",
@@ -334,7 +463,11 @@ pub async fn tl_fanout(
     )
     .await?;
     done.store(true, Ordering::Release);
-    fanout_result(spent, &acked, readers).await
+    let mut f = fanout_result(spent, &acked, readers).await?;
+    f.retried = retried;
+    f.duplicated = density.duplicated.load(Ordering::Relaxed);
+    f.gaps = density.gaps.load(Ordering::Relaxed);
+    Ok(f)
 }
 
 /// [`paced`] appends to Threadline by agents `{prefix}-{k}`, to `runs` (one per user),
@@ -347,14 +480,16 @@ pub async fn tl_paced(
     p: Pace,
     payload: usize,
     acked: &Arc<Vec<AtomicU64>>,
-) -> Result<Duration> {
+) -> Result<(Duration, u64)> {
+    let retried_before = retried_so_far();
     let agents: Arc<Vec<String>> = Arc::new(
         (0..p.appenders)
             .map(|k| tl::token(secret, &format!("{prefix}-{k}"), "agent"))
             .collect(),
     );
     let send = tl_sender(http.clone(), runs, agents, p.users, p.batch, payload);
-    paced(p, acked.clone(), send).await
+    let spent = paced(p, acked.clone(), send).await?;
+    Ok((spent, retried_so_far() - retried_before))
 }
 
 /// The append of [`paced`] for Threadline: appender `k` sends `batch` events to the runs
@@ -374,12 +509,12 @@ fn tl_sender(
             if batch == 1 {
                 let run = &runs[first % n];
                 let body = tl::single_body(&tl::payload(payload, t));
-                http.post(&agents[k], &format!("/v1/runs/{run}/events"), body, 201)
+                http.post_retrying(&agents[k], &format!("/v1/runs/{run}/events"), body, 201)
                     .await?;
             } else {
                 let events =
                     (0..batch).map(|j| (runs[(first + j) % n].as_str(), tl::payload(payload, t)));
-                http.post(&agents[k], "/v1/events", tl::batch_body(events), 201)
+                http.post_retrying(&agents[k], "/v1/events", tl::batch_body(events), 201)
                     .await?;
             }
             Ok(())
@@ -403,11 +538,17 @@ async fn fanout_result(
         received += n;
         hists.push(h);
     }
+    let hist = merge(hists);
     Ok(Fanout {
         achieved_rate: appended as f64 / spent.as_secs_f64(),
         appended,
         received,
-        lat: (&merge(hists)).into(),
+        duplicated: 0,
+        gaps: 0,
+        lat: (&hist).into(),
+        secs: spent.as_secs_f64(),
+        hist,
+        retried: 0,
     })
 }
 

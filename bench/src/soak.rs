@@ -60,6 +60,8 @@ pub struct Soak {
     pub cursor_resumes: u64,
     /// Errors the client reported and handled (its own reconnects).
     pub client_errors: u64,
+    /// Append requests sent again after a `503` (`overloaded`).
+    pub retried: u64,
     pub achieved_rate: f64,
 }
 
@@ -259,11 +261,15 @@ pub async fn tl_soak(server: &Threadline, http: &Http, secret: &str, a: &SoakArg
         rate: a.rate,
         secs: a.secs,
     };
-    let spent = sc::tl_paced(http, secret, "soak-agent", runs, pace, a.payload, &acked).await?;
+    let (spent, retried) =
+        sc::tl_paced(http, secret, "soak-agent", runs, pace, a.payload, &acked).await?;
     done.store(true, Ordering::Release);
     sampler.abort();
 
-    let mut soak = Soak::default();
+    let mut soak = Soak {
+        retried,
+        ..Soak::default()
+    };
     for (i, r) in futures_util::future::join_all(readers)
         .await
         .into_iter()

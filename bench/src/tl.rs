@@ -55,6 +55,9 @@ pub fn embedded_t(text: &str) -> Option<u64> {
     text.get(at..at + 16)?.parse().ok()
 }
 
+/// Requests [`Http::post_retrying`] sent again after a `503`, over the whole run.
+pub static RETRIED_503: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// An HTTP client for one server; one pool shared by all tasks.
 #[derive(Debug, Clone)]
 pub struct Http {
@@ -92,6 +95,49 @@ impl Http {
             );
         }
         Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    }
+
+    /// [`Http::post`], but a `503` is retried after 5–20 ms, as a client told "retry
+    /// shortly" would, up to 100 times; each retry is counted in [`RETRIED_503`]. Over
+    /// JetStream a gateway answers `503` when the write path lost the race for a thread
+    /// under every attempt (`overloaded`) or its append lost the race for the stream's
+    /// head too often (`storage_unavailable`, "did not land"); both mean not appended.
+    /// The request's body (and so its send time) stays the same, so a latency measured
+    /// from that time includes the retries. The requests carry no event ids: a `503` for
+    /// an append that had landed after all would be appended twice, which scenario 9
+    /// notices only if a socket reads the extra event before it stops.
+    pub async fn post_retrying(
+        &self,
+        token: &str,
+        path: &str,
+        body: String,
+        want: u16,
+    ) -> Result<Value> {
+        for _ in 0..100 {
+            let resp = self
+                .client
+                .post(format!("{}{path}", self.base))
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .with_context(|| format!("POST {path}"))?;
+            let status = resp.status().as_u16();
+            let bytes = resp.bytes().await?;
+            if status == want {
+                return Ok(serde_json::from_slice(&bytes).unwrap_or(Value::Null));
+            }
+            if status != 503 {
+                bail!(
+                    "POST {path}: {status} {}",
+                    String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+                );
+            }
+            RETRIED_503.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(5..=20))).await;
+        }
+        bail!("POST {path}: 503 on 100 attempts in a row")
     }
 
     /// For each user, has `agent` create a thread, register a run and start it
@@ -187,6 +233,24 @@ pub async fn wait_caught_up(client: &mut Client) -> Result<u64> {
             Err(_) => bail!("no caught_up within 300 s"),
             Ok(Some(Update::Event(_))) => events += 1,
             Ok(Some(Update::CaughtUp { .. })) => return Ok(events),
+            Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
+            Ok(Some(Update::State(_))) => {}
+            Ok(None) => bail!("socket ended before caught_up"),
+        }
+    }
+}
+
+/// Reads a client opened at `Latest` until its `caught_up`; returns the `user_seq` it
+/// caught up at and the events read before it. On a gateway whose fold is still taking
+/// in the user's first events (appended through another gateway) the head can move
+/// during the hand-over, and those events come before `caught_up`. Errors fail.
+pub async fn caught_up_seq(client: &mut Client) -> Result<(u64, Vec<Event>)> {
+    let mut early = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(300), client.next()).await {
+            Err(_) => bail!("no caught_up within 300 s"),
+            Ok(Some(Update::CaughtUp { user_seq })) => return Ok((user_seq, early)),
+            Ok(Some(Update::Event(e))) => early.push(e),
             Ok(Some(Update::Error(e))) => bail!("socket: {e}"),
             Ok(Some(Update::State(_))) => {}
             Ok(None) => bail!("socket ended before caught_up"),
