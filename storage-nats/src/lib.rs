@@ -45,9 +45,12 @@ use index::Index;
 
 /// The most records one publish (one atomic batch) carries; JetStream allows 1000.
 const MAX_GROUP_RECORDS: usize = 500;
-/// How often one append is planned again after losing the stream's head to
-/// another gateway (or an unknown outcome) before it is answered an error.
-const MAX_ATTEMPTS: u32 = 50;
+/// How long one append may keep being planned again after losing the
+/// stream's head to another gateway (or an unknown outcome) before it is
+/// answered an error. A time, not a count: a gateway that keeps losing to a
+/// busy one must catch up (a round trip) while the winner publishes again
+/// at once, so under contention a count runs out in milliseconds.
+const APPEND_BUDGET: Duration = Duration::from_secs(30);
 /// How long one publish waits for the stream leader's acknowledgement before
 /// its outcome is taken as unknown (caught up on and planned again, which is
 /// safe: every publish is conditioned on the head). Far above a healthy
@@ -146,6 +149,8 @@ struct Job {
     maybe_ours: HashSet<Uuid>,
     /// When the cluster first failed to answer this append's catch-up.
     failing_since: Option<tokio::time::Instant>,
+    /// When the append was queued.
+    queued: tokio::time::Instant,
 }
 
 #[derive(Debug)]
@@ -390,24 +395,57 @@ async fn open_cluster(options: NatsOptions) -> Result<Cluster, StorageError> {
     .map_err(|e| io("connecting to NATS", e))?;
     let mut js = jetstream::new(client.clone());
     js.set_timeout(options.request_timeout);
+    // A cluster that has just started may have no JetStream leader yet: its
+    // requests time out or find no responder for a while. Wait for it.
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    let stream = loop {
+        match open_stream(&js, &options).await {
+            Ok(stream) => break stream,
+            Err(Opening::Transient(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "JetStream not ready; asking again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(Opening::Transient(e) | Opening::Failed(e)) => return Err(e),
+        }
+    };
+    Ok(Cluster {
+        client,
+        js,
+        stream,
+        prefix: options.subject_prefix,
+    })
+}
+
+/// Why the stream could not be opened.
+enum Opening {
+    /// JetStream did not answer (no leader yet): worth asking again.
+    Transient(StorageError),
+    Failed(StorageError),
+}
+
+/// Opens the log's stream, creating it when missing (and allowed).
+async fn open_stream(
+    js: &jetstream::Context,
+    options: &NatsOptions,
+) -> Result<stream::Stream, Opening> {
     let subjects = format!("{}.s.>", options.subject_prefix);
     let stream = match js.get_stream(&options.stream).await {
         Ok(mut stream) => {
             let info = stream
                 .info()
                 .await
-                .map_err(|e| io("reading the stream's configuration", e))?;
+                .map_err(|e| Opening::Transient(io("reading the stream's configuration", e)))?;
             let c = &info.config;
             if !(c.deny_delete
                 && c.deny_purge
                 && c.allow_atomic_publish
                 && c.subjects.contains(&subjects))
             {
-                return Err(StorageError::InvalidInput(format!(
+                return Err(Opening::Failed(StorageError::InvalidInput(format!(
                     "stream {} exists but is not a Threadline log: it needs subjects [{subjects}], \
                      deny_delete, deny_purge and allow_atomic",
                     options.stream
-                )));
+                ))));
             }
             stream
         }
@@ -416,11 +454,11 @@ async fn open_cluster(options: NatsOptions) -> Result<Cluster, StorageError> {
                 if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
         {
             if !options.create {
-                return Err(StorageError::NotFound(format!(
+                return Err(Opening::Failed(StorageError::NotFound(format!(
                     "stream {} on {}",
                     options.stream,
                     options.servers.join(",")
-                )));
+                ))));
             }
             js.create_stream(stream::Config {
                 name: options.stream.clone(),
@@ -438,16 +476,50 @@ async fn open_cluster(options: NatsOptions) -> Result<Cluster, StorageError> {
                 ..Default::default()
             })
             .await
-            .map_err(|e| io(&format!("creating stream {}", options.stream), e))?
+            .map_err(|e| {
+                let failed = io(
+                    &format!("creating stream {}", options.stream),
+                    e.to_string(),
+                );
+                match e.kind() {
+                    jetstream::context::CreateStreamErrorKind::TimedOut
+                    | jetstream::context::CreateStreamErrorKind::JetStreamUnavailable => {
+                        Opening::Transient(failed)
+                    }
+                    jetstream::context::CreateStreamErrorKind::JetStream(j)
+                        if not_ready(j.error_code()) =>
+                    {
+                        Opening::Transient(failed)
+                    }
+                    _ => Opening::Failed(failed),
+                }
+            })?
         }
-        Err(e) => return Err(io(&format!("opening stream {}", options.stream), e)),
+        Err(e) => {
+            let failed = io(&format!("opening stream {}", options.stream), e.to_string());
+            return Err(match e.kind() {
+                jetstream::context::GetStreamErrorKind::Request => Opening::Transient(failed),
+                jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if not_ready(j.error_code()) =>
+                {
+                    Opening::Transient(failed)
+                }
+                _ => Opening::Failed(failed),
+            });
+        }
     };
-    Ok(Cluster {
-        client,
-        js,
-        stream,
-        prefix: options.subject_prefix,
-    })
+    Ok(stream)
+}
+
+/// JetStream errors of a cluster still forming (no meta leader, not assigned yet).
+fn not_ready(code: jetstream::ErrorCode) -> bool {
+    [
+        jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE,
+        jetstream::ErrorCode::CLUSTER_NOT_ASSIGNED,
+        jetstream::ErrorCode::CLUSTER_NOT_LEADER,
+        jetstream::ErrorCode::CLUSTER_NOT_ACTIVE,
+    ]
+    .contains(&code)
 }
 
 /// The stream's last sequence, as its leader knows it (dense: the first must be 1).
@@ -622,6 +694,10 @@ enum Failure {
     Refused(String),
     /// No answer: it may or may not have been stored.
     Unknown(String),
+    /// No server answers for the stream (just created and not assigned on
+    /// the server this connection goes through yet, or no leader): nothing
+    /// was stored; as transient as an election.
+    NoStream(String),
 }
 
 #[derive(Deserialize)]
@@ -681,6 +757,9 @@ async fn publish(
                 jetstream::context::PublishErrorKind::WrongLastSequence => {
                     Err(Failure::Refused(e.to_string()))
                 }
+                jetstream::context::PublishErrorKind::StreamNotFound => {
+                    Err(Failure::NoStream(e.to_string()))
+                }
                 _ => Err(Failure::Unknown(e.to_string())),
             },
         };
@@ -709,7 +788,10 @@ async fn publish(
             .client
             .request_with_headers(subject, h, bytes.clone().into())
             .await
-            .map_err(|e| Failure::Unknown(e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => Failure::NoStream(e.to_string()),
+                _ => Failure::Unknown(e.to_string()),
+            })?;
         let ack: BatchAck = serde_json::from_slice(&reply.payload)
             .map_err(|e| Failure::Unknown(format!("unreadable batch ack: {e}")))?;
         if let Some(error) = ack.error {
@@ -813,9 +895,10 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
             }
         }
         Err(failure) => {
-            let (unknown, reason) = match failure {
-                Failure::Refused(r) => (false, r),
-                Failure::Unknown(r) => (true, r),
+            let (unknown, no_stream, reason) = match failure {
+                Failure::Refused(r) => (false, false, r),
+                Failure::Unknown(r) => (true, false, r),
+                Failure::NoStream(r) => (false, true, r),
             };
             tracing::debug!(head, unknown, %reason, "publish did not land; catching up and planning again");
             // The leader checks the expectation against the proposals it has accepted,
@@ -849,9 +932,7 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
             // connection publishes through yet: as transient as an election.
             let waiting = match &caught_up {
                 Err(e) => Some(e.clone()),
-                Ok(()) if reason.contains("no stream found") => {
-                    Some(StorageError::Io(reason.clone()))
-                }
+                Ok(()) if no_stream => Some(StorageError::Io(reason.clone())),
                 Ok(()) => None,
             };
             let closed = shared.closed.load(Ordering::SeqCst);
@@ -865,9 +946,9 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
                     // that may be gone (the outcome of an unknown publish stays
                     // unknown to the caller, as in a crash).
                     let _ = job.tx.send(Err(StorageError::Closed));
-                } else if job.attempts >= MAX_ATTEMPTS {
+                } else if job.queued.elapsed() >= APPEND_BUDGET {
                     let _ = job.tx.send(Err(StorageError::Io(format!(
-                        "the append did not land after {} attempts: {reason}",
+                        "the append did not land in {} attempts over {APPEND_BUDGET:?}: {reason}",
                         job.attempts
                     ))));
                 } else if let Some(e) = &waiting {
@@ -905,6 +986,7 @@ impl EventLog for NatsLog {
             attempts: 0,
             maybe_ours: HashSet::new(),
             failing_since: None,
+            queued: tokio::time::Instant::now(),
         };
         if let Some(writer) = &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
             // A refused send drops the job's sender, which answers Closed.
