@@ -111,10 +111,29 @@ impl NatsCluster {
 
     /// Starts three nodes with their stores under `dir` and waits until
     /// JetStream answers healthy on each. `None` when no `nats-server` is installed.
+    /// Ports are picked free and released before the nodes bind them, so
+    /// another process may take one in between: a node that exits at start
+    /// is answered by a new attempt on new ports (three in all).
     pub fn start(dir: &Path) -> std::io::Result<Option<NatsCluster>> {
         let Some(binary) = server_binary() else {
             return Ok(None);
         };
+        let mut attempt = 1;
+        loop {
+            let stores = dir.join(format!("attempt-{attempt}"));
+            match NatsCluster::start_on(&binary, &stores) {
+                Ok(cluster) => return Ok(Some(cluster)),
+                Err(e) if attempt < 3 => {
+                    eprintln!("a nats-server cluster did not start ({e}); trying new ports");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn start_on(binary: &Path, dir: &Path) -> std::io::Result<NatsCluster> {
+        std::fs::create_dir_all(dir)?;
         let mut ports = Vec::new();
         for _ in 0..9 {
             ports.push(free_port()?);
@@ -147,15 +166,16 @@ impl NatsCluster {
             });
         }
         let mut cluster = NatsCluster {
-            binary,
+            binary: binary.to_owned(),
             nodes,
             _dir: None,
         };
         for i in 0..3 {
             cluster.spawn(i)?;
         }
+        // On failure the cluster's drop kills the nodes that did start.
         cluster.wait_healthy(Duration::from_secs(30))?;
-        Ok(Some(cluster))
+        Ok(cluster)
     }
 
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
@@ -239,10 +259,24 @@ impl NatsCluster {
         self.nodes.iter().position(|n| n.name == name)
     }
 
-    /// Waits until every running node is healthy.
-    pub fn wait_healthy(&self, within: Duration) -> std::io::Result<()> {
+    /// Waits until every running node is healthy (an error at once when one has exited).
+    pub fn wait_healthy(&mut self, within: Duration) -> std::io::Result<()> {
         let deadline = Instant::now() + within;
         loop {
+            for node in &mut self.nodes {
+                let exited = match &mut node.child {
+                    Some(child) => child.try_wait()?.is_some(),
+                    None => false,
+                };
+                if exited {
+                    let log = std::fs::read_to_string(&node.log).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(3).collect();
+                    return Err(std::io::Error::other(format!(
+                        "nats-server node {} exited at start: {tail:?}",
+                        node.name
+                    )));
+                }
+            }
             let pending: Vec<&str> = (0..self.nodes.len())
                 .filter(|&i| self.nodes[i].child.is_some() && !self.healthy(i))
                 .map(|i| self.nodes[i].name.as_str())
