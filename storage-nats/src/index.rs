@@ -15,6 +15,9 @@ pub(crate) const CACHE_RECORDS: usize = 16_384;
 pub(crate) struct Index {
     /// Every position up to here has been applied, in order.
     pub(crate) head: u64,
+    /// The latest `recorded_at` applied: new records are never stamped before it,
+    /// whichever gateway's clock stamped it (see `threadline_storage::clock`).
+    pub(crate) last_recorded_at: u64,
     streams: HashMap<String, Vec<Position>>,
     ids: HashMap<Uuid, Appended>,
     /// Encoded records of positions `cache_first ..= head`.
@@ -35,6 +38,11 @@ impl Committed for Index {
 }
 
 impl Index {
+    /// The log's time: the wall clock, never before the last record's stamp.
+    pub(crate) fn now_ms(&self) -> u64 {
+        threadline_storage::now_ms().max(self.last_recorded_at)
+    }
+
     pub(crate) fn version(&self, stream: &str) -> u64 {
         self.streams.get(stream).map_or(0, |v| v.len() as u64)
     }
@@ -138,7 +146,40 @@ impl Index {
             self.cache.pop_front();
             self.cache_first += 1;
         }
+        self.last_recorded_at = self.last_recorded_at.max(record.recorded_at_ms);
         self.head = seq;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(position: u64, recorded_at_ms: u64) -> Vec<u8> {
+        Record {
+            position: Position(position),
+            stream: "thread:t".into(),
+            stream_version: position,
+            event_id: Uuid::from_u128(position.into()),
+            recorded_at_ms,
+            actor: "agent:bot".into(),
+            event_type: "agent_thinking".into(),
+            payload: b"{}".to_vec(),
+        }
+        .encode()
+    }
+
+    /// A record stamped ahead of this gateway's clock (another gateway's clock
+    /// runs fast) holds this gateway's time at its stamp: never before it.
+    #[test]
+    fn the_logs_time_never_goes_before_the_last_stamp_applied() {
+        let mut index = Index::default();
+        let ahead = threadline_storage::now_ms() + 3_600_000;
+        index.apply(1, &record(1, ahead)).unwrap();
+        assert!(index.now_ms() >= ahead);
+        // An older stamp after it does not move the time back.
+        index.apply(2, &record(2, 1_700_000_000_000)).unwrap();
+        assert!(index.now_ms() >= ahead);
     }
 }

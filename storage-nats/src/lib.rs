@@ -35,7 +35,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 use threadline_storage::plan::Planner;
 use threadline_storage::{
-    now_ms, AppendResult, Appended, Checkpoints, DirCheckpoints, EventLog, NewEvent, PendingAppend,
+    AppendResult, Appended, Checkpoints, DirCheckpoints, EventLog, NewEvent, PendingAppend,
     Position, Record, StorageError,
 };
 use tokio::sync::{mpsc, oneshot, watch};
@@ -844,7 +844,7 @@ async fn commit_group(shared: &Shared, cluster: &Cluster, jobs: Vec<Job>) -> Vec
             }
             return later;
         }
-        let mut planner = Planner::new(Position(head), now_ms());
+        let mut planner = Planner::new(Position(head), index.now_ms());
         for job in jobs {
             if !planned.is_empty() && records.len() + job.events.len() > MAX_GROUP_RECORDS {
                 later.push(job);
@@ -997,6 +997,10 @@ impl EventLog for NatsLog {
 
     fn head(&self) -> Position {
         Position(self.shared.index().head)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.index().now_ms()
     }
 
     fn watch_head(&self) -> watch::Receiver<Position> {
