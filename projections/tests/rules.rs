@@ -505,14 +505,19 @@ fn a_checkpoint_of_an_older_format_is_rebuilt_from_the_log() {
 
 /// A log on which another writer always lands on the thread first: every append
 /// of ours is preceded by a rival event on the same stream, so ours conflicts.
+type Rivalled = threadline_storage::Intercepted<MemoryLog, Rival>;
+
 #[derive(Debug)]
-struct Rivalled {
-    inner: MemoryLog,
+struct Rival {
     rival: Mutex<Option<(ThreadId, RunId)>>,
 }
 
-impl EventLog for Rivalled {
-    fn append(&self, events: Vec<NewEvent>) -> threadline_storage::PendingAppend {
+impl threadline_storage::Intercept<MemoryLog> for Rival {
+    fn append(
+        &self,
+        inner: &MemoryLog,
+        events: Vec<NewEvent>,
+    ) -> threadline_storage::PendingAppend {
         let rival = self.rival.lock().unwrap().clone();
         if let (Some((thread_id, run_id)), Some(first)) = (rival, events.first()) {
             let event = threadline_engine::Event::AgentEventRecorded {
@@ -530,74 +535,24 @@ impl EventLog for Rivalled {
                 event_type: event.type_name().into(),
                 payload: encode_event(&event),
             };
-            let pending = self.inner.append(vec![rival]);
+            let pending = inner.append(vec![rival]);
             // Waited for off the runtime thread this is called on.
             std::thread::scope(|s| s.spawn(|| pending.wait()).join())
                 .unwrap()
                 .unwrap();
         }
-        self.inner.append(events)
-    }
-    fn head(&self) -> Position {
-        self.inner.head()
-    }
-    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
-        self.inner.watch_head()
-    }
-    fn read_from(
-        &self,
-        from: Position,
-        limit: usize,
-    ) -> Result<Vec<Record>, threadline_storage::StorageError> {
-        self.inner.read_from(from, limit)
-    }
-    fn read_at(
-        &self,
-        position: Position,
-    ) -> Result<Option<Record>, threadline_storage::StorageError> {
-        self.inner.read_at(position)
-    }
-    fn read_stream(
-        &self,
-        stream: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Record>, threadline_storage::StorageError> {
-        self.inner.read_stream(stream, from, limit)
-    }
-    fn stream_version(&self, stream: &str) -> Result<u64, threadline_storage::StorageError> {
-        self.inner.stream_version(stream)
-    }
-    fn find_event(
-        &self,
-        id: uuid::Uuid,
-    ) -> Result<Option<threadline_storage::Appended>, threadline_storage::StorageError> {
-        self.inner.find_event(id)
-    }
-}
-
-impl threadline_storage::Checkpoints for Rivalled {
-    fn load_checkpoint(
-        &self,
-        name: &str,
-    ) -> Result<Option<Vec<u8>>, threadline_storage::StorageError> {
-        self.inner.load_checkpoint(name)
-    }
-    fn store_checkpoint(
-        &self,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<(), threadline_storage::StorageError> {
-        self.inner.store_checkpoint(name, bytes)
+        inner.append(events)
     }
 }
 
 #[test]
 fn a_write_that_loses_every_race_is_contended_and_appends_nothing() {
-    let log = Arc::new(Rivalled {
-        inner: MemoryLog::new(),
-        rival: Mutex::new(None),
-    });
+    let log: Arc<Rivalled> = Arc::new(threadline_storage::Intercepted::new(
+        MemoryLog::new(),
+        Rival {
+            rival: Mutex::new(None),
+        },
+    ));
     let projector = Arc::new(Projector::open(log.clone()).unwrap());
     let _fold = projector.follow(CheckpointPolicy::default()).unwrap();
     let commands = CommandService::new(projector.clone(), Limits::default());
@@ -631,7 +586,7 @@ fn a_write_that_loses_every_race_is_contended_and_appends_nothing() {
     submit(&agent(), event(&run_id, AgentEventKind::Started)).unwrap();
     let before = log.head();
 
-    *log.rival.lock().unwrap() = Some((thread_id, run_id.clone()));
+    *log.hooks.rival.lock().unwrap() = Some((thread_id, run_id.clone()));
     let result = submit(&agent(), event(&run_id, AgentEventKind::Completed));
 
     assert!(

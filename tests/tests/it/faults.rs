@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use threadline_storage::{
-    AppendResult, Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record,
-    SledLog, SledOptions, StorageError,
+    AppendResult, EventLog, Intercept, Intercepted, NewEvent, PendingAppend, SledLog, SledOptions,
+    StorageError,
 };
 use threadline_tests::{started_run, token, Api, TestServer};
 use uuid::Uuid;
@@ -28,23 +28,27 @@ enum Fault {
     AfterWrite,
 }
 
+/// The real log, with commits that fail when armed.
+type Faulty = Intercepted<SledLog, Faults>;
+
 #[derive(Debug)]
-struct Faulty {
-    inner: SledLog,
+struct Faults {
     next: Mutex<Fault>,
     /// Set once a fault fired: like the real log, the wrapper then stops.
     stopped: AtomicBool,
 }
 
-impl Faulty {
-    fn open(dir: &std::path::Path) -> Arc<Faulty> {
-        Arc::new(Faulty {
-            inner: SledLog::open(dir, SledOptions::default()).expect("open log"),
+fn open_faulty(dir: &std::path::Path) -> Arc<Faulty> {
+    Arc::new(Intercepted::new(
+        SledLog::open(dir, SledOptions::default()).expect("open log"),
+        Faults {
             next: Mutex::new(Fault::None),
             stopped: AtomicBool::new(false),
-        })
-    }
+        },
+    ))
+}
 
+impl Faults {
     fn arm(&self, fault: Fault) {
         *self.next.lock().unwrap() = fault;
     }
@@ -54,21 +58,21 @@ fn no_space() -> StorageError {
     StorageError::Io("No space left on device (os error 28)".into())
 }
 
-impl EventLog for Faulty {
-    fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
+impl Intercept<SledLog> for Faults {
+    fn append(&self, inner: &SledLog, events: Vec<NewEvent>) -> PendingAppend {
         if self.stopped.load(Ordering::Acquire) {
             return PendingAppend::ready(Err(StorageError::Closed));
         }
         let fault = std::mem::replace(&mut *self.next.lock().unwrap(), Fault::None);
         match fault {
-            Fault::None => self.inner.append(events),
+            Fault::None => inner.append(events),
             Fault::NoSpace => {
                 self.stopped.store(true, Ordering::Release);
                 PendingAppend::ready(Err(no_space()))
             }
             Fault::AfterWrite => {
                 self.stopped.store(true, Ordering::Release);
-                let written = self.inner.append(events);
+                let written = inner.append(events);
                 let (answer, pending) = PendingAppend::channel();
                 std::thread::spawn(move || {
                     let result: AppendResult = written.wait().and(Err(no_space()));
@@ -78,46 +82,8 @@ impl EventLog for Faulty {
             }
         }
     }
-    fn head(&self) -> Position {
-        self.inner.head()
-    }
-    fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
-        self.inner.watch_head()
-    }
-    fn read_from(&self, from: Position, limit: usize) -> Result<Vec<Record>, StorageError> {
-        self.inner.read_from(from, limit)
-    }
-    fn read_at(&self, position: Position) -> Result<Option<Record>, StorageError> {
-        self.inner.read_at(position)
-    }
-    fn read_stream(
-        &self,
-        stream: &str,
-        from: u64,
-        limit: usize,
-    ) -> Result<Vec<Record>, StorageError> {
-        self.inner.read_stream(stream, from, limit)
-    }
-    fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-        self.inner.stream_version(stream)
-    }
-    fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError> {
-        self.inner.find_event(event_id)
-    }
-    fn close(&self) -> Result<(), StorageError> {
-        self.inner.close()
-    }
-    fn accepting(&self) -> bool {
-        !self.stopped.load(Ordering::Acquire) && self.inner.accepting()
-    }
-}
-
-impl Checkpoints for Faulty {
-    fn load_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        self.inner.load_checkpoint(name)
-    }
-    fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
-        self.inner.store_checkpoint(name, bytes)
+    fn accepting(&self, inner: &SledLog) -> bool {
+        !self.stopped.load(Ordering::Acquire) && inner.accepting()
     }
 }
 
@@ -135,7 +101,7 @@ async fn think(agent: &Api, run: &str, event_id: Uuid, n: usize) -> threadline_t
 async fn acknowledged_then_fault(fault: Fault) {
     let dir = tempfile::tempdir().unwrap();
     let log_dir = dir.path().join("log");
-    let log = Faulty::open(&log_dir);
+    let log = open_faulty(&log_dir);
     let server = TestServer::spawn_on(log.clone());
     let agent = server.api(&token("planner", "agent"));
     let (thread, run) = started_run(&agent, "alice").await;
@@ -149,7 +115,7 @@ async fn acknowledged_then_fault(fault: Fault) {
     }
 
     // The fault: the commit fails; the client must not hear success.
-    log.arm(fault);
+    log.hooks.arm(fault);
     let faulted = Uuid::now_v7();
     let reply = think(&agent, &run, faulted, 20).await;
     reply.assert_error(503, "storage_unavailable");
@@ -187,7 +153,7 @@ async fn acknowledged_then_fault(fault: Fault) {
     drop(reopened);
 
     // A client that retries with the same event_id gets exactly one copy.
-    let log = Faulty::open(&log_dir);
+    let log = open_faulty(&log_dir);
     let server = TestServer::spawn_on(log.clone());
     let agent = server.api(&token("planner", "agent"));
     let retry = think(&agent, &run, faulted, 20).await;

@@ -456,72 +456,36 @@ async fn online_verify_passes_while_writes_continue() {
 
 /// A log whose reads from position 1 (only the verify's, once the server is up) can
 /// be held, and can come back with one record's stream version changed.
+type Gated = threadline_storage::Intercepted<threadline_storage::MemoryLog, Gate>;
+
 #[derive(Debug, Default)]
-struct Gated {
-    inner: threadline_storage::MemoryLog,
+struct Gate {
     hold: std::sync::atomic::AtomicBool,
     tamper: std::sync::atomic::AtomicBool,
 }
 
-mod gated {
-    use std::sync::atomic::Ordering;
-
-    use threadline_storage::{
-        Appended, Checkpoints, EventLog, NewEvent, PendingAppend, Position, Record, StorageError,
-    };
-    use uuid::Uuid;
-
-    impl EventLog for super::Gated {
-        fn append(&self, events: Vec<NewEvent>) -> PendingAppend {
-            self.inner.append(events)
-        }
-        fn head(&self) -> Position {
-            self.inner.head()
-        }
-        fn watch_head(&self) -> tokio::sync::watch::Receiver<Position> {
-            self.inner.watch_head()
-        }
-        fn read_from(&self, from: Position, limit: usize) -> Result<Vec<Record>, StorageError> {
-            if from == Position(1) {
-                let deadline = std::time::Instant::now() + threadline_tests::DEADLINE;
-                while self.hold.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
+impl threadline_storage::Intercept<threadline_storage::MemoryLog> for Gate {
+    fn read_from(
+        &self,
+        inner: &threadline_storage::MemoryLog,
+        from: threadline_storage::Position,
+        limit: usize,
+    ) -> Result<Vec<threadline_storage::Record>, threadline_storage::StorageError> {
+        use std::sync::atomic::Ordering;
+        use threadline_storage::{EventLog, Position};
+        if from == Position(1) {
+            let deadline = std::time::Instant::now() + threadline_tests::DEADLINE;
+            while self.hold.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
-            let mut page = self.inner.read_from(from, limit)?;
-            if from == Position(1) && self.tamper.load(Ordering::Acquire) {
-                if let Some(r) = page.get_mut(1) {
-                    r.stream_version += 5;
-                }
+        }
+        let mut page = inner.read_from(from, limit)?;
+        if from == Position(1) && self.tamper.load(Ordering::Acquire) {
+            if let Some(r) = page.get_mut(1) {
+                r.stream_version += 5;
             }
-            Ok(page)
         }
-        fn read_at(&self, position: Position) -> Result<Option<Record>, StorageError> {
-            self.inner.read_at(position)
-        }
-        fn read_stream(
-            &self,
-            stream: &str,
-            from: u64,
-            limit: usize,
-        ) -> Result<Vec<Record>, StorageError> {
-            self.inner.read_stream(stream, from, limit)
-        }
-        fn stream_version(&self, stream: &str) -> Result<u64, StorageError> {
-            self.inner.stream_version(stream)
-        }
-        fn find_event(&self, event_id: Uuid) -> Result<Option<Appended>, StorageError> {
-            self.inner.find_event(event_id)
-        }
-    }
-
-    impl Checkpoints for super::Gated {
-        fn load_checkpoint(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
-            self.inner.load_checkpoint(name)
-        }
-        fn store_checkpoint(&self, name: &str, bytes: &[u8]) -> Result<(), StorageError> {
-            self.inner.store_checkpoint(name, bytes)
-        }
+        Ok(page)
     }
 }
 
@@ -544,8 +508,8 @@ async fn one_verify_runs_at_a_time_and_a_failure_is_reported() {
     }
 
     let head = server.anonymous().get("/readyz").await.body["head"].clone();
-    log.hold.store(true, Ordering::Release);
-    log.tamper.store(true, Ordering::Release);
+    log.hooks.hold.store(true, Ordering::Release);
+    log.hooks.tamper.store(true, Ordering::Release);
     let first = auditor.post("/v1/admin/verify", &json!({})).await;
     assert_eq!(first.status, 202, "{:?}", first.body);
     assert_eq!(first.body["state"], "running");
@@ -564,7 +528,7 @@ async fn one_verify_runs_at_a_time_and_a_failure_is_reported() {
     })
     .await;
 
-    log.hold.store(false, Ordering::Release);
+    log.hooks.hold.store(false, Ordering::Release);
     let done = eventually("the verify result", || async {
         let s = auditor.get("/v1/admin/verify").await;
         (s.body["state"] != "running").then_some(s.body)
@@ -586,7 +550,7 @@ async fn one_verify_runs_at_a_time_and_a_failure_is_reported() {
     );
 
     // The next job is a new one, and with the log intact it passes.
-    log.tamper.store(false, Ordering::Release);
+    log.hooks.tamper.store(false, Ordering::Release);
     let again = auditor.post("/v1/admin/verify", &json!({})).await;
     assert_eq!(again.status, 202);
     assert_ne!(again.body["id"], first.body["id"]);
