@@ -12,6 +12,7 @@ set -euo pipefail
 cmd="${1:-}"
 dir="${2:-${TMPDIR:-/tmp}/threadline-nats}"
 base="${3:-4222}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 server_bin() {
   if [ -n "${NATS_SERVER_BIN:-}" ]; then echo "$NATS_SERVER_BIN"; return; fi
@@ -36,20 +37,9 @@ case "$cmd" in
     for i in 0 1 2; do
       name="n$((i + 1))"
       mkdir -p "$dir/$name"
-      cat >"$dir/$name.conf" <<CONF
-server_name: $name
-listen: 127.0.0.1:$((base + i))
-http: 127.0.0.1:$((base + 200 + i))
-jetstream {
-  store_dir: "$dir/$name"
-  sync_interval: always
-}
-cluster {
-  name: threadline
-  listen: 127.0.0.1:$((base + 100 + i))
-  routes: [$routes]
-}
-CONF
+      sed -e "s|@NAME@|$name|" -e "s|@CLIENT@|$((base + i))|" -e "s|@HTTP@|$((base + 200 + i))|" \
+        -e "s|@STORE@|$dir/$name|" -e "s|@CLUSTER@|$((base + 100 + i))|" -e "s|@ROUTES@|$routes|" \
+        "$here/nats-node.conf" >"$dir/$name.conf"
       if [ -f "$dir/$name.pid" ] && kill -0 "$(cat "$dir/$name.pid")" 2>/dev/null; then
         echo "$name already running (pid $(cat "$dir/$name.pid"))" >&2
         continue

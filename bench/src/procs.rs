@@ -328,27 +328,10 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-/// One node's configuration (as `storage-nats/src/cluster.rs::node_config`).
-fn nats_node_config(
-    name: &str,
-    client: u16,
-    cluster: u16,
-    http: u16,
-    routes: &[u16],
-    store: &Path,
-) -> String {
-    let routes: Vec<String> = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect();
-    format!(
-        "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
-         jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-         cluster {{\n  name: threadline\n  listen: 127.0.0.1:{cluster}\n  routes: [{routes}]\n}}\n",
-        store = store.display(),
-        routes = routes.join(", "),
-    )
-}
+/// One node's configuration: the same code and template as the tests' cluster.
+#[path = "../../storage-nats/src/cluster/node_config.rs"]
+mod nats_node_config;
+use nats_node_config::node_config as nats_node_config;
 
 /// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {

@@ -76,27 +76,8 @@ fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The node configuration: JetStream on, fsync before every acknowledgement.
-pub fn node_config(
-    name: &str,
-    client: u16,
-    cluster: u16,
-    http: u16,
-    routes: &[u16],
-    store: &Path,
-) -> String {
-    let routes: Vec<String> = routes
-        .iter()
-        .map(|p| format!("nats://127.0.0.1:{p}"))
-        .collect();
-    format!(
-        "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
-         jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
-         cluster {{\n  name: threadline\n  listen: 127.0.0.1:{cluster}\n  routes: [{routes}]\n}}\n",
-        store = store.display(),
-        routes = routes.join(", "),
-    )
-}
+mod node_config;
+pub use node_config::node_config;
 
 impl NatsCluster {
     /// [`NatsCluster::start`] in a temporary directory removed with the cluster.
