@@ -881,34 +881,20 @@ async fn run_scaling(
         unreachable!("every set-up ran")
     };
     for (label, r) in [("1 gateway", &one), ("2 gateways, agents split", &two)] {
-        scale_row(
-            &name,
-            &format!("{label}: events/s (acknowledged durable)"),
-            Some(r.rate),
-            Some(s.rate),
-            0,
-        );
-        scale_row(
-            &name,
-            &format!("{label}: p50 latency per batch, ms"),
-            Some(r.lat.p50),
-            Some(s.lat.p50),
-            2,
-        );
-        scale_row(
-            &name,
-            &format!("{label}: p99 latency per batch, ms"),
-            Some(r.lat.p99),
-            Some(s.lat.p99),
-            2,
-        );
-        scale_row(
-            &name,
-            &format!("{label}: requests answered 503 and retried"),
-            Some(r.retried as f64),
-            Some(s.retried as f64),
-            0,
-        );
+        for (metric, nats, sled, digits) in [
+            ("events/s (acknowledged durable)", r.rate, s.rate, 0),
+            ("p50 latency per batch, ms", r.lat.p50, s.lat.p50, 2),
+            ("p99 latency per batch, ms", r.lat.p99, s.lat.p99, 2),
+            (
+                "requests answered 503 and retried",
+                r.retried as f64,
+                s.retried as f64,
+                0,
+            ),
+        ] {
+            let metric = format!("{label}: {metric}");
+            scale_row(&name, &metric, Some(nats), Some(sled), digits);
+        }
     }
 
     // Append→frame: 9 at half the lower NATS ingest (as scenario 3 takes half of 2),
@@ -991,50 +977,38 @@ async fn run_scaling(
 
 /// Scenario 9's append→frame rows: each NATS set-up beside sled.
 fn fanout_rows(name: &str, s: &sc::Fanout, one: &sc::Fanout, two: &sc::Fanout) {
+    let delivered = |f: &sc::Fanout| f.received as f64 / f.appended.max(1) as f64;
+    let faults = |f: &sc::Fanout| (f.duplicated + f.gaps) as f64;
     for (label, r) in [
         ("1 gateway", one),
         ("2 gateways, appends via A, sockets on B", two),
     ] {
-        scale_row(
-            name,
-            &format!("{label}: achieved append rate, events/s"),
-            Some(r.achieved_rate),
-            Some(s.achieved_rate),
-            0,
-        );
-        scale_row(
-            name,
-            &format!("{label}: frames received / appended"),
-            Some(r.received as f64 / r.appended.max(1) as f64),
-            Some(s.received as f64 / s.appended.max(1) as f64),
-            4,
-        );
-        scale_row(
-            name,
-            &format!("{label}: user_seqs given twice + skipped over"),
-            Some((r.duplicated + r.gaps) as f64),
-            Some((s.duplicated + s.gaps) as f64),
-            0,
-        );
-        scale_row(
-            name,
-            &format!("{label}: append requests answered 503 and retried"),
-            Some(r.retried as f64),
-            Some(s.retried as f64),
-            0,
-        );
-        for (q, v, w) in [
-            ("p50", r.lat.p50, s.lat.p50),
-            ("p99", r.lat.p99, s.lat.p99),
-            ("max", r.lat.max, s.lat.max),
+        for (metric, nats, sled, digits) in [
+            (
+                "achieved append rate, events/s",
+                r.achieved_rate,
+                s.achieved_rate,
+                0,
+            ),
+            ("frames received / appended", delivered(r), delivered(s), 4),
+            (
+                "user_seqs given twice + skipped over",
+                faults(r),
+                faults(s),
+                0,
+            ),
+            (
+                "append requests answered 503 and retried",
+                r.retried as f64,
+                s.retried as f64,
+                0,
+            ),
+            ("p50 append→frame, ms", r.lat.p50, s.lat.p50, 2),
+            ("p99 append→frame, ms", r.lat.p99, s.lat.p99, 2),
+            ("max append→frame, ms", r.lat.max, s.lat.max, 2),
         ] {
-            scale_row(
-                name,
-                &format!("{label}: {q} append→frame, ms"),
-                Some(v),
-                Some(w),
-                2,
-            );
+            let metric = format!("{label}: {metric}");
+            scale_row(name, &metric, Some(nats), Some(sled), digits);
         }
     }
 }
