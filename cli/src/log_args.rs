@@ -95,11 +95,25 @@ pub struct LogArgs {
 
 impl LogArgs {
     /// The NATS options when `--log` names a cluster; `None` for sled. This
-    /// gateway's checkpoints go under `<data>/nats/<stream>`.
-    pub fn nats(&self, data: &Path, create: bool) -> anyhow::Result<Option<NatsOptions>> {
+    /// gateway's checkpoints go under `<data>/nats/<stream>`. `create`: make the
+    /// stream and the data dir when missing (serve); the tools never create a data
+    /// dir. `hold`: lock this gateway's dir for the process (serve, rebuild).
+    pub fn nats(
+        &self,
+        data: &Path,
+        create: bool,
+        hold: bool,
+    ) -> anyhow::Result<Option<NatsOptions>> {
         let log = self.log.trim();
         if log == "sled" {
             return Ok(None);
+        }
+        if !create && !data.is_dir() {
+            let d = data.display();
+            if data.exists() {
+                bail!("data dir {d} is not a directory");
+            }
+            bail!("data dir {d} does not exist");
         }
         let urls: Vec<&str> = log.split(',').map(str::trim).collect();
         for url in &urls {
@@ -115,6 +129,7 @@ impl LogArgs {
         options.replicas = self.nats_replicas;
         options.subject_prefix = self.nats_subject_prefix.clone();
         options.create = create;
+        options.hold_dir = hold;
         options.credentials = self.nats_creds.clone();
         options.user = self.nats_user.clone();
         options.password = self.nats_password.clone();

@@ -101,7 +101,7 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
     tracing::info!(keys = %auth.describe(), "verifying tokens");
     #[cfg(unix)]
     tokio::spawn(reload_on_hangup(hangups, auth.clone()));
-    match args.log.nats(&data, true)? {
+    match args.log.nats(&data, true, true)? {
         None => {
             let dir = log_dir(&data);
             let log =
@@ -147,13 +147,7 @@ async fn serve_on<L: threadline_api::Log>(
             "threadline listening on http://{addr} (data in {})",
             data.display()
         );
-        eprintln!(
-            "mint a token: {} token --data {} --sub alice",
-            std::env::args()
-                .next()
-                .unwrap_or_else(|| "threadline".into()),
-            data.display()
-        );
+        eprintln!("{}", token_hint(&args.keys, &data));
     }
     let limits = Limits {
         run_ttl_ms: u64::try_from(args.run_ttl.as_millis()).unwrap_or(u64::MAX),
@@ -251,5 +245,32 @@ impl HttpJwks {
 impl JwksFetch for HttpJwks {
     fn fetch(&self) -> BoxFuture<'_, Result<Vec<u8>, String>> {
         Box::pin(self.get())
+    }
+}
+
+/// How to mint a token this server accepts, with the key it was given.
+fn token_hint(keys: &KeyArgs, data: &std::path::Path) -> String {
+    let bin = std::env::args()
+        .next()
+        .unwrap_or_else(|| "threadline".into());
+    if keys.jwks_url.is_some() {
+        "tokens come from the identity provider behind --jwks-url".into()
+    } else if let Some(file) = &keys.jwt_secret_file {
+        format!(
+            "mint a token: {bin} token --jwt-secret-file {} --sub alice",
+            file.display()
+        )
+    } else if keys.jwt_secret.is_some() {
+        format!("mint a token: {bin} token --jwt-secret <the same secret> --sub alice")
+    } else if let Some(public) = &keys.jwt_public_key {
+        format!(
+            "mint a token: {bin} token --jwt-public-key {} --jwt-alg <alg> --jwt-private-key <its private key> --sub alice",
+            public.display()
+        )
+    } else {
+        format!(
+            "mint a token: {bin} token --data {} --sub alice",
+            data.display()
+        )
     }
 }

@@ -93,6 +93,10 @@ pub struct NatsOptions {
     pub request_timeout: Duration,
     /// Where this gateway keeps its projection checkpoints.
     pub checkpoint_dir: PathBuf,
+    /// Hold `checkpoint_dir` for this process (created when missing, locked so a
+    /// second server or a rebuild on it is refused); false for read-only tools,
+    /// which create nothing.
+    pub hold_dir: bool,
 }
 
 impl NatsOptions {
@@ -119,6 +123,7 @@ impl NatsOptions {
             tls_required: false,
             request_timeout: Duration::from_secs(10),
             checkpoint_dir,
+            hold_dir: true,
         }
     }
 }
@@ -186,6 +191,8 @@ pub struct NatsLog {
     stream: stream::Stream,
     checkpoints: DirCheckpoints,
     description: String,
+    /// The lock on the checkpoint dir, released when the log is dropped.
+    _held: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for NatsLog {
@@ -219,6 +226,29 @@ fn run_on<T: Send + 'static>(
     rx.recv().map_err(|_| StorageError::Closed)
 }
 
+/// Creates `dir` when missing and locks it for this process (an exclusive
+/// advisory lock on `dir/lock`, released by the OS if the process dies).
+fn hold(dir: &std::path::Path) -> Result<std::fs::File, StorageError> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| StorageError::Io(format!("{}: {e}", dir.display())))?;
+    let path = dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::Io(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StorageError::Locked(dir.display().to_string()))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StorageError::Io(format!("locking {}: {e}", path.display())))
+        }
+    }
+}
+
 fn io(what: &str, e: impl std::fmt::Display) -> StorageError {
     StorageError::Io(format!("{what}: {e}"))
 }
@@ -232,8 +262,11 @@ impl NatsLog {
                 "no NATS server URL given".into(),
             ));
         }
-        std::fs::create_dir_all(&options.checkpoint_dir)
-            .map_err(|e| StorageError::Io(format!("{}: {e}", options.checkpoint_dir.display())))?;
+        let held = if options.hold_dir {
+            Some(hold(&options.checkpoint_dir)?)
+        } else {
+            None
+        };
         let checkpoints = DirCheckpoints::new(&options.checkpoint_dir);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -269,6 +302,7 @@ impl NatsLog {
             stream,
             checkpoints,
             description,
+            _held: held,
         })
     }
 

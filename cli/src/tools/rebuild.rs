@@ -44,7 +44,7 @@ pub struct RebuildArgs {
 
 pub fn run(args: RebuildArgs) -> anyhow::Result<ExitCode> {
     let data = &args.data.data;
-    match args.log.nats(data, false)? {
+    match args.log.nats(data, false, true)? {
         // A gateway's projections over the shared JetStream log live in its data dir.
         Some(options) => rebuild_on(crate::log_args::connect(options)?, &args),
         None => rebuild_on(

@@ -241,9 +241,6 @@ async fn verify_and_rebuild_work_against_the_jetstream_log() {
     let (_thread, run) = started_run(&agent, "vi").await;
     append_thinking(&agent, &run, 0, 30, 10).await;
     append_thinking(&agent, &run, 30, 1, 10).await;
-    // A clean stop stores A's checkpoint in its data dir.
-    a.shut_down().await.unwrap();
-
     let tool = |args: &[&str], data: &Path| {
         let out = std::process::Command::new(threadline_tests::binary())
             .args(args)
@@ -266,6 +263,12 @@ async fn verify_and_rebuild_work_against_the_jetstream_log() {
         )
     };
     let data = log.data("a");
+    // A serving gateway holds its dir: a rebuild on it is refused, and changes nothing.
+    let (code, _, err) = tool(&["rebuild"], &data);
+    assert_ne!(code, Some(0), "rebuild under a serving gateway: {err}");
+    assert!(err.contains("in use"), "{err}");
+    // A clean stop stores A's checkpoint in its data dir and lets it go.
+    a.shut_down().await.unwrap();
     let (code, out, err) = tool(&["verify"], &data);
     assert_eq!(code, Some(0), "verify: {out}{err}");
     assert!(out.contains("head position 34"), "{out}");
@@ -277,10 +280,17 @@ async fn verify_and_rebuild_work_against_the_jetstream_log() {
         out.contains("registry: the replaced checkpoint matched the rebuild"),
         "{out}"
     );
-    // A gateway that never served has no checkpoint: verify says so and still passes.
+    // A data dir that does not exist is an error, and the tool does not create it.
+    let (code, _, err) = tool(&["verify"], &log.data("missing"));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not exist"), "{err}");
+    assert!(!log.data("missing").exists(), "verify created the data dir");
+    // A gateway that never served has no checkpoint: verify says so, compares
+    // nothing (and says that too), and passes.
+    std::fs::create_dir_all(log.data("fresh")).unwrap();
     let (code, out, err) = tool(&["verify"], &log.data("fresh"));
     assert_eq!(code, Some(0), "verify on a fresh gateway dir: {out}{err}");
-    assert!(out.contains("no projection checkpoint"), "{out}");
+    assert!(out.contains("no projection checkpoint to compare"), "{out}");
     // A stream that does not exist is named, not created.
     let (code, _, err) = {
         let out = std::process::Command::new(threadline_tests::binary())
