@@ -439,7 +439,18 @@ async fn open_cluster(options: NatsOptions) -> Result<Cluster, StorageError> {
                 tracing::debug!(error = %e, "JetStream not ready; asking again");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(Opening::Transient(e) | Opening::Failed(e)) => return Err(e),
+            Err(Opening::Transient(e) | Opening::Failed(e)) => {
+                if client.connection_state() != async_nats::connection::State::Connected {
+                    return Err(io(
+                        "connecting to NATS",
+                        format!(
+                            "no server answered at {} (is the cluster running, and are the URLs right?)",
+                            options.servers.join(",")
+                        ),
+                    ));
+                }
+                return Err(e);
+            }
         }
     };
     Ok(Cluster {
