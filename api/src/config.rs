@@ -101,7 +101,8 @@ pub const MIN_SECRET_BYTES: usize = 32;
 /// Where Threadline keeps its data.
 #[derive(clap::Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Directory holding the event log, the projections and the generated `jwt.secret`.
+    /// Directory holding the event log, the projections and the generated `jwt.secret`
+    /// (with `--log nats://…` only this gateway's projection checkpoints and the secret).
     /// `serve` creates it on first use (the other tools never do). Only one process may hold it at a time.
     #[arg(
         long,
