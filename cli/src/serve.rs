@@ -111,6 +111,19 @@ pub async fn run(args: ServeArgs, effective: Option<Effective>) -> anyhow::Resul
             serve_on(log, auth, nudge, data, args).await
         }
         Some(options) => {
+            let k = &args.keys;
+            if k.jwks_url.is_none()
+                && k.jwt_secret.is_none()
+                && k.jwt_secret_file.is_none()
+                && k.jwt_public_key.is_none()
+            {
+                tracing::warn!(
+                    data = %data.display(),
+                    "no token key given: this gateway verifies tokens with the jwt.secret of its own data dir; \
+                     unless every gateway's holds the same one, tokens minted for the others get 401 here. \
+                     Give every gateway the same key (--jwt-secret-file), see docs/scaling.md"
+                );
+            }
             let log =
                 tokio::task::spawn_blocking(move || crate::log_args::connect(options)).await??;
             tracing::info!(log = %log.description(), "serving the JetStream log");
