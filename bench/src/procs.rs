@@ -3,7 +3,7 @@
 //! loopback over temp dirs, stopped on drop. Their pids are also kept in
 //! [`CHILDREN`] so the watchdog can end them before exiting.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -331,30 +331,7 @@ fn free_port() -> Result<u16> {
 /// One node's configuration: the same code and template as the tests' cluster.
 #[path = "../../storage-nats/src/cluster/node_config.rs"]
 mod nats_node_config;
-use nats_node_config::node_config as nats_node_config;
-
-/// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect_timeout(
-        &([127, 0, 0, 1], port).into(),
-        Duration::from_secs(1),
-    )
-    .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Some((status, body))
-}
+use nats_node_config::{http_get, node_config as nats_node_config};
 
 /// Whether the node on monitoring `port` is healthy (JetStream current) and knows a
 /// JetStream meta leader (`/jsz`): streams can be created.

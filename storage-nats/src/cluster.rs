@@ -2,8 +2,7 @@
 //! processes on 127.0.0.1, for tests and the bench (the same settings as
 //! `scripts/nats-cluster.sh`).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
@@ -77,6 +76,7 @@ fn free_port() -> std::io::Result<u16> {
 }
 
 mod node_config;
+use node_config::http_get;
 pub use node_config::node_config;
 
 impl NatsCluster {
@@ -281,24 +281,4 @@ impl Drop for NatsCluster {
             let _ = self.kill(i);
         }
     }
-}
-
-/// The status code and body of `GET path` on 127.0.0.1:`port`, if it answered.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_owned();
-    Some((status, body))
 }
