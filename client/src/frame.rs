@@ -390,36 +390,19 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
+    const KEYS: &[&str] = &[
+        "message_id",
+        "text",
+        "seq",
+        "from_seq",
+        "tool_call_id",
+        "title",
+        "metadata",
+        "agent_name",
+    ];
+
     fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::from),
-            any::<u64>().prop_map(Value::from),
-            any::<i64>().prop_map(Value::from),
-            any::<f64>().prop_map(|f| json!(f)),
-            ".{0,12}".prop_map(Value::from),
-        ];
-        leaf.prop_recursive(3, 20, 5, |inner| {
-            prop_oneof![
-                proptest::collection::vec(inner.clone(), 0..5).prop_map(Value::from),
-                proptest::collection::btree_map(
-                    prop_oneof![
-                        Just("message_id".to_owned()),
-                        Just("text".to_owned()),
-                        Just("seq".to_owned()),
-                        Just("from_seq".to_owned()),
-                        Just("tool_call_id".to_owned()),
-                        Just("title".to_owned()),
-                        Just("metadata".to_owned()),
-                        Just("agent_name".to_owned()),
-                        "[a-z_]{1,8}",
-                    ],
-                    inner,
-                    0..5,
-                )
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
+        threadline_fuzz::json_value(KEYS)
     }
 
     const TYPES: &[&str] = &[

@@ -73,3 +73,39 @@ pub fn run_with<S>(
         started.elapsed().as_secs_f64()
     );
 }
+
+/// Arbitrary JSON (null, booleans, integers, floats, short strings, and arrays and
+/// objects nesting them three deep), with object keys drawn half from `keys` (the
+/// field names the code under test looks for) and half at random.
+pub fn json_value(
+    keys: &'static [&'static str],
+) -> proptest::strategy::BoxedStrategy<serde_json::Value> {
+    use proptest::prelude::*;
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(|f| serde_json::json!(f)),
+        ".{0,16}".prop_map(Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, move |inner| {
+        let random = "[a-z_]{1,10}".boxed();
+        let key = if keys.is_empty() {
+            random
+        } else {
+            prop_oneof![
+                proptest::sample::select(keys).prop_map(str::to_owned),
+                random
+            ]
+            .boxed()
+        };
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            proptest::collection::btree_map(key, inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+    .boxed()
+}
