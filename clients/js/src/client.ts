@@ -74,7 +74,10 @@ type Listeners = {
 
 const OPEN = 1;
 const MAX_AUTH_REFUSALS = 3;
+/** A failed or premature renewal is retried after this, or sooner as `exp` nears. */
 const RENEW_RETRY_MS = 1000;
+/** The shortest wait between renewal attempts. */
+const RENEW_RETRY_MIN_MS = 50;
 
 interface Conn {
   ws: WebSocketLike;
@@ -550,7 +553,7 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
         } else if (code === 'invalid_token') {
           // The renewal was refused; the old token holds until its exp.
           conn.offered = null;
-          this.#armRenew(conn, RENEW_RETRY_MS);
+          this.#retryRenew(conn);
           this.#report(error);
         } else if (code === 'invalid_message') {
           this.#report(error);
@@ -840,6 +843,16 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
     this.#armRenew(conn, Math.max(0, left - margin));
   }
 
+  /**
+   * Asks again after a second, or after a quarter of the current token's remaining life
+   * when that is shorter: a fixed second could land the retry past `exp` (a two-second
+   * token renewed one second before it), and the server would close the socket (4001).
+   */
+  #retryRenew(conn: Conn): void {
+    const left = this.#exp === undefined ? Infinity : this.#exp * 1000 - Date.now();
+    this.#armRenew(conn, Math.max(RENEW_RETRY_MIN_MS, Math.min(RENEW_RETRY_MS, left / 4)));
+  }
+
   #armRenew(conn: Conn, delay: number): void {
     clearTimeout(conn.timers.renew);
     conn.timers.renew = setTimeout(() => void this.#renew(conn), delay);
@@ -856,7 +869,7 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
       conn.renewing = false;
       if (conn.ended) return;
       this.#report(new ThreadlineError('token', `token provider: ${String(e)}`));
-      return this.#armRenew(conn, RENEW_RETRY_MS);
+      return this.#retryRenew(conn);
     }
     conn.renewing = false;
     if (conn.ended) return;
@@ -864,8 +877,9 @@ export class ThreadlineClient implements AsyncIterable<ThreadlineEvent> {
     if (exp !== undefined && (this.#exp === undefined || exp > this.#exp)) {
       if (this.#send(conn, { type: 'refresh', token })) conn.offered = token;
     } else {
-      // Not newer than the current one: ask again shortly.
-      this.#armRenew(conn, RENEW_RETRY_MS);
+      // Not newer than the current one (a provider caching its token, or one minted in
+      // the same second): ask again shortly.
+      this.#retryRenew(conn);
     }
   }
 }

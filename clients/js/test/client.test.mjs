@@ -176,6 +176,34 @@ test('a token provider renews before exp with refresh, on the open socket', asyn
   assert.deepEqual(seen.errors, []);
 });
 
+test('a provider that first returns its cached token is asked again before exp', async () => {
+  const s = await server();
+  const { run } = await s.startedRun('alice');
+  const p = await proxy(s.port);
+  // A two-second token; the first renewal (one second before exp) gets the same token
+  // back, as from a provider that caches. A retry a fixed second later would land on exp
+  // and the server would close the socket (4001); the retry must come sooner.
+  let current = null;
+  let calls = 0;
+  const c = client({
+    url: p.url,
+    token: async () => {
+      calls++;
+      if (calls !== 2) current = token('alice', 'user', 2);
+      return current;
+    },
+  });
+  const seen = collect(c);
+  await seen.until(3);
+  await waitFor('a renewal after the cached token', () => calls >= 4);
+  await s.appendThinking(run, 0, 10);
+  await seen.until(13);
+  assertExactlyOnce(assert, seen, 13);
+  assert.equal(p.accepted, 1, 'renewal needed no reconnect');
+  assert.ok(!seen.states.includes('reconnecting'));
+  assert.deepEqual(seen.errors, []);
+});
+
 test('an expired token (4001) gets a new token and a reconnect', async () => {
   const s = await server();
   const { run } = await s.startedRun('alice');
