@@ -18,9 +18,11 @@ use threadline_storage::{
 };
 use uuid::Uuid;
 
+use crate::turns::Turns;
 use crate::{decode_event, encode_event, ProjectionError, Projector};
 
-/// How often a batch is re-judged after losing a race for a thread's version.
+/// How often a batch is re-judged after losing a race for a thread's version
+/// (to a writer in another process: inside this one, a thread's submissions take turns).
 const MAX_ATTEMPTS: usize = 64;
 
 /// One command as a client submitted it.
@@ -114,6 +116,8 @@ pub struct CommandService<L> {
     log: Arc<L>,
     projector: Arc<Projector<L>>,
     limits: Limits,
+    /// Shared by the clones: submissions on one thread take turns.
+    turns: Arc<Turns>,
 }
 
 impl<L> Clone for CommandService<L> {
@@ -122,6 +126,7 @@ impl<L> Clone for CommandService<L> {
             log: Arc::clone(&self.log),
             projector: Arc::clone(&self.projector),
             limits: self.limits.clone(),
+            turns: Arc::clone(&self.turns),
         }
     }
 }
@@ -134,6 +139,7 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
             log: Arc::clone(projector.log()),
             projector,
             limits,
+            turns: Arc::default(),
         }
     }
 
@@ -179,7 +185,40 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
     /// a conflict and is judged again; and a rejection on a stale view is
     /// judged again once the fold reaches the head. A caller that has had an
     /// answer is never judged on a view older than that answer.
+    ///
+    /// Submissions naming the same thread take turns (see [`Turns`]): a burst on
+    /// one thread is judged and appended one batch after another, not raced.
     pub async fn submit(
+        &self,
+        actor: &Actor,
+        submissions: &[Submission],
+        now_ms: u64,
+    ) -> Result<Vec<Option<Outcome>>, SubmitError> {
+        let threads = self.read(|m| {
+            submissions
+                .iter()
+                .filter_map(|s| thread_of(m.registry(), &s.command))
+                .collect()
+        });
+        let turn = self.turns.take(threads).await;
+        match self.submit_in_turn(actor, submissions, now_ms).await {
+            Err(SubmitError::Domain {
+                index,
+                error: DomainError::RunExpired(run_id),
+            }) => {
+                // Recorded as a submission of its own, which takes the thread's turn.
+                drop(turn);
+                self.record_expiry(&run_id, now_ms).await?;
+                Err(SubmitError::Domain {
+                    index,
+                    error: DomainError::RunExpired(run_id),
+                })
+            }
+            answered => answered,
+        }
+    }
+
+    async fn submit_in_turn(
         &self,
         actor: &Actor,
         submissions: &[Submission],
@@ -204,16 +243,6 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
                     judged_fresh = true;
                     self.projector.wait_for(self.log().head()).await?;
                     continue;
-                }
-                Err(SubmitError::Domain {
-                    index,
-                    error: DomainError::RunExpired(run_id),
-                }) => {
-                    self.record_expiry(&run_id, now_ms).await?;
-                    return Err(SubmitError::Domain {
-                        index,
-                        error: DomainError::RunExpired(run_id),
-                    });
                 }
                 Err(e) => return Err(e),
             };

@@ -16,6 +16,7 @@ mod model;
 mod nudges;
 mod projector;
 mod streams;
+mod turns;
 pub mod verify;
 
 pub use acks::{Ack, Acks};

@@ -600,6 +600,96 @@ fn a_write_that_loses_every_race_is_contended_and_appends_nothing() {
     assert!(landed.iter().all(|r| r.actor == "agent:rival"));
 }
 
+/// Counts the appends handed to the log (each attempt of a submission is one).
+#[derive(Debug, Default)]
+struct Counting {
+    appends: std::sync::atomic::AtomicUsize,
+}
+
+impl threadline_storage::Intercept<MemoryLog> for Counting {
+    fn append(
+        &self,
+        inner: &MemoryLog,
+        events: Vec<NewEvent>,
+    ) -> threadline_storage::PendingAppend {
+        self.appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        inner.append(events)
+    }
+}
+
+#[test]
+fn a_burst_on_one_thread_takes_turns_instead_of_racing() {
+    let log = Arc::new(threadline_storage::Intercepted::new(
+        MemoryLog::new(),
+        Counting::default(),
+    ));
+    let projector = Arc::new(Projector::open(log.clone()).unwrap());
+    let _fold = projector.follow(CheckpointPolicy::default()).unwrap();
+    let commands = CommandService::new(projector.clone(), Limits::default());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let thread_id = ThreadId::generate();
+    let run_id = RunId::generate();
+    let setup = [
+        (
+            user("alice"),
+            Command::CreateThread {
+                thread_id: thread_id.clone(),
+                owner: UserId::parse("alice").unwrap(),
+                title: None,
+                metadata: None,
+            },
+        ),
+        (
+            agent(),
+            Command::RegisterRun {
+                thread_id: thread_id.clone(),
+                run_id: run_id.clone(),
+                agent_name: "a".into(),
+            },
+        ),
+        (agent(), event(&run_id, AgentEventKind::Started)),
+    ];
+    for (actor, command) in setup {
+        rt.block_on(commands.submit(&actor, &[Submission::new(command)], now()))
+            .unwrap();
+    }
+    let before = log.hooks.appends.load(std::sync::atomic::Ordering::SeqCst);
+
+    const BURST: usize = 200;
+    let mut versions = rt.block_on(async {
+        let tasks: Vec<_> = (0..BURST)
+            .map(|_| {
+                let commands = commands.clone();
+                let command = event(&run_id, AgentEventKind::Thinking);
+                tokio::spawn(async move {
+                    commands
+                        .submit(&agent(), &[Submission::new(command)], now())
+                        .await
+                })
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for t in tasks {
+            let outcome = t.await.unwrap().unwrap().remove(0).unwrap();
+            versions.push(outcome.thread_version);
+        }
+        versions
+    });
+
+    // Every submission landed on its first attempt: none was judged on a version
+    // another one of this process had just taken.
+    let appends = log.hooks.appends.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert_eq!(appends, BURST, "appends for {BURST} submissions");
+    versions.sort_unstable();
+    let expected: Vec<u64> = (4..4 + BURST as u64).collect();
+    assert_eq!(versions, expected, "dense thread versions, each once");
+}
+
 #[test]
 fn a_damaged_checkpoint_costs_a_rebuild_not_the_start() {
     let g = given();
