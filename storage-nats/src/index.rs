@@ -23,6 +23,8 @@ pub(crate) struct Index {
     /// Encoded records of positions `cache_first ..= head`.
     cache: VecDeque<Arc<[u8]>>,
     cache_first: u64,
+    /// The most records `cache` holds.
+    cache_records: usize,
     /// Set when the stream showed something the log contract forbids (a gap,
     /// a damaged record): the index stops there and appends are refused.
     pub(crate) broken: Option<String>,
@@ -38,6 +40,14 @@ impl Committed for Index {
 }
 
 impl Index {
+    /// An empty index that keeps the newest `cache_records` records in memory.
+    pub(crate) fn with_cache(cache_records: usize) -> Index {
+        Index {
+            cache_records,
+            ..Index::default()
+        }
+    }
+
     /// The log's time: the wall clock, never before the last record's stamp.
     pub(crate) fn now_ms(&self) -> u64 {
         threadline_storage::now_ms().max(self.last_recorded_at)
@@ -142,7 +152,7 @@ impl Index {
             self.cache_first = seq;
         }
         self.cache.push_back(Arc::from(bytes));
-        if self.cache.len() > CACHE_RECORDS {
+        if self.cache.len() > self.cache_records {
             self.cache.pop_front();
             self.cache_first += 1;
         }

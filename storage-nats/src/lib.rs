@@ -63,6 +63,12 @@ const CATCH_UP: Duration = Duration::from_secs(30);
 const FOLLOW_IDLE: Duration = Duration::from_secs(2);
 /// Reads of records not in the cache in flight at once.
 const READ_CONCURRENCY: usize = 32;
+/// Consecutive records not in the cache from which one ordered consumer reads
+/// them (a round trip to create it, then a flow of messages) instead of one
+/// request each.
+const RANGE_READ_MIN: usize = 64;
+/// How long a range read's consumer may stay silent before the read fails.
+const RANGE_READ_IDLE: Duration = Duration::from_secs(4);
 
 /// How to reach the cluster and which stream to use.
 #[derive(Debug, Clone)]
@@ -97,6 +103,9 @@ pub struct NatsOptions {
     /// second server or a rebuild on it is refused); false for read-only tools,
     /// which create nothing.
     pub hold_dir: bool,
+    /// How many of the newest records this gateway keeps in memory for reads
+    /// (older ones are read from the stream).
+    pub cache_records: usize,
 }
 
 impl NatsOptions {
@@ -124,6 +133,7 @@ impl NatsOptions {
             request_timeout: Duration::from_secs(10),
             checkpoint_dir,
             hold_dir: true,
+            cache_records: index::CACHE_RECORDS,
         }
     }
 }
@@ -276,9 +286,10 @@ impl NatsLog {
             .map_err(|e| io("starting the NATS runtime", e))?;
         let handle = runtime.handle().clone();
         let description = format!("{} on {}", options.stream, options.servers.join(","));
+        let cache_records = options.cache_records;
         let cluster = run_on(&handle, open_cluster(options))??;
         let shared = Arc::new(Shared {
-            index: Mutex::new(Index::default()),
+            index: Mutex::new(Index::with_cache(cache_records)),
             head_tx: watch::Sender::new(Position::ZERO),
             closed: AtomicBool::new(false),
         });
@@ -331,20 +342,17 @@ impl NatsLog {
         } else {
             let stream = self.stream.clone();
             run_on(&self.handle, async move {
-                futures_util::stream::iter(missing.into_iter().map(|seq| {
+                futures_util::stream::iter(runs(&missing).into_iter().map(|(from, count)| {
                     let stream = stream.clone();
-                    async move {
-                        stream
-                            .get_raw_message(seq)
-                            .await
-                            .map(|m| m.payload)
-                            .map_err(|e| io(&format!("reading position {seq}"), e))
-                    }
+                    async move { read_run(&stream, from, count).await }
                 }))
                 .buffered(READ_CONCURRENCY)
                 .try_collect::<Vec<_>>()
                 .await
             })??
+            .into_iter()
+            .flatten()
+            .collect()
         }
         .into_iter();
         positions
@@ -658,6 +666,133 @@ async fn catch_up(
     }
 }
 
+/// `positions` (ascending) as reads: `(first, count)` for each run of at least
+/// [`RANGE_READ_MIN`] consecutive positions, `(position, 1)` for the others.
+fn runs(positions: &[u64]) -> Vec<(u64, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < positions.len() {
+        let mut j = i + 1;
+        while j < positions.len() && positions[j] == positions[j - 1] + 1 {
+            j += 1;
+        }
+        if j - i >= RANGE_READ_MIN {
+            out.push((positions[i], j - i));
+        } else {
+            out.extend(positions[i..j].iter().map(|&p| (p, 1)));
+        }
+        i = j;
+    }
+    out
+}
+
+/// The payloads of the `count` messages from sequence `from`: one direct
+/// request for a single message; for a run, one pull of `count` messages from
+/// an ephemeral consumer (one replica, in memory, deleted after the read).
+///
+/// Not the client's ordered consumer: that one re-creates itself on a missed
+/// heartbeat, and if it had delivered nothing yet, it starts again from the
+/// stream's first message rather than from `from`.
+async fn read_run(
+    stream: &stream::Stream,
+    from: u64,
+    count: usize,
+) -> Result<Vec<bytes::Bytes>, StorageError> {
+    if count == 1 {
+        return stream
+            .get_raw_message(from)
+            .await
+            .map(|m| vec![m.payload])
+            .map_err(|e| io(&format!("reading position {from}"), e));
+    }
+    let mut out = Vec::with_capacity(count);
+    match pull_run(stream, from, count, &mut out).await {
+        Ok(()) => Ok(out),
+        Err(e @ StorageError::Corrupt { .. }) => Err(e),
+        Err(e) => {
+            // The run is an optimisation: the cluster busy (a consumer not created in
+            // time, a leader moving) costs the rest of the run one request each.
+            tracing::debug!(error = %e, "reading a run through a consumer failed; reading it one by one");
+            let rest = from + out.len() as u64..from + count as u64;
+            let singles = futures_util::stream::iter(rest.map(|seq| {
+                let stream = stream.clone();
+                async move {
+                    stream
+                        .get_raw_message(seq)
+                        .await
+                        .map(|m| m.payload)
+                        .map_err(|e| io(&format!("reading position {seq}"), e))
+                }
+            }))
+            .buffered(READ_CONCURRENCY)
+            .try_collect::<Vec<_>>()
+            .await?;
+            out.extend(singles);
+            Ok(out)
+        }
+    }
+}
+
+/// Pulls the `count` messages from `from` into `out` through one ephemeral
+/// consumer; on an error, `out` holds the messages read before it.
+async fn pull_run(
+    stream: &stream::Stream,
+    from: u64,
+    count: usize,
+    out: &mut Vec<bytes::Bytes>,
+) -> Result<(), StorageError> {
+    let what = || format!("reading positions {from}..{}", from + count as u64);
+    let consumer = stream
+        .create_consumer(consumer::pull::Config {
+            deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            },
+            ack_policy: consumer::AckPolicy::None,
+            num_replicas: 1,
+            memory_storage: true,
+            inactive_threshold: RANGE_READ_IDLE * 2,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| io(&what(), e))?;
+    let read = async {
+        let mut messages = consumer
+            .batch()
+            .max_messages(count)
+            .expires(RANGE_READ_IDLE)
+            .messages()
+            .await
+            .map_err(|e| io(&what(), e))?;
+        while out.len() < count {
+            let message = match messages.next().await {
+                Some(message) => message.map_err(|e| io(&what(), e))?,
+                None => return Err(io(&what(), "the stream sent too few messages in time")),
+            };
+            let seq = message.info().map_err(|e| io(&what(), e))?.stream_sequence;
+            let expected = from + out.len() as u64;
+            if seq != expected {
+                return Err(StorageError::Corrupt {
+                    position: Position(expected),
+                    reason: format!(
+                        "the stream delivered sequence {seq} where {expected} was due (was a message deleted?)"
+                    ),
+                });
+            }
+            out.push(message.payload.clone());
+        }
+        Ok(())
+    }
+    .await;
+    // Gone on its own after the inactivity threshold; deleting it now spares the
+    // server a consumer per read meanwhile. Nobody waits for the answer.
+    let name = consumer.cached_info().name.clone();
+    let stream = stream.clone();
+    tokio::spawn(async move {
+        let _ = stream.delete_consumer(&name).await;
+    });
+    read
+}
+
 /// Folds every stored message into the index, in order, for as long as the log is open.
 async fn follow(shared: Arc<Shared>, stream: stream::Stream) {
     let mut backoff = Duration::from_millis(50);
@@ -708,6 +843,14 @@ async fn follow_from(shared: &Shared, stream: &stream::Stream, from: u64) -> Res
             }
         };
         let seq = message.info().map_err(|e| e.to_string())?.stream_sequence;
+        if seq < from {
+            // The client re-created its consumer before delivering anything, from the
+            // stream's first message (see `read_run`): start again after the head
+            // rather than read the whole stream again.
+            return Err(format!(
+                "the consumer started again at sequence {seq}, below {from}"
+            ));
+        }
         if let Err(e) = shared.apply(seq, &message.payload) {
             tracing::error!(error = %e, "the JetStream log broke the log contract; this gateway stops following it");
             return Ok(());
@@ -1121,7 +1264,23 @@ impl Checkpoints for NatsLog {
 
 #[cfg(test)]
 mod tests {
-    use super::subject_for;
+    use super::{runs, subject_for, RANGE_READ_MIN};
+
+    #[test]
+    fn long_runs_of_positions_are_read_as_runs_and_the_rest_one_by_one() {
+        let mut positions: Vec<u64> = vec![1, 2, 3];
+        positions.extend(10..10 + RANGE_READ_MIN as u64);
+        positions.extend([100, 101]);
+        positions.extend(200..200 + RANGE_READ_MIN as u64 * 2);
+        let mut expected = vec![(1, 1), (2, 1), (3, 1), (10, RANGE_READ_MIN)];
+        expected.extend([(100, 1), (101, 1), (200, RANGE_READ_MIN * 2)]);
+        assert_eq!(runs(&positions), expected);
+        // One short of a run.
+        let short: Vec<u64> = (5..5 + RANGE_READ_MIN as u64 - 1).collect();
+        assert!(runs(&short).iter().all(|&(_, n)| n == 1));
+        assert_eq!(runs(&short).len(), short.len());
+        assert!(runs(&[]).is_empty());
+    }
 
     #[test]
     fn subjects_are_single_escaped_tokens() {

@@ -69,6 +69,43 @@ fn positions_and_versions_are_dense(log: &dyn EventLog) {
     assert_eq!(at.payload, b"payload of thread:b");
 }
 
+/// Long reads (a deep replay, a fold from the start) return every record in
+/// order, whatever a log keeps in memory; a JetStream gateway without a cache
+/// reads long runs through a consumer and the rest one by one.
+fn long_reads_return_every_record_in_order(log: &dyn EventLog) {
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let batch: Vec<NewEvent> = (0..50)
+            .map(|k| ev(["thread:a", "thread:b", "thread:c"][(i + k) % 3], None))
+            .collect();
+        ids.extend(batch.iter().map(|e| e.event_id));
+        append(log, batch).unwrap();
+    }
+    let all = log.read_from(Position(1), 1000).unwrap();
+    assert_eq!(all.iter().map(|r| r.event_id).collect::<Vec<_>>(), ids);
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.position, Position(i as u64 + 1));
+    }
+    let middle = log.read_from(Position(101), 150).unwrap();
+    assert_eq!(middle.len(), 150);
+    assert_eq!(middle[0].event_id, ids[100]);
+    assert_eq!(middle[149].event_id, ids[249]);
+    // Runs and singles mixed, ascending, as a replay asks for them.
+    let mut wanted: Vec<Position> = (20..=120).map(Position).collect();
+    wanted.extend([130, 150, 151, 299, 300].map(Position));
+    let many = log.read_many(&wanted).unwrap();
+    assert_eq!(many.iter().map(|r| r.position).collect::<Vec<_>>(), wanted);
+    assert!(many
+        .iter()
+        .all(|r| r.event_id == ids[r.position.0 as usize - 1]));
+    let a = log.read_stream("thread:a", 1, 1000).unwrap();
+    assert_eq!(a.len(), 100);
+    assert!(a
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.stream == "thread:a" && r.stream_version == i as u64 + 1));
+}
+
 fn read_many_reads_what_read_at_reads(log: &dyn EventLog) {
     // Batches so that several records share a group commit (and a frame).
     for i in 0..10 {
@@ -249,6 +286,11 @@ macro_rules! contract_suite {
                 read_many_reads_what_read_at_reads(&*log);
             }
             #[test]
+            fn long_reads() {
+                let Some((log, _g)) = $make else { return };
+                long_reads_return_every_record_in_order(&*log);
+            }
+            #[test]
             fn atomic_batches() {
                 let Some((log, _g)) = $make else { return };
                 batches_are_all_or_nothing(&*log);
@@ -300,20 +342,25 @@ fn sled() -> (Arc<SledLog>, tempfile::TempDir) {
 }
 
 /// A fresh stream (own name and subjects) on the shared 3-node cluster.
-fn nats() -> Option<(Arc<NatsLog>, impl Sized)> {
+fn nats(cache_records: Option<usize>) -> Option<(Arc<NatsLog>, impl Sized)> {
     let cluster = cluster::shared()?;
     let dir = tempfile::tempdir().unwrap();
     let name = Uuid::new_v4().simple().to_string();
     let mut options = NatsOptions::new(&cluster.lock().unwrap().urls(), dir.path().into());
     options.stream = format!("T{name}");
     options.subject_prefix = format!("t{name}");
+    if let Some(n) = cache_records {
+        options.cache_records = n;
+    }
     let log = NatsLog::connect(options).unwrap();
     Some((Arc::new(log), (cluster, dir)))
 }
 
 contract_suite!(memory_log, memory());
 contract_suite!(sled_log, Some(sled()));
-contract_suite!(nats_log, nats());
+contract_suite!(nats_log, nats(None));
+// Every read goes to the stream: no record is kept in memory.
+contract_suite!(nats_log_uncached, nats(Some(0)));
 
 #[test]
 fn sled_log_survives_reopen_and_continues_dense() {
