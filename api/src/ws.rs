@@ -3,6 +3,7 @@
 //! after the last `user_seq` it sent, so a slow reader is simply served later
 //! from the log, with at most one page in memory.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -360,6 +361,9 @@ impl<L: Log> Session<L> {
             )
         })?;
         self.slot = Some(slot);
+        if matches!(params.resume, Resume::Latest) {
+            caught_up_with_the_log(&app).await?;
+        }
         let (head, cursor, open_runs, oldest_open) = app.projector().read(|m| {
             let (open_runs, oldest_open) = open_runs(m.streams(), &user, params.thread.as_ref());
             (
@@ -836,6 +840,21 @@ fn open_runs(
         }
     }
     (runs, oldest)
+}
+
+/// `after=latest` skips what the log held when the socket connected: the log's
+/// latest, not this gateway's view of it. On a log shared with other gateways
+/// (JetStream), this one may not have folded all they appended yet: wait until it has.
+async fn caught_up_with_the_log<L: Log>(app: &AppState<L>) -> Result<(), Close> {
+    let log = Arc::clone(app.projector().log());
+    let committed = tokio::task::spawn_blocking(move || log.committed_head())
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
+    app.projector()
+        .wait_for(committed)
+        .await
+        .map_err(|e| internal(e.to_string()))
 }
 
 fn internal(e: String) -> Close {

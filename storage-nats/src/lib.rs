@@ -1191,6 +1191,10 @@ impl EventLog for NatsLog {
         self.shared.index().now_ms()
     }
 
+    fn committed_head(&self) -> Result<Position, StorageError> {
+        run_on(&self.handle, last_sequence(self.stream.clone()))?.map(Position)
+    }
+
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.shared.head_tx.subscribe()
     }

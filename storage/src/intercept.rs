@@ -52,6 +52,9 @@ impl<L: EventLog, I: Intercept<L>> EventLog for Intercepted<L, I> {
     fn now_ms(&self) -> u64 {
         self.inner.now_ms()
     }
+    fn committed_head(&self) -> Result<Position, StorageError> {
+        self.inner.committed_head()
+    }
     fn watch_head(&self) -> watch::Receiver<Position> {
         self.inner.watch_head()
     }

@@ -79,6 +79,13 @@ pub trait EventLog: Send + Sync + 'static {
     fn now_ms(&self) -> u64 {
         crate::now_ms()
     }
+    /// The highest position committed to the log by any process, which this one may
+    /// not have read yet when the log is shared (gateways over JetStream ask the
+    /// stream's leader). Blocks for that answer; for a log only this process writes,
+    /// it is [`head`](Self::head).
+    fn committed_head(&self) -> Result<Position, StorageError> {
+        Ok(self.head())
+    }
     /// A receiver that sees the durable head move; sending to it never blocks the writer.
     fn watch_head(&self) -> watch::Receiver<Position>;
     /// Up to `limit` durable records from position `from` on, in order, checksums verified.

@@ -147,6 +147,90 @@ async fn a_socket_on_gateway_b_receives_what_gateway_a_appended_in_order() {
     assert_eq!(order, (0..152).collect::<Vec<_>>());
 }
 
+/// A gateway's log whose fold can be held: while `held`, the gateway's
+/// projector reads nothing (its view trails the stream).
+#[derive(Debug, Default)]
+struct Held {
+    held: Mutex<bool>,
+    released: std::sync::Condvar,
+}
+
+impl Held {
+    /// Holds the fold until the returned guard is dropped (also when the test fails).
+    fn hold(&self) -> Holding<'_> {
+        *self.held.lock().unwrap() = true;
+        Holding(self)
+    }
+}
+
+struct Holding<'a>(&'a Held);
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        *self.0.held.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0.released.notify_all();
+    }
+}
+
+impl threadline_storage::Intercept<NatsLog> for Held {
+    fn read_from(
+        &self,
+        inner: &NatsLog,
+        from: threadline_storage::Position,
+        limit: usize,
+    ) -> Result<Vec<threadline_storage::Record>, threadline_storage::StorageError> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        drop(
+            self.released
+                .wait_while(held, |held| *held)
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        threadline_storage::EventLog::read_from(inner, from, limit)
+    }
+}
+
+/// `after=latest` skips what the log held when the socket connected, on any
+/// gateway: B, whose fold trails what A acknowledged, answers `welcome` only
+/// once it has folded that, so the event is not replayed as if it were new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_latest_on_a_trailing_gateway_skips_what_another_had_acknowledged() {
+    let Some(log) = Log::new() else { return };
+    let a = log.gateway("a").await;
+    let options = log.options("b");
+    let b_log = tokio::task::spawn_blocking(move || NatsLog::connect(options))
+        .await
+        .unwrap()
+        .expect("connect to the JetStream log");
+    let b_log = Arc::new(threadline_storage::Intercepted::new(b_log, Held::default()));
+    let b = TestServer::spawn_on(Arc::clone(&b_log));
+    let agent = a.api(&token("bot", "agent"));
+    let (_thread, run) = started_run(&agent, "ann").await; // ann's user_seq 1..=3
+
+    let holding = b_log.hooks.hold();
+    append_thinking(&agent, &run, 0, 1, 0).await; // acknowledged: user_seq 4
+    let mut socket = b
+        .socket(&token("ann", "user"), "after=latest")
+        .await
+        .unwrap();
+    // Until B's fold moves, its view ends before user_seq 4: it must not welcome.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), socket.welcome())
+            .await
+            .is_err(),
+        "welcomed on a view that trails the log"
+    );
+    drop(holding);
+    let welcome = socket.welcome().await.unwrap();
+    assert_eq!(welcome["resume_after"].as_u64(), Some(4), "{welcome}");
+    append_thinking(&agent, &run, 1, 1, 0).await; // user_seq 5, live
+    let (history, caught_up) = socket.until("caught_up").await.unwrap();
+    assert!(history.is_empty(), "replayed as new: {history:?}");
+    assert_eq!(caught_up["user_seq"].as_u64(), Some(4));
+    let live = socket.events(1).await.unwrap();
+    assert_eq!(live[0]["user_seq"].as_u64(), Some(5));
+    assert_eq!(live[0]["data"]["i"], 1);
+}
+
 /// One agent writer on gateway `api`: appends `n` events tagged `who` to
 /// `run`, each on the thread version it last saw (If-Match); a 409 is
 /// answered by reading the thread's version again and retrying.
