@@ -564,9 +564,13 @@ async fn open_stream(
     Ok(stream)
 }
 
-/// JetStream errors of a cluster still forming (no meta leader, not assigned yet).
+/// JetStream errors of a cluster still forming (no meta leader, not assigned
+/// yet, or a peer the meta leader has not yet heard from: "no suitable peers
+/// for placement", seen on a cluster a second old; a cluster too small for the
+/// replicas asked keeps answering it, and the open fails with it at the deadline).
 fn not_ready(code: jetstream::ErrorCode) -> bool {
     [
+        jetstream::ErrorCode::CLUSTER_NO_PEERS,
         jetstream::ErrorCode::CLUSTER_NOT_AVAILABLE,
         jetstream::ErrorCode::CLUSTER_NOT_ASSIGNED,
         jetstream::ErrorCode::CLUSTER_NOT_LEADER,
