@@ -293,7 +293,7 @@ impl NatsLog {
             head_tx: watch::Sender::new(Position::ZERO),
             closed: AtomicBool::new(false),
         });
-        let last = run_on(&handle, last_sequence(cluster.stream.clone()))??;
+        let last = run_on(&handle, first_last_sequence(cluster.stream.clone()))??;
         handle.spawn(follow(Arc::clone(&shared), cluster.stream.clone()));
         let following = Arc::clone(&shared);
         run_on(&handle, async move {
@@ -596,6 +596,22 @@ async fn last_sequence(stream: stream::Stream) -> Result<u64, StorageError> {
         });
     }
     Ok(state.last_sequence)
+}
+
+/// [`last_sequence`] at open: a stream created a moment ago may have no leader
+/// answering yet, so a failed request is asked again until [`CATCH_UP`] has
+/// passed (a stream that is not dense fails at once).
+async fn first_last_sequence(stream: stream::Stream) -> Result<u64, StorageError> {
+    let deadline = tokio::time::Instant::now() + CATCH_UP;
+    loop {
+        match last_sequence(stream.clone()).await {
+            Err(StorageError::Io(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "the stream's leader did not answer; asking again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            answered => return answered,
+        }
+    }
 }
 
 async fn wait_for_head(shared: &Shared, target: u64, within: Duration) -> Result<(), StorageError> {
