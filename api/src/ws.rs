@@ -36,6 +36,8 @@ const PAGE: usize = 64;
 const MERGE_PAGE: usize = 4096;
 /// Open runs a `welcome` lists at most.
 const MAX_WELCOME_RUNS: usize = 100;
+/// How long a socket's `welcome` waits for this gateway's fold to reach the log's head.
+const LOG_CATCH_UP: Duration = Duration::from_secs(10);
 /// Largest client message and frame (the contract); a larger one closes with 1009.
 pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
 /// Bytes tungstenite buffers before writing to the socket (its default).
@@ -361,9 +363,7 @@ impl<L: Log> Session<L> {
             )
         })?;
         self.slot = Some(slot);
-        if matches!(params.resume, Resume::Latest) {
-            caught_up_with_the_log(&app).await?;
-        }
+        caught_up_with_the_log(&app).await;
         let (head, cursor, open_runs, oldest_open) = app.projector().read(|m| {
             let (open_runs, oldest_open) = open_runs(m.streams(), &user, params.thread.as_ref());
             (
@@ -842,19 +842,37 @@ fn open_runs(
     (runs, oldest)
 }
 
-/// `after=latest` skips what the log held when the socket connected: the log's
-/// latest, not this gateway's view of it. On a log shared with other gateways
-/// (JetStream), this one may not have folded all they appended yet: wait until it has.
-async fn caught_up_with_the_log<L: Log>(app: &AppState<L>) -> Result<(), Close> {
+/// A socket's `welcome` is the log as it was when the socket connected, not this
+/// gateway's view of it: `head`, `after=latest` and the replay up to `caught_up`
+/// include everything acknowledged before, through any gateway, and `after=N` may
+/// name a `user_seq` another gateway delivered. On a log shared with other gateways
+/// (JetStream) this one may not have folded all they appended yet: wait until it
+/// has, for at most [`LOG_CATCH_UP`]. A log that cannot say its head (no quorum) or
+/// a fold that does not get there within it leaves the socket on what this gateway
+/// has folded, the rest following live: late, never lost or twice.
+async fn caught_up_with_the_log<L: Log>(app: &AppState<L>) {
     let log = Arc::clone(app.projector().log());
-    let committed = tokio::task::spawn_blocking(move || log.committed_head())
-        .await
-        .map_err(|e| internal(e.to_string()))?
-        .map_err(|e| internal(e.to_string()))?;
-    app.projector()
-        .wait_for(committed)
-        .await
-        .map_err(|e| internal(e.to_string()))
+    let caught_up = tokio::time::timeout(LOG_CATCH_UP, async {
+        let committed = tokio::task::spawn_blocking(move || log.committed_head())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        app.projector()
+            .wait_for(committed)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match caught_up {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "welcoming a socket on this gateway's view: the log's head is unknown")
+        }
+        Err(_) => tracing::warn!(
+            within = ?LOG_CATCH_UP,
+            "welcoming a socket on this gateway's view: its fold did not reach the log's head"
+        ),
+    }
 }
 
 fn internal(e: String) -> Close {

@@ -189,11 +189,14 @@ impl threadline_storage::Intercept<NatsLog> for Held {
     }
 }
 
-/// `after=latest` skips what the log held when the socket connected, on any
-/// gateway: B, whose fold trails what A acknowledged, answers `welcome` only
-/// once it has folded that, so the event is not replayed as if it were new.
+/// A socket's history is the log's as of its connect, on any gateway: B, whose
+/// fold trails what A acknowledged, answers `welcome` only once it has folded
+/// that. Without the wait, `after=latest` replayed the event as if it were new,
+/// the default resume ended its replay (`caught_up`) before it, and `after=N`
+/// naming it (a client resuming on B what it had seen on A) was refused as
+/// beyond the head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn after_latest_on_a_trailing_gateway_skips_what_another_had_acknowledged() {
+async fn a_socket_on_a_trailing_gateway_starts_from_what_another_had_acknowledged() {
     let Some(log) = Log::new() else { return };
     let a = log.gateway("a").await;
     let options = log.options("b");
@@ -206,29 +209,54 @@ async fn after_latest_on_a_trailing_gateway_skips_what_another_had_acknowledged(
     let agent = a.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await; // ann's user_seq 1..=3
 
-    let holding = b_log.hooks.hold();
-    append_thinking(&agent, &run, 0, 1, 0).await; // acknowledged: user_seq 4
-    let mut socket = b
-        .socket(&token("ann", "user"), "after=latest")
-        .await
-        .unwrap();
-    // Until B's fold moves, its view ends before user_seq 4: it must not welcome.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), socket.welcome())
-            .await
-            .is_err(),
-        "welcomed on a view that trails the log"
-    );
-    drop(holding);
-    let welcome = socket.welcome().await.unwrap();
-    assert_eq!(welcome["resume_after"].as_u64(), Some(4), "{welcome}");
-    append_thinking(&agent, &run, 1, 1, 0).await; // user_seq 5, live
-    let (history, caught_up) = socket.until("caught_up").await.unwrap();
-    assert!(history.is_empty(), "replayed as new: {history:?}");
-    assert_eq!(caught_up["user_seq"].as_u64(), Some(4));
-    let live = socket.events(1).await.unwrap();
-    assert_eq!(live[0]["user_seq"].as_u64(), Some(5));
-    assert_eq!(live[0]["data"]["i"], 1);
+    let mut sent = 0;
+    // (query, whether the socket replays the user's history up to that event)
+    for (query, replays) in [
+        ("after=latest", false),
+        ("client_id=fresh", true),
+        ("after=", false),
+    ] {
+        let holding = b_log.hooks.hold();
+        append_thinking(&agent, &run, sent, 1, 0).await; // acknowledged through A
+        sent += 1;
+        let seen = 3 + sent; // its user_seq
+        let query = match query {
+            "after=" => format!("after={seen}"),
+            q => q.to_owned(),
+        };
+        let mut socket = b.socket(&token("ann", "user"), &query).await.unwrap();
+        // Until B's fold moves, its view ends before `seen`: it must not welcome.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), socket.welcome())
+                .await
+                .is_err(),
+            "{query}: welcomed on a view that trails the log"
+        );
+        drop(holding);
+        let welcome = socket.welcome().await.unwrap();
+        assert_eq!(welcome["head"].as_u64(), Some(seen), "{query}: {welcome}");
+        let (history, caught_up) = socket.until("caught_up").await.unwrap();
+        assert_eq!(caught_up["user_seq"].as_u64(), Some(seen), "{query}");
+        let history: Vec<u64> = history
+            .iter()
+            .map(|e| e["user_seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(
+            history,
+            if replays {
+                (1..=seen).collect()
+            } else {
+                vec![]
+            },
+            "{query}: the replay up to caught_up"
+        );
+        // And then live, right after it.
+        append_thinking(&agent, &run, sent, 1, 0).await;
+        sent += 1;
+        let live = socket.events(1).await.unwrap();
+        assert_eq!(live[0]["user_seq"].as_u64(), Some(seen + 1), "{query}");
+        assert_eq!(live[0]["data"]["i"].as_u64(), Some(sent - 1), "{query}");
+    }
 }
 
 /// One agent writer on gateway `api`: appends `n` events tagged `who` to
