@@ -183,8 +183,9 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
     /// folded. That is safe: every event of a thread is appended on the
     /// thread's expected version, so a decision on a stale thread loses with
     /// a conflict and is judged again; and a rejection on a stale view is
-    /// judged again once the fold reaches the head. A caller that has had an
-    /// answer is never judged on a view older than that answer.
+    /// judged again once the fold reaches the log's committed head (on a log
+    /// shared with other gateways, what any of them appended). A caller that has
+    /// had an answer, from any gateway, is never judged on a view older than it.
     ///
     /// Submissions naming the same thread take turns (see [`Turns`]): a burst on
     /// one thread is judged and appended one batch after another, not raced.
@@ -236,12 +237,17 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
             let seen = self.projector.position();
             let planned = match self.plan(actor, submissions, &known, now_ms) {
                 Ok(p) => p,
-                Err(SubmitError::Domain { .. } | SubmitError::VersionConflict { .. })
-                    if !judged_fresh && seen < self.log().head() =>
+                Err(e @ (SubmitError::Domain { .. } | SubmitError::VersionConflict { .. }))
+                    if !judged_fresh =>
                 {
-                    // Judged on a view the log has moved past: judge again on a fresh one.
+                    // A rejection judged on a view the log has moved past (through this
+                    // process, or another gateway) is judged again on a fresh one.
                     judged_fresh = true;
-                    self.projector.wait_for(self.log().head()).await?;
+                    let head = self.committed_head().await;
+                    if seen >= head {
+                        return Err(e);
+                    }
+                    self.projector.wait_for(head).await?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -270,6 +276,21 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
         Err(SubmitError::Contended {
             attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// The log's committed head, which on a log shared with other gateways
+    /// (JetStream) this one's fold may trail; read off the runtime. A log that
+    /// cannot say it (no quorum) is taken at what this process has read.
+    async fn committed_head(&self) -> Position {
+        let log = Arc::clone(&self.log);
+        match tokio::task::spawn_blocking(move || log.committed_head()).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the log's committed head is unknown; judging on this gateway's view");
+                self.log().head()
+            }
+            Err(_) => self.log().head(),
+        }
     }
 
     /// The event stored under `id`, if any.

@@ -24,6 +24,9 @@ pub trait Intercept<L: EventLog>: Send + Sync + 'static {
     ) -> Result<Vec<Record>, StorageError> {
         inner.read_from(from, limit)
     }
+    fn head(&self, inner: &L) -> Position {
+        inner.head()
+    }
     fn accepting(&self, inner: &L) -> bool {
         inner.accepting()
     }
@@ -47,7 +50,7 @@ impl<L: EventLog, I: Intercept<L>> EventLog for Intercepted<L, I> {
         self.hooks.append(&self.inner, events)
     }
     fn head(&self) -> Position {
-        self.inner.head()
+        self.hooks.head(&self.inner)
     }
     fn now_ms(&self) -> u64 {
         self.inner.now_ms()

@@ -147,27 +147,32 @@ async fn a_socket_on_gateway_b_receives_what_gateway_a_appended_in_order() {
     assert_eq!(order, (0..152).collect::<Vec<_>>());
 }
 
-/// A gateway's log whose fold can be held: while `held`, the gateway's
-/// projector reads nothing (its view trails the stream).
+/// A gateway's log whose view can be held: while held, the gateway's
+/// projector reads nothing and the log's head stays where it was when the hold
+/// began (the gateway's view trails the stream, as if it had not heard of what
+/// others appended since).
 #[derive(Debug, Default)]
 struct Held {
-    held: Mutex<bool>,
+    /// The head while held.
+    held: Mutex<Option<threadline_storage::Position>>,
     released: std::sync::Condvar,
 }
 
 impl Held {
-    /// Holds the fold until the returned guard is dropped (also when the test fails).
-    fn hold(&self) -> Holding<'_> {
-        *self.held.lock().unwrap() = true;
-        Holding(self)
+    /// Holds `log`'s view until the returned guard is dropped (also when the test fails).
+    fn hold(log: &HeldLog) -> Holding<'_> {
+        *log.hooks.held.lock().unwrap() = Some(threadline_storage::EventLog::head(&log.inner));
+        Holding(&log.hooks)
     }
 }
+
+type HeldLog = threadline_storage::Intercepted<NatsLog, Held>;
 
 struct Holding<'a>(&'a Held);
 
 impl Drop for Holding<'_> {
     fn drop(&mut self) {
-        *self.0.held.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        *self.0.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.0.released.notify_all();
     }
 }
@@ -182,10 +187,15 @@ impl threadline_storage::Intercept<NatsLog> for Held {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         drop(
             self.released
-                .wait_while(held, |held| *held)
+                .wait_while(held, |held| held.is_some())
                 .unwrap_or_else(|p| p.into_inner()),
         );
         threadline_storage::EventLog::read_from(inner, from, limit)
+    }
+
+    fn head(&self, inner: &NatsLog) -> threadline_storage::Position {
+        let held = *self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.unwrap_or_else(|| threadline_storage::EventLog::head(inner))
     }
 }
 
@@ -216,7 +226,7 @@ async fn a_socket_on_a_trailing_gateway_starts_from_what_another_had_acknowledge
         ("client_id=fresh", true),
         ("after=", false),
     ] {
-        let holding = b_log.hooks.hold();
+        let holding = Held::hold(&b_log);
         append_thinking(&agent, &run, sent, 1, 0).await; // acknowledged through A
         sent += 1;
         let seen = 3 + sent; // its user_seq
@@ -257,6 +267,44 @@ async fn a_socket_on_a_trailing_gateway_starts_from_what_another_had_acknowledge
         assert_eq!(live[0]["user_seq"].as_u64(), Some(seen + 1), "{query}");
         assert_eq!(live[0]["data"]["i"].as_u64(), Some(sent - 1), "{query}");
     }
+}
+
+/// A command's rejection is judged on the log as of its arrival, on any
+/// gateway: an agent that registered a run through A and appends to it through
+/// B, whose fold trails, is answered once B has folded the run (201), not
+/// `404 run_not_found` on B's trailing view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trailing_gateway_judges_a_command_on_what_another_had_acknowledged() {
+    let Some(log) = Log::new() else { return };
+    let a = log.gateway("a").await;
+    let options = log.options("b");
+    let b_log = tokio::task::spawn_blocking(move || NatsLog::connect(options))
+        .await
+        .unwrap()
+        .expect("connect to the JetStream log");
+    let b_log = Arc::new(threadline_storage::Intercepted::new(b_log, Held::default()));
+    let b = TestServer::spawn_on(Arc::clone(&b_log));
+    let holding = Held::hold(&b_log);
+    let (_thread, run) = started_run(&a.api(&token("bot", "agent")), "ann").await;
+    let on_b = b.api(&token("bot", "agent"));
+    let mut append = tokio::spawn(async move {
+        on_b.post(
+            &format!("/v1/runs/{run}/events"),
+            &json!({"type": "agent_thinking", "data": {"i": 0}}),
+        )
+        .await
+    });
+    // Until B's fold moves, its view has no such run: it must not answer.
+    if let Ok(answered) = tokio::time::timeout(Duration::from_millis(300), &mut append).await {
+        panic!(
+            "answered on a view that trails the log: {:?}",
+            answered.unwrap().body
+        );
+    }
+    drop(holding);
+    let r = append.await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["user_seq"].as_u64(), Some(4), "{}", r.body);
 }
 
 /// One agent writer on gateway `api`: appends `n` events tagged `who` to
