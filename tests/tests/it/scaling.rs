@@ -60,14 +60,24 @@ impl Log {
         options
     }
 
-    /// A gateway in this process over its own connection to the stream.
-    async fn gateway(&self, name: &str) -> TestServer {
+    /// A connection of gateway `name` to the stream.
+    async fn connect(&self, name: &str) -> NatsLog {
         let options = self.options(name);
-        let log = tokio::task::spawn_blocking(move || NatsLog::connect(options))
+        tokio::task::spawn_blocking(move || NatsLog::connect(options))
             .await
             .unwrap()
-            .expect("connect to the JetStream log");
-        TestServer::spawn_on(Arc::new(log))
+            .expect("connect to the JetStream log")
+    }
+
+    /// A gateway in this process over its own connection to the stream.
+    async fn gateway(&self, name: &str) -> TestServer {
+        TestServer::spawn_on(Arc::new(self.connect(name).await))
+    }
+
+    /// A gateway whose view of the stream the test can hold ([`Held::hold`]).
+    async fn held_gateway(&self, name: &str) -> (Arc<HeldLog>, TestServer) {
+        let log = Arc::new(HeldLog::new(self.connect(name).await, Held::default()));
+        (Arc::clone(&log), TestServer::spawn_on(log))
     }
 
     /// A gateway as a real `threadline serve` process over the stream, with `args` added.
@@ -209,13 +219,7 @@ impl threadline_storage::Intercept<NatsLog> for Held {
 async fn a_socket_on_a_trailing_gateway_starts_from_what_another_had_acknowledged() {
     let Some(log) = Log::new() else { return };
     let a = log.gateway("a").await;
-    let options = log.options("b");
-    let b_log = tokio::task::spawn_blocking(move || NatsLog::connect(options))
-        .await
-        .unwrap()
-        .expect("connect to the JetStream log");
-    let b_log = Arc::new(threadline_storage::Intercepted::new(b_log, Held::default()));
-    let b = TestServer::spawn_on(Arc::clone(&b_log));
+    let (b_log, b) = log.held_gateway("b").await;
     let agent = a.api(&token("bot", "agent"));
     let (_thread, run) = started_run(&agent, "ann").await; // ann's user_seq 1..=3
 
@@ -277,13 +281,7 @@ async fn a_socket_on_a_trailing_gateway_starts_from_what_another_had_acknowledge
 async fn a_trailing_gateway_judges_a_command_on_what_another_had_acknowledged() {
     let Some(log) = Log::new() else { return };
     let a = log.gateway("a").await;
-    let options = log.options("b");
-    let b_log = tokio::task::spawn_blocking(move || NatsLog::connect(options))
-        .await
-        .unwrap()
-        .expect("connect to the JetStream log");
-    let b_log = Arc::new(threadline_storage::Intercepted::new(b_log, Held::default()));
-    let b = TestServer::spawn_on(Arc::clone(&b_log));
+    let (b_log, b) = log.held_gateway("b").await;
     let holding = Held::hold(&b_log);
     let (_thread, run) = started_run(&a.api(&token("bot", "agent")), "ann").await;
     let on_b = b.api(&token("bot", "agent"));
