@@ -3,7 +3,6 @@
 //! after the last `user_seq` it sent, so a slow reader is simply served later
 //! from the log, with at most one page in memory.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -851,22 +850,15 @@ fn open_runs(
 /// a fold that does not get there within it leaves the socket on what this gateway
 /// has folded, the rest following live: late, never lost or twice.
 async fn caught_up_with_the_log<L: Log>(app: &AppState<L>) {
-    let log = Arc::clone(app.projector().log());
+    let projector = app.projector();
     let caught_up = tokio::time::timeout(LOG_CATCH_UP, async {
-        let committed = tokio::task::spawn_blocking(move || log.committed_head())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        app.projector()
-            .wait_for(committed)
-            .await
-            .map_err(|e| e.to_string())
+        projector.wait_for(projector.committed_head().await).await
     })
     .await;
     match caught_up {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "welcoming a socket on this gateway's view: the log's head is unknown")
+            tracing::warn!(error = %e, "welcoming a socket on this gateway's view: its fold stopped")
         }
         Err(_) => tracing::warn!(
             within = ?LOG_CATCH_UP,

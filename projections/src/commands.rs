@@ -243,7 +243,7 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
                     // A rejection judged on a view the log has moved past (through this
                     // process, or another gateway) is judged again on a fresh one.
                     judged_fresh = true;
-                    let head = self.committed_head().await;
+                    let head = self.projector.committed_head().await;
                     if seen >= head {
                         return Err(e);
                     }
@@ -276,21 +276,6 @@ impl<L: EventLog + Checkpoints> CommandService<L> {
         Err(SubmitError::Contended {
             attempts: MAX_ATTEMPTS,
         })
-    }
-
-    /// The log's committed head, which on a log shared with other gateways
-    /// (JetStream) this one's fold may trail; read off the runtime. A log that
-    /// cannot say it (no quorum) is taken at what this process has read.
-    async fn committed_head(&self) -> Position {
-        let log = Arc::clone(&self.log);
-        match tokio::task::spawn_blocking(move || log.committed_head()).await {
-            Ok(Ok(head)) => head,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "the log's committed head is unknown; judging on this gateway's view");
-                self.log().head()
-            }
-            Err(_) => self.log().head(),
-        }
     }
 
     /// The event stored under `id`, if any.

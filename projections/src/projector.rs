@@ -172,6 +172,22 @@ impl<L: EventLog + Checkpoints> Projector<L> {
         &self.log
     }
 
+    /// The log's committed head ([`EventLog::committed_head`]: on a log shared with
+    /// other gateways, what any of them appended, which this fold may trail), read
+    /// off the runtime. A log that cannot say it (no quorum) is taken at what this
+    /// process has read.
+    pub async fn committed_head(&self) -> Position {
+        let log = Arc::clone(&self.log);
+        match tokio::task::spawn_blocking(move || log.committed_head()).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the log's committed head is unknown; going by this gateway's view");
+                self.log.head()
+            }
+            Err(_) => self.log.head(),
+        }
+    }
+
     /// The last position folded into the model.
     pub fn position(&self) -> Position {
         *self.projected.borrow()
